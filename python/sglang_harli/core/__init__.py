@@ -1,0 +1,1 @@
+"""Engine-independent parts of Harli. Nothing under this package may import ``sglang``."""

@@ -1,0 +1,50 @@
+"""``HarliConfig``: every ``--harli-*`` flag, as one typed, validated struct.
+
+The struct is the single source of truth: the launcher derives its flags, help texts and validation from
+the fields below, the scheduler receives it pickled inside SGLang's ``ServerArgs``, and ``/harli/stats``
+reports it back, so what the user asked for and what the server runs with cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+Positive = msgspec.Meta(gt=0)
+
+
+class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    tpot_slo_ms: Annotated[float, Positive] = 100.0
+    """Decode time-per-output-token objective in milliseconds; each decode step should finish within it."""
+
+    slo_percentile: Annotated[float, msgspec.Meta(gt=0, le=100)] = 99.0
+    """Percentile of decode steps that must meet --harli-tpot-slo-ms (99 means p99)."""
+
+    stats_window: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 2048
+    """How many recent decode steps /harli/stats summarises (latency percentiles, SLO attainment)."""
+
+
+FIELD_HELP: dict[str, str] = {
+    "tpot_slo_ms": "Decode time-per-output-token SLO in ms (default %(default)s).",
+    "slo_percentile": "Percentile of decode steps that must meet the SLO (default %(default)s).",
+    "stats_window": "Recent decode steps summarised by /harli/stats (default %(default)s).",
+}
+
+
+def flag_name(field: str) -> str:
+    return "--harli-" + field.replace("_", "-")
+
+
+def config_from_flags(values: dict[str, object]) -> HarliConfig:
+    """Build the config from parsed flag values (``None`` = not given), naming the flag on error."""
+    given = {k: v for k, v in values.items() if v is not None}
+    try:
+        return msgspec.convert(given, HarliConfig)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        for field in msgspec.structs.fields(HarliConfig):
+            if f"`$.{field.name}`" in message:
+                detail = message.split(" - at ")[0]
+                raise ValueError(f"argument {flag_name(field.name)}: {detail}") from None
+        raise ValueError(message) from None

@@ -1,0 +1,86 @@
+"""Decode step bookkeeping: what each step cost, and how the recent window compares with the SLO.
+
+Kept apart from the scheduler so the same numbers can be produced by the GPU benchmark's decode stand-in
+and the trace simulator, and so they can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import msgspec
+import numpy as np
+
+from sglang_harli.core.config import HarliConfig
+
+
+class LatencySummary(msgspec.Struct, kw_only=True):
+    count: int
+    mean_ms: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    slo_attainment: float | None
+    """Fraction of the window's steps that finished within the TPOT SLO."""
+
+
+class HarliStats(msgspec.Struct, kw_only=True):
+    """The body of ``GET /harli/stats``."""
+
+    uptime_s: float
+    decode_steps: int
+    decode_tokens: int
+    prefill_steps: int
+    prefill_tokens: int
+    decode_step_latency: LatencySummary
+    config: HarliConfig
+
+
+class StepRecorder:
+    """Counts decode and prefill steps and keeps a sliding window of decode step wall times."""
+
+    def __init__(self, config: HarliConfig):
+        self.config = config
+        self.started = time.monotonic()
+        self.decode_steps = 0
+        self.decode_tokens = 0
+        self.prefill_steps = 0
+        self.prefill_tokens = 0
+        self._decode_latencies: deque[float] = deque(maxlen=config.stats_window)
+
+    def record_decode(self, latency_s: float, batch_size: int) -> None:
+        self.decode_steps += 1
+        self.decode_tokens += batch_size
+        self._decode_latencies.append(latency_s)
+
+    def record_prefill(self, num_tokens: int) -> None:
+        self.prefill_steps += 1
+        self.prefill_tokens += num_tokens
+
+    def summary(self) -> LatencySummary:
+        if not self._decode_latencies:
+            return LatencySummary(
+                count=0, mean_ms=None, p50_ms=None, p99_ms=None, max_ms=None, slo_attainment=None
+            )
+        ms = np.fromiter(self._decode_latencies, dtype=np.float64) * 1e3
+        p50, p99 = np.percentile(ms, [50, 99])
+        return LatencySummary(
+            count=int(ms.size),
+            mean_ms=float(ms.mean()),
+            p50_ms=float(p50),
+            p99_ms=float(p99),
+            max_ms=float(ms.max()),
+            slo_attainment=float(np.mean(ms <= self.config.tpot_slo_ms)),
+        )
+
+    def snapshot(self) -> HarliStats:
+        return HarliStats(
+            uptime_s=time.monotonic() - self.started,
+            decode_steps=self.decode_steps,
+            decode_tokens=self.decode_tokens,
+            prefill_steps=self.prefill_steps,
+            prefill_tokens=self.prefill_tokens,
+            decode_step_latency=self.summary(),
+            config=self.config,
+        )

@@ -1,0 +1,196 @@
+"""``python -m sglang_harli.launch_server``: SGLang's server, with Harli's scheduler and routes.
+
+Takes every ``sglang.launch_server`` flag plus the ``--harli-*`` flags of ``HarliConfig``. On a machine
+served by our CPU platform it also fills the CPU defaults that the user left unset. It then starts SGLang's
+own HTTP server with ``HarliScheduler`` as the scheduler process, so everything SGLang serves (``/generate``,
+``/v1/*``, LoRA hot-loading, metrics) works unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+from sglang_harli.core.config import FIELD_HELP, HarliConfig, config_from_flags, flag_name
+from sglang_harli.models.builtin import (
+    DEFAULT_PRESET,
+    PRESET_SCHEME,
+    describe_presets,
+    is_preset_path,
+    resolve_model_path,
+)
+
+logger = logging.getLogger("sglang_harli.launch_server")
+PROG = "sglang_harli.launch_server"
+
+
+class UsageError(Exception):
+    """A bad command line: reported as one line on stderr, exit code 2, before any process is started."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line naming the flag instead of SGLang's several-hundred-line usage."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _add_harli_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Harli", "Co-located finetuning (sglang-harli).")
+    for field in msgspec.structs.fields(HarliConfig):
+        kind = field.type.__origin__ if hasattr(field.type, "__metadata__") else field.type
+        group.add_argument(
+            flag_name(field.name),
+            dest=f"harli_{field.name}",
+            type=kind,
+            default=None,
+            help=FIELD_HELP[field.name].replace("%(default)s", str(field.default)),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sglang.srt.server_args import ServerArgs
+
+    parser = _OneLineParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0]
+        + f"\n\nBuilt-in models (for --model-path; default {PRESET_SCHEME}{DEFAULT_PRESET}):\n"
+        + describe_presets(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ServerArgs.add_cli_args(parser)
+    for action in parser._actions:
+        if action.dest == "model_path":
+            action.required = False  # we default to the built-in tiny model
+            action.help = f"Checkpoint directory, hub id, or {PRESET_SCHEME}<preset>."
+    _add_harli_args(parser)
+    return parser
+
+
+def _given(argv: list[str], *flags: str) -> bool:
+    return any(arg == f or arg.startswith(f + "=") for arg in argv for f in flags)
+
+
+def _strip(argv: list[str], parser: argparse.ArgumentParser, dests: set[str]) -> list[str]:
+    """Remove the flags whose destination is in ``dests`` (with their values) from ``argv``."""
+    takes_value = {}
+    for action in parser._actions:
+        if action.dest in dests:
+            for opt in action.option_strings:
+                takes_value[opt] = action.nargs != 0
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in takes_value:
+            skip = takes_value[name] and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def _checkpoint_dtype(model_dir: str) -> str | None:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def _on_harli_cpu() -> bool:
+    from sglang.srt.platforms import current_platform
+
+    from sglang_harli.srt.platforms.cpu import HarliCpuPlatform
+
+    return isinstance(current_platform, HarliCpuPlatform)
+
+
+def prepare(argv: list[str]):
+    """Parse and validate ``argv``; return SGLang's ``ServerArgs`` carrying our config. No process starts."""
+    from sglang.srt.server_args import prepare_server_args
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    fields = msgspec.structs.fields(HarliConfig)
+    try:
+        config = config_from_flags({f.name: getattr(ns, f"harli_{f.name}") for f in fields})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    harli_dests = {f"harli_{f.name}" for f in fields}
+    sglang_argv = _strip(argv, parser, harli_dests | {"model_path"})
+
+    model_arg = ns.model_path or PRESET_SCHEME + DEFAULT_PRESET
+    try:
+        model_dir = resolve_model_path(model_arg)
+    except ValueError as exc:
+        raise UsageError(f"argument --model-path: {exc}") from None
+    sglang_argv += ["--model-path", model_dir]
+    if is_preset_path(model_arg) and not _given(argv, "--served-model-name"):
+        # SGLang reserves ':' for "model:adapter", so harli:tiny is served as harli-tiny.
+        sglang_argv += ["--served-model-name", model_arg.replace(":", "-")]
+
+    if _on_harli_cpu():
+        defaults = {
+            "--device": "cpu",
+            "--attention-backend": "torch_native",
+            "--sampling-backend": "pytorch",
+            "--lora-backend": "torch_native",
+        }
+        # SGLang's "auto" turns float32 checkpoints into float16 (a GPU habit); on a CPU that is both slower
+        # and less exact, so keep the checkpoint's float32.
+        if _checkpoint_dtype(model_dir) == "float32":
+            defaults["--dtype"] = "float32"
+        for flag, value in defaults.items():
+            if not _given(argv, flag):
+                sglang_argv += [flag, value]
+
+    try:
+        server_args = prepare_server_args(sglang_argv)
+        server_args._harli_config = config
+        server_args.resolve_once()  # SGLang's cross-flag rules and checks: they raise before anything
+        server_args.check_server_args()  # is spawned, so a bad combination is a usage error, not a crash
+    except SystemExit as exc:  # SGLang's own parser disagreed; our parse above should have caught it
+        raise UsageError(f"invalid arguments (exit {exc.code})") from None
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    return server_args
+
+
+def run(server_args) -> None:
+    from sglang.srt.entrypoints.http_server import launch_server
+    from sglang.srt.utils import kill_process_tree
+
+    from sglang_harli.srt.routes import install_routes
+    from sglang_harli.srt.scheduler import run_harli_scheduler_process
+
+    install_routes()
+    try:
+        launch_server(server_args, run_scheduler_process_func=run_harli_scheduler_process)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from sglang.srt.plugins import load_plugins
+
+        load_plugins()
+        server_args = prepare(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    run(server_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

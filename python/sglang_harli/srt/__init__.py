@@ -1,0 +1,1 @@
+"""The thin SGLang integration of Harli: scheduler subclass, control messages, routes, platforms."""
