@@ -58,19 +58,35 @@ class ModelPreset(msgspec.Struct, frozen=True):
 
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(
-        "llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-        intermediate_size=352, vocab_size=1024,
+        "llama",
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=352,
+        vocab_size=1024,
         description="~1M parameters; starts in seconds; for tests",
     ),
     "tiny-qwen2": ModelPreset(
-        "qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-        intermediate_size=352, vocab_size=1024, seed=1,
+        "qwen2",
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=352,
+        vocab_size=1024,
+        seed=1,
         description="the tiny shape with Qwen2's q/k/v biases; for architecture coverage",
     ),
     "small": ModelPreset(
-        "llama", hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=4,
-        intermediate_size=2816, vocab_size=1024,
-        description="~100M parameters (400 MB float32); decode is bound by weight and KV reads; for benchmarks",
+        "llama",
+        hidden_size=1024,
+        num_layers=8,
+        num_heads=16,
+        num_kv_heads=4,
+        intermediate_size=2816,
+        vocab_size=1024,
+        description="~100M parameters (400 MB float32); decode bound by weight and KV reads; benchmarks",
     ),
 }
 
@@ -88,7 +104,7 @@ def is_preset_path(model_path: str | None) -> bool:
 
 
 def preset_name(model_path: str) -> str:
-    name = model_path[len(PRESET_SCHEME):]
+    name = model_path[len(PRESET_SCHEME) :]
     if name not in PRESETS:
         raise ValueError(
             f"unknown built-in model {model_path!r}; choose one of "

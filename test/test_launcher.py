@@ -1,0 +1,63 @@
+"""Bad command lines fail fast: one line naming the flag, exit code 2, nothing left running."""
+
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from sglang_harli.core.config import HarliConfig
+from sglang_harli.launch_server import PROG, prepare
+
+
+def _launch(*args: str):
+    before = {p.pid for p in psutil.process_iter()}
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang_harli.launch_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    spawned = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in before and "sglang" in " ".join(p.info["cmdline"] or [])
+    ]
+    return out, spawned
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--no-such-flag"], "--no-such-flag"),
+        (["--harli-no-such-thing", "1"], "--harli-no-such-thing"),
+        (["--harli-tpot-slo-ms", "-5"], "--harli-tpot-slo-ms"),
+        (["--harli-tpot-slo-ms", "fast"], "--harli-tpot-slo-ms"),
+        (["--harli-slo-percentile", "101"], "--harli-slo-percentile"),
+        (["--port", "http"], "--port"),
+        (["--model-path", "harli:enormous"], "--model-path"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args, flag):
+    out, spawned = _launch(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"{PROG}: error:") and flag in lines[0]
+    assert spawned == []
+
+
+def test_flags_reach_the_config_and_cpu_defaults_fill_unset_fields(tiny_model_dir):
+    lora = ["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "all"]
+    args = prepare(["--harli-tpot-slo-ms", "42", *lora])
+    assert args._harli_config == HarliConfig(tpot_slo_ms=42.0)
+    assert args.lora_backend == "torch_native" and args.attention_backend == "torch_native"
+    assert args.model_path == str(tiny_model_dir)
+    assert args.served_model_name == "harli-tiny"
+    assert args.device == "cpu" and args.dtype == "float32"
+
+    explicit = prepare(
+        ["--model-path", str(tiny_model_dir), "--dtype", "bfloat16", "--lora-backend", "triton", *lora]
+    )
+    assert explicit.dtype == "bfloat16" and explicit.lora_backend == "triton"
+    assert explicit._harli_config == HarliConfig()
