@@ -59,7 +59,6 @@ def test_memory_queries_are_bounded_by_the_machine():
 class _Args:
     attention_backend = None
     sampling_backend = None
-    lora_backend = None
     max_total_tokens = None
 
 

@@ -138,12 +138,10 @@ def prepare(argv: list[str]):
         sglang_argv += ["--served-model-name", model_arg.replace(":", "-")]
 
     if _on_harli_cpu():
-        defaults = {
-            "--device": "cpu",
-            "--attention-backend": "torch_native",
-            "--sampling-backend": "pytorch",
-            "--lora-backend": "torch_native",
-        }
+        # Fields whose SGLang default is None (attention and sampling backends, KV pool size) are filled by
+        # the platform's apply_server_args_defaults, for plain SGLang launches too. These have non-None
+        # SGLang defaults, so only the launcher, which sees the command line, can tell "unset" apart.
+        defaults = {"--device": "cpu", "--lora-backend": "torch_native"}
         # SGLang's "auto" turns float32 checkpoints into float16 (a GPU habit); on a CPU that is both slower
         # and less exact, so keep the checkpoint's float32.
         if _checkpoint_dtype(model_dir) == "float32":

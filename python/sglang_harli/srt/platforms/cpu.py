@@ -114,13 +114,15 @@ class HarliCpuPlatform(CpuDeviceMixin, SRTPlatform):
         return "torch_native"
 
     def apply_server_args_defaults(self, server_args) -> None:
-        """Fill what only a CPU needs, and only where the user left the field unset."""
+        """Fill what only a CPU needs, where the field is still unset (None).
+
+        Flags with a non-None SGLang default (``--lora-backend``, ``--dtype``) cannot be told apart from a
+        user's choice here; ``sglang_harli.launch_server`` fills those from the command line.
+        """
         if getattr(server_args, "attention_backend", None) is None:
             server_args.attention_backend = "torch_native"
         if getattr(server_args, "sampling_backend", None) is None:
             server_args.sampling_backend = "pytorch"
-        if getattr(server_args, "lora_backend", None) in (None, "auto"):
-            server_args.lora_backend = "torch_native"
         if getattr(server_args, "max_total_tokens", None) is None:
             server_args.max_total_tokens = DEFAULT_CPU_MAX_TOTAL_TOKENS
 
