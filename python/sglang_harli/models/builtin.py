@@ -56,25 +56,22 @@ class ModelPreset(msgspec.Struct, frozen=True):
         return hashlib.sha256(payload).hexdigest()[:12]
 
 
+_TINY = ModelPreset(
+    "llama",
+    hidden_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=352,
+    vocab_size=1024,
+    description="~1M parameters; starts in seconds; for tests",
+)
+
 PRESETS: dict[str, ModelPreset] = {
-    "tiny": ModelPreset(
-        "llama",
-        hidden_size=128,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=352,
-        vocab_size=1024,
-        description="~1M parameters; starts in seconds; for tests",
-    ),
-    "tiny-qwen2": ModelPreset(
-        "qwen2",
-        hidden_size=128,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=352,
-        vocab_size=1024,
+    "tiny": _TINY,
+    "tiny-qwen2": msgspec.structs.replace(
+        _TINY,
+        architecture="qwen2",
         seed=1,
         description="the tiny shape with Qwen2's q/k/v biases; for architecture coverage",
     ),
