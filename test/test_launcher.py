@@ -5,6 +5,7 @@ import sys
 
 import psutil
 import pytest
+from sglang.srt.arg_groups.overrides import resolving_view
 
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.launch_server import PROG, prepare
@@ -51,7 +52,9 @@ def test_flags_reach_the_config_and_cpu_defaults_fill_unset_fields(tiny_model_di
     lora = ["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "all"]
     args = prepare(["--harli-tpot-slo-ms", "42", *lora])
     assert args._harli_config == HarliConfig(tpot_slo_ms=42.0)
-    assert args.lora_backend == "torch_native" and args.attention_backend == "torch_native"
+    assert args.lora_backend == "torch_native"
+    # The platform's defaults are SGLang resolutions: read them the way SGLang does.
+    assert resolving_view(args).attention_backend == "torch_native"
     assert args.model_path == str(tiny_model_dir)
     assert args.served_model_name == "harli-tiny"
     assert args.device == "cpu" and args.dtype == "float32"
