@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ from sglang_harli.models.builtin import (
     resolve_model_path,
 )
 
-logger = logging.getLogger("sglang_harli.launch_server")
 PROG = "sglang_harli.launch_server"
 
 

@@ -9,7 +9,6 @@ which is what tests, laptops and CI need.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from pathlib import Path
 
@@ -17,8 +16,6 @@ import psutil
 import torch
 from sglang.srt.platforms.cpu import CpuDeviceMixin
 from sglang.srt.platforms.interface import PlatformCapabilities, PlatformEnum, SRTPlatform
-
-logger = logging.getLogger(__name__)
 
 # A CPU has no HBM to fill: SGLang's "use most of free memory for KV" rule would commit most of the RAM.
 # The KV pool defaults to this many tokens instead (plenty for laptop-scale models; raise it with
