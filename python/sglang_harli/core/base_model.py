@@ -9,7 +9,7 @@ normally, since they are small and derived from the config.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from accelerate import init_empty_weights
@@ -21,18 +21,24 @@ class UnboundParameterError(ValueError):
     """The caller's tensors do not cover the architecture (or do not match its shapes)."""
 
 
-def build_bound_model(config: PretrainedConfig, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+TensorSource = Mapping[str, torch.Tensor] | Callable[[str, torch.Size], "torch.Tensor | None"]
+
+
+def build_bound_model(config: PretrainedConfig, tensors: TensorSource) -> nn.Module:
     """Build ``AutoModelForCausalLM`` for ``config`` with every parameter aliased to ``tensors[name]``.
 
-    ``tensors`` uses Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight`` ...). Every
-    parameter of the architecture must be present with the exact shape and nothing is copied: the returned
-    model's parameters share storage with the given tensors, and all are frozen (``requires_grad=False``).
+    ``tensors`` maps Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight`` ...) to
+    tensors, or is a function ``(name, expected_shape) -> tensor | None`` that finds them (the serving
+    engine's fused layouts are resolved that way). Every parameter of the architecture must be present with
+    the exact shape and nothing is copied: the returned model's parameters share storage with the given
+    tensors, and all are frozen (``requires_grad=False``).
     """
+    lookup = tensors if callable(tensors) else (lambda name, shape: tensors.get(name))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     missing, wrong = [], []
     for name, param in list(model.named_parameters(remove_duplicate=False)):
-        tensor = tensors.get(name)
+        tensor = lookup(name, param.shape)
         if tensor is None:
             missing.append(name)
             continue
