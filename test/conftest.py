@@ -26,7 +26,15 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_model_dir) -> ServerProcess:
-    """The default main job: built-in tiny model, LoRA enabled on all target modules."""
-    with ServerProcess(SERVER_ARGS, tmp_path_factory.mktemp("server") / "server.log") as srv:
+def data_dir(tmp_path_factory) -> Path:
+    """The server's --harli-data-dir: finetune jobs may read dataset files from here."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_model_dir, data_dir) -> ServerProcess:
+    """The default main job: built-in tiny model, LoRA enabled on all target modules, finetuning on."""
+    run_dir = tmp_path_factory.mktemp("server")
+    args = [*SERVER_ARGS, "--harli-data-dir", str(data_dir), "--harli-output-dir", str(run_dir / "adapters")]
+    with ServerProcess(args, run_dir / "server.log") as srv:
         yield srv

@@ -122,6 +122,10 @@ def prepare(argv: list[str]):
         config = config_from_flags({f.name: getattr(ns, f"harli_{f.name}") for f in fields})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if config.data_dir:
+        if not os.path.isdir(config.data_dir):
+            raise UsageError(f"argument --harli-data-dir: {config.data_dir!r} is not a directory")
+        config = msgspec.structs.replace(config, data_dir=os.path.abspath(config.data_dir))
     harli_dests = {f"harli_{f.name}" for f in fields}
     sglang_argv = _strip(argv, parser, harli_dests | {"model_path"})
 

@@ -24,11 +24,27 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stats_window: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 2048
     """How many recent decode steps /harli/stats summarises (latency percentiles, SLO attainment)."""
 
+    data_dir: str = ""
+    """Directory finetune jobs may read dataset files from (``dataset.path`` is relative to it)."""
+
+    output_dir: str = ""
+    """Where trained adapters are written, one directory per job; empty: ``<cache>/adapters``."""
+
+    train_units_per_step: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 1
+    """Training units (one micro-batch forward+backward, or one optimizer step) run after each batch."""
+
+    idle_train_ms: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 50.0
+    """With no decode work, train for up to this long before looking for new requests again."""
+
 
 FIELD_HELP: dict[str, str] = {
     "tpot_slo_ms": "Decode time-per-output-token SLO in ms (default %(default)s).",
     "slo_percentile": "Percentile of decode steps that must meet the SLO (default %(default)s).",
     "stats_window": "Recent decode steps summarised by /harli/stats (default %(default)s).",
+    "data_dir": "Directory finetune jobs may read dataset files from (dataset.path is relative to it).",
+    "output_dir": "Where trained adapters are written (default: <cache>/adapters, see HARLI_CACHE_DIR).",
+    "train_units_per_step": "Training units run after each decode/prefill batch (default %(default)s).",
+    "idle_train_ms": "With no decode work, train this long between request polls (default %(default)s).",
 }
 
 

@@ -31,9 +31,20 @@ class HarliControlReqOutput(BaseReq, kw_only=True):
     payload: bytes = b""
 
 
+class HarliPublishReq(BaseReq, kw_only=True):
+    """Scheduler -> tokenizer manager, unsolicited: load this adapter version under the job's name.
+
+    The adapter-name registry lives in the tokenizer manager, so only it can publish; the scheduler, which
+    trains, asks it to. The answer comes back as a ``published`` control command."""
+
+    name: str
+    version: int
+    path: str
+
+
 def register_control_types() -> None:
-    """Teach this process's IPC decoder our two types. Needed once in every process that receives them."""
-    hook_custom_types(HarliControlReq, HarliControlReqOutput)
+    """Teach this process's IPC decoder our types. Needed once in every process that receives them."""
+    hook_custom_types(HarliControlReq, HarliControlReqOutput, HarliPublishReq)
 
 
 class ControlError(Exception):

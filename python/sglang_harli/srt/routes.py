@@ -8,24 +8,59 @@ Read-only routes use SGLang's normal API-key rule; routes that change state are 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import msgspec
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from sglang.srt.entrypoints import http_server
 from sglang.srt.runtime_context import get_parallel
+from sglang.srt.utils.auth import AuthLevel, auth_level
+from sglang.utils import TypeBasedDispatcher
 
-from sglang_harli.srt.control import HarliControlClient, register_control_types
+from sglang_harli.core.config import HarliConfig
+from sglang_harli.core.data import DatasetError, load_examples
+from sglang_harli.core.jobs import SpecError, decode_spec
+from sglang_harli.srt.control import HarliControlClient, HarliPublishReq, register_control_types
+from sglang_harli.srt.finetune import JobName, PublishedAck, SubmitRequest
+from sglang_harli.srt.publisher import publish_adapter
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/harli", tags=["harli"])
 _client: HarliControlClient | None = None
+_background: set[asyncio.Task] = set()
+
+
+def _tokenizer_manager():
+    return http_server.get_global_state().tokenizer_manager
 
 
 def _control_client() -> HarliControlClient:
     global _client
     if _client is None:
-        _client = HarliControlClient(
-            http_server.get_global_state().tokenizer_manager, get_parallel().num_dp_ranks
-        )
+        tokenizer_manager = _tokenizer_manager()
+        _client = HarliControlClient(tokenizer_manager, get_parallel().num_dp_ranks)
+        tokenizer_manager._result_dispatcher += TypeBasedDispatcher([(HarliPublishReq, _on_publish_request)])
     return _client
+
+
+def _on_publish_request(req: HarliPublishReq) -> None:
+    """Runs in the tokenizer manager's receive loop: publish in the background, then tell the scheduler."""
+    task = asyncio.create_task(_publish(req))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _publish(req: HarliPublishReq) -> None:
+    error = None
+    try:
+        await publish_adapter(_tokenizer_manager(), req.name, req.version, req.path)
+    except Exception as exc:
+        logger.exception("publishing %s version %d failed", req.name, req.version)
+        error = f"{type(exc).__name__}: {exc}"
+    await _control_client().call(
+        "jobs.published", PublishedAck(name=req.name, version=req.version, error=error)
+    )
 
 
 def _json(body, status: int = 200) -> Response:
@@ -42,10 +77,65 @@ async def _relay(command: str, body=None) -> Response:
     return _json({"dp_ranks": merged}, status=first.status)
 
 
+def _refuse(exc: SpecError | DatasetError) -> Response:
+    status = getattr(exc, "status", 400)
+    return _json({"error": str(exc), "field": exc.field}, status=status)
+
+
 @router.get("/stats")
 async def harli_stats() -> Response:
     """Decode step counters, recent step latency percentiles, SLO attainment and the config in force."""
     return await _relay("stats")
+
+
+@router.post("/jobs")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def submit_job(request: Request) -> Response:
+    """Queue a LoRA finetune job (``FinetuneJobSpec``); the dataset is read and tokenized here, off the
+    scheduler, so a bad file is refused before the scheduler sees anything."""
+    tokenizer_manager = _tokenizer_manager()
+    try:
+        spec = decode_spec(await request.body())
+        if spec.name in getattr(tokenizer_manager, "lora_ref_cache", {}):
+            raise SpecError("name", f"an adapter named {spec.name!r} is already served; pick another", 409)
+        if tokenizer_manager.tokenizer is None:
+            raise SpecError(
+                "dataset", "the server runs with --skip-tokenizer-init and cannot tokenize datasets"
+            )
+        config: HarliConfig = getattr(tokenizer_manager.server_args, "_harli_config", None) or HarliConfig()
+        examples, _ = await asyncio.to_thread(
+            load_examples,
+            spec.dataset.records,
+            spec.dataset.path,
+            tokenizer_manager.tokenizer,
+            data_dir=config.data_dir or None,
+            max_seq_len=spec.training.max_seq_len,
+        )
+    except (SpecError, DatasetError) as exc:
+        return _refuse(exc)
+    response = await _relay("jobs.submit", SubmitRequest(spec=spec, examples=examples))
+    if response.status_code == 200:
+        response.status_code = 201
+    return response
+
+
+@router.get("/jobs")
+async def list_jobs() -> Response:
+    """Every job of this server run, oldest first."""
+    return await _relay("jobs.list")
+
+
+@router.get("/jobs/{name}")
+async def get_job(name: str) -> Response:
+    """One job's state, progress, loss, throughput and published adapter versions."""
+    return await _relay("jobs.get", JobName(name=name))
+
+
+@router.post("/jobs/{name}/cancel")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def cancel_job(name: str, request: Request) -> Response:
+    """Stop a queued or running job; versions it already published stay served."""
+    return await _relay("jobs.cancel", JobName(name=name))
 
 
 def install_routes(app=None) -> None:

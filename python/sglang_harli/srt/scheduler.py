@@ -18,6 +18,7 @@ from sglang.srt.managers.scheduler import Scheduler
 from sglang.utils import TypeBasedDispatcher
 
 from sglang_harli.core.config import HarliConfig
+from sglang_harli.core.jobs import SpecError
 from sglang_harli.core.stats import StepRecorder
 from sglang_harli.srt.control import (
     ControlError,
@@ -26,6 +27,7 @@ from sglang_harli.srt.control import (
     register_control_types,
     reply,
 )
+from sglang_harli.srt.finetune import FinetuneService
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ class HarliScheduler(Scheduler):
         # Launch times of batches whose results are not processed yet. Results come back in launch order
         # in every loop, including the overlap loop where the next batch launches first.
         self._harli_launched: deque[float] = deque(maxlen=8)
-        self._harli_commands = {"stats": self._harli_stats}
+        self.harli_finetune = FinetuneService(self, self.harli_config)
+        self._harli_commands = {"stats": self._harli_stats, **self.harli_finetune.commands}
         self._request_dispatcher += TypeBasedDispatcher([(HarliControlReq, self.handle_harli_control)])
         logger.info("Harli scheduler ready: %s", msgspec.json.encode(self.harli_config).decode())
 
@@ -64,9 +67,13 @@ class HarliScheduler(Scheduler):
 
     def after_batch(self, batch) -> None:
         """Called after every batch's results are processed: where finetune work joins decode."""
+        if self.harli_config.train_units_per_step and self.harli_finetune.has_work:
+            self.harli_finetune.run(units=self.harli_config.train_units_per_step)
 
     def when_idle(self) -> None:
         """Called whenever the scheduler has no batch to run: where finetune work runs flat out."""
+        if self.harli_finetune.has_work:
+            self.harli_finetune.run(units=1_000_000, budget_s=self.harli_config.idle_train_ms / 1000)
 
     # -- control -----------------------------------------------------------------------------------
     def handle_harli_control(self, req: HarliControlReq) -> HarliControlReqOutput:
@@ -77,12 +84,17 @@ class HarliScheduler(Scheduler):
             return reply(handler(req.payload))
         except ControlError as exc:
             return reply({"error": exc.message}, status=exc.status)
+        except SpecError as exc:
+            return reply({"error": str(exc), "field": exc.field}, status=exc.status)
         except Exception as exc:  # a broken command must never take the scheduler down
             logger.exception("harli command %s failed", req.command)
             return reply({"error": f"{type(exc).__name__}: {exc}"}, status=500)
 
     def _harli_stats(self, payload: bytes):
-        return self.harli_steps.snapshot()
+        return {
+            **msgspec.structs.asdict(self.harli_steps.snapshot()),
+            "finetune": self.harli_finetune.snapshot(),
+        }
 
 
 def run_harli_scheduler_process(*args, **kwargs):

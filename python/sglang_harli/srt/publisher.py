@@ -1,0 +1,59 @@
+"""Hot-swap a job's adapter to a new version inside SGLang's tokenizer manager.
+
+SGLang's own ``/load_lora_adapter`` cannot replace an adapter: its scheduler refuses a second adapter of
+the same name, and unload-then-load would leave a gap in which a request naming the adapter fails (or is
+silently re-served the old files by SGLang's implicit reload). So a new version is loaded into the
+scheduler under an internal name (``<job>@v<N>``) and a fresh ``lora_id``, and then the public name is
+re-pointed to that id in one step under the registry's writer lock. Requests that already acquired the
+old id keep it until they finish; only then is the old version unloaded from the scheduler, exactly as
+SGLang's unload waits for in-flight requests.
+
+This touches ``LoRARegistry`` internals (``_registry``, ``_counters``) because the registry has no
+"replace" operation; everything else goes through the tokenizer manager's own communicator and locks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang.srt.lora.lora_registry import LoRARef
+from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput, UnloadLoRAAdapterReqInput
+from sglang.srt.utils import ConcurrentCounter
+
+logger = logging.getLogger(__name__)
+
+
+def _merged_error(results) -> str | None:
+    errors = [r.error_message or "failed" for r in results if not r.success]
+    return "; ".join(errors) if errors else None
+
+
+async def publish_adapter(tokenizer_manager, name: str, version: int, path: str) -> None:
+    """Serve ``path`` as adapter ``name`` for new requests; raises ``RuntimeError`` if it cannot."""
+    tm = tokenizer_manager
+    tm.auto_create_handle_loop()
+    registry = tm.lora_registry
+    async with tm.lora_update_lock:
+        internal = LoRARef(lora_name=f"{name}@v{version}", lora_path=path)
+        load = LoadLoRAAdapterReqInput(lora_name=internal.lora_name, lora_path=path, lora_id=internal.lora_id)
+        error = _merged_error(await tm.update_lora_adapter_communicator(load))
+        if error:
+            raise RuntimeError(error)
+
+        public = LoRARef(lora_id=internal.lora_id, lora_name=name, lora_path=path)
+        async with registry._registry_lock.writer_lock:
+            old = registry._registry.get(name)
+            registry._counters[public.lora_id] = ConcurrentCounter()
+            registry._registry[name] = public
+        tm.lora_ref_cache[name] = public
+        logger.info("adapter %s now serves version %d (%s)", name, version, path)
+
+        if old is not None:
+            counter = registry._counters.get(old.lora_id)
+            if counter is not None:
+                await counter.wait_for_zero()
+                registry._counters.pop(old.lora_id, None)
+            unload = UnloadLoRAAdapterReqInput(lora_name=old.lora_name, lora_id=old.lora_id)
+            error = _merged_error(await tm.update_lora_adapter_communicator(unload))
+            if error:
+                logger.warning("old version of adapter %s was not unloaded: %s", name, error)

@@ -1,0 +1,195 @@
+"""Finetune jobs through a real server's HTTP API: it learns, serves what it learned, decode holds."""
+
+import json
+import random
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+WORDS = (
+    "amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lumen maple nectar onyx pylon"
+).split()
+_rng = random.Random(0)
+RECORDS = [
+    {"prompt": f"Code {i:02d}:", "completion": " " + " ".join(_rng.sample(WORDS, 3))} for i in range(16)
+]
+PROMPTS = [r["prompt"] for r in RECORDS]
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_NEW = 16
+
+
+def job_spec(name, dataset, epochs=40, **training):
+    return {
+        "name": name,
+        "dataset": dataset,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ALL_MODULES},
+        "training": {
+            "epochs": epochs,
+            "learning_rate": 0.01,
+            "micro_batch_size": 4,
+            "max_seq_len": 64,
+            **training,
+        },
+        "publish": {"every_steps": 50},
+    }
+
+
+def wait_for(server, name, until, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = server.get(f"/harli/jobs/{name}").json()
+        if until(status):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"job {name} stuck: {status}")
+
+
+def finished(status):
+    return status["state"] in ("completed", "failed", "cancelled")
+
+
+def generate(server, prompts, lora_path=None):
+    body = {"text": prompts, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0}}
+    if lora_path:
+        body["lora_path"] = [lora_path] * len(prompts)
+    resp = server.post("/generate", body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.fixture(scope="module")
+def base_outputs(server):
+    """Greedy base-model outputs before any job exists on this server."""
+    return [o["output_ids"] for o in generate(server, PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def trained(server, base_outputs):
+    resp = server.post("/harli/jobs", job_spec("codes", {"records": RECORDS}))
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["state"] == "queued" and resp.json()["total_steps"] == 160
+    status = wait_for(server, "codes", finished)
+    assert status["state"] == "completed", status
+    return status
+
+
+def test_job_learns_and_serves_what_it_learned(server, trained, tiny_model_dir):
+    assert trained["step"] == trained["total_steps"] == 160 and trained["epoch"] == 40
+    assert trained["tokens_trained"] > 0 and trained["tokens_per_s"] > 0
+    assert trained["loss"] < 0.05
+    versions = trained["published"]
+    assert [v["version"] for v in versions] == [1, 2, 3, 4] and [v["step"] for v in versions] == [
+        50,
+        100,
+        150,
+        160,
+    ]
+    assert all(v["loaded"] and v["error"] is None for v in versions)
+    assert trained["adapter_path"] == versions[-1]["path"]
+
+    lora_out = generate(server, PROMPTS, "codes")
+    learnt = sum(o["text"].startswith(r["completion"]) for o, r in zip(lora_out, RECORDS, strict=True))
+    assert learnt >= 15, [o["text"] for o in lora_out]
+    base_out = generate(server, PROMPTS)
+    assert sum(o["text"].startswith(r["completion"]) for o, r in zip(base_out, RECORDS, strict=True)) <= 1
+
+    # The adapter on disk is a plain PEFT adapter, and PEFT generates exactly what the server served.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, trained["adapter_path"]).eval()
+    for prompt, out in list(zip(PROMPTS, lora_out, strict=True))[:6]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = peft_model.generate(input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False)
+        assert out["output_ids"] == ref[0, ids.shape[1] :].tolist(), prompt
+
+    models = [m["id"] for m in server.get("/v1/models").json()["data"]]
+    assert "codes" in models or any(m.endswith(":codes") for m in models), models
+
+
+def test_trainer_shares_the_served_weights(server, trained):
+    finetune = server.get("/harli/stats").json()["finetune"]
+    weights = finetune["base_weights"]
+    assert weights["params"] > 0 and weights["shared_with_server"] == weights["params"]
+    assert finetune["jobs"]["completed"] >= 1
+
+
+def test_decode_is_untouched_while_a_job_trains(server, trained, base_outputs, data_dir):
+    lora_before = [o["output_ids"] for o in generate(server, PROMPTS[:4], "codes")]
+    (data_dir / "chat.jsonl").write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["completion"]},
+                    ]
+                }
+            )
+            for r in RECORDS
+        )
+    )
+    resp = server.post("/harli/jobs", job_spec("long", {"path": "chat.jsonl"}, epochs=1000))
+    assert resp.status_code == 201, resp.text
+    first = wait_for(server, "long", lambda s: s["step"] >= 2)
+    assert first["state"] == "running"
+
+    for _ in range(3):
+        assert [o["output_ids"] for o in generate(server, PROMPTS)] == base_outputs
+        assert [o["output_ids"] for o in generate(server, PROMPTS[:4], "codes")] == lora_before
+    during = server.get("/harli/jobs/long").json()
+    assert during["state"] == "running" and during["step"] > first["step"]  # it really trained alongside
+
+    resp = server.post("/harli/jobs/long/cancel", {})
+    assert resp.status_code == 200 and resp.json()["state"] == "cancelled", resp.text
+    step = resp.json()["step"]
+    time.sleep(0.5)
+    assert server.get("/harli/jobs/long").json()["step"] == step  # stopped for good
+    assert server.post("/harli/jobs/long/cancel", {}).status_code == 409
+    assert [o["output_ids"] for o in generate(server, PROMPTS)] == base_outputs
+    listed = {j["name"]: j["state"] for j in server.get("/harli/jobs").json()}
+    assert listed["codes"] == "completed" and listed["long"] == "cancelled"
+
+
+def _refused(server, body, status, *needles):
+    resp = server.post("/harli/jobs", body)
+    assert resp.status_code == status, resp.text
+    text = resp.text
+    for needle in needles:
+        assert needle in text, text
+    return resp.json()
+
+
+def test_bad_jobs_are_refused_and_serving_goes_on(server, trained, data_dir):
+    records = {"records": RECORDS[:2]}
+    spec = job_spec("bad", records)
+
+    def with_(section, **values):
+        return {**spec, section: {**spec[section], **values}}
+
+    _refused(server, with_("lora", r=64), 400, "lora.r", "--max-lora-rank 16")
+    _refused(server, with_("lora", target_modules=["lm_head"]), 400, "lora.target_modules")
+    _refused(server, with_("training", epochs=0), 422, "training.epochs")
+    _refused(server, with_("training", learning_rate="fast"), 422, "training.learning_rate")
+    _refused(server, {**spec, "unexpected": 1}, 422, "unexpected")
+    _refused(server, {**spec, "name": "no spaces please"}, 422, "name")
+    _refused(server, {**spec, "name": "codes"}, 409, "codes")
+    _refused(server, {**spec, "dataset": {"records": RECORDS[:1], "path": "x.jsonl"}}, 400, "dataset")
+    _refused(
+        server, {**spec, "dataset": {"records": [{"prompt": "only a prompt"}]}}, 400, "dataset.records[0]"
+    )
+    _refused(server, {**spec, "dataset": {"path": "../outside.jsonl"}}, 400, "dataset.path", "outside")
+    _refused(server, {**spec, "dataset": {"path": "/etc/hostname"}}, 400, "dataset.path")
+    _refused(server, {**spec, "dataset": {"path": "missing.jsonl"}}, 400, "dataset.path", "missing.jsonl")
+    (data_dir / "broken.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
+    _refused(server, {**spec, "dataset": {"path": "broken.jsonl"}}, 400, "line 2")
+    resp = server.post("/harli/jobs", None, data=b"{oops", headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400 and "JSON" in resp.text
+
+    assert server.get("/harli/jobs/nobody").status_code == 404
+    assert server.post("/harli/jobs/nobody/cancel", {}).status_code == 404
+    assert "bad" not in {j["name"] for j in server.get("/harli/jobs").json()}
+    assert generate(server, PROMPTS[:2])[0]["output_ids"]
