@@ -139,8 +139,17 @@ async def cancel_job(name: str, request: Request) -> Response:
 
 
 def install_routes(app=None) -> None:
-    """Mount the routes on SGLang's app (idempotent) and register our IPC types in this process."""
+    """Mount the routes on SGLang's app (idempotent) and register our IPC types in this process.
+
+    Each route is added to the app itself rather than through ``include_router``: SGLang's API-key
+    middleware reads the ``@auth_level`` mark from the endpoint of the app route that matches, and
+    FastAPI's included routers hide their endpoints from that lookup.
+    """
     register_control_types()
     app = app if app is not None else http_server.app
-    if not any(getattr(r, "path", "").startswith("/harli/") for r in app.routes):
-        app.include_router(router)
+    if any(getattr(r, "path", "").startswith("/harli/") for r in app.router.routes):
+        return
+    for route in router.routes:
+        app.add_api_route(
+            route.path, route.endpoint, methods=sorted(route.methods), name=route.name, tags=["harli"]
+        )
