@@ -5,6 +5,7 @@ import random
 import time
 
 import pytest
+import requests
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,3 +194,47 @@ def test_bad_jobs_are_refused_and_serving_goes_on(server, trained, data_dir):
     assert server.post("/harli/jobs/nobody/cancel", {}).status_code == 404
     assert "bad" not in {j["name"] for j in server.get("/harli/jobs").json()}
     assert generate(server, PROMPTS[:2])[0]["output_ids"]
+
+
+def _greedy_ignoring_eos(model, ids: list[int], steps: int) -> list[int]:
+    """What SGLang's greedy decode with ignore_eos produces: argmax, step after step, through EOS."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids) :]
+
+
+def test_a_new_version_serves_new_requests_while_old_requests_finish_on_theirs(server, tiny_model_dir):
+    spec = job_spec("swap", {"records": RECORDS}, epochs=4)
+    spec["publish"] = {"every_steps": 2}
+    assert server.post("/harli/jobs", spec).status_code == 201
+    wait_for(server, "swap", lambda s: s["published"] and s["published"][0]["loaded"])
+
+    steps = 96
+    body = {
+        "text": PROMPTS[0],
+        "lora_path": "swap",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": steps, "temperature": 0, "ignore_eos": True},
+    }
+    loaded_at_start = sum(v["loaded"] for v in server.get("/harli/jobs/swap").json()["published"])
+    with requests.post(server.url + "/generate", json=body, stream=True, timeout=300) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith(b"data: {")]
+    streamed = chunks[-1]["output_ids"]
+    loaded_at_end = sum(v["loaded"] for v in server.get("/harli/jobs/swap").json()["published"])
+    assert loaded_at_end > loaded_at_start, "no new version went live while the request ran"
+
+    final = wait_for(server, "swap", finished)
+    assert final["state"] == "completed" and len(final["published"]) == 8
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt_ids = tokenizer(PROMPTS[0]).input_ids
+    per_version = []
+    for version in final["published"]:
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, version["path"]).eval()
+        per_version.append(_greedy_ignoring_eos(model, prompt_ids, steps))
+    assert len({tuple(ids) for ids in per_version}) > 1  # the versions really differ
+    assert streamed in per_version  # one version from first token to last, never a mix
+    after = server.post("/generate", {**body, "stream": False}).json()
+    assert after["output_ids"] == per_version[-1]  # new requests get the newest version

@@ -129,8 +129,13 @@ def load_spec(args: argparse.Namespace) -> dict:
 def follow(client: Client, name: str) -> int:
     """Poll the job until it finishes, drawing progress on stderr, then print the summary on stdout."""
     status = client.job(name)
-    bar = tqdm(
-        total=status["total_steps"] or None, unit="step", desc=name, file=sys.stderr, dynamic_ncols=True
+    bar = tqdm(  # starting at the current step keeps the rate honest when following a job midway
+        total=status["total_steps"] or None,
+        initial=status["step"],
+        unit="step",
+        desc=name,
+        file=sys.stderr,
+        dynamic_ncols=True,
     )
     try:
         while True:
