@@ -25,8 +25,13 @@ def test_harli_routes_follow_sglang_auth(tmp_path, tiny_model_dir):
         # Creating and cancelling jobs are admin actions, like SGLang's /load_lora_adapter.
         for path in ("/harli/jobs", "/load_lora_adapter"):
             assert requests.post(srv.url + path, json=JOB, headers=USER, timeout=30).status_code == 401, path
-        assert requests.post(srv.url + "/harli/jobs/guarded/cancel", headers=USER, timeout=30).status_code == 401
+        assert (
+            requests.post(srv.url + "/harli/jobs/guarded/cancel", headers=USER, timeout=30).status_code == 401
+        )
         # With the admin key the request gets through, and is refused for what it is: LoRA is off here.
         resp = requests.post(srv.url + "/harli/jobs", json=JOB, headers=ADMIN, timeout=30)
         assert resp.status_code == 400 and "--enable-lora" in resp.json()["error"], resp.text
-        assert requests.post(srv.url + "/harli/jobs/guarded/cancel", headers=ADMIN, timeout=30).status_code == 404
+        assert (
+            requests.post(srv.url + "/harli/jobs/guarded/cancel", headers=ADMIN, timeout=30).status_code
+            == 404
+        )
