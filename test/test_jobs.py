@@ -198,11 +198,14 @@ def test_bad_jobs_are_refused_and_serving_goes_on(server, trained, data_dir):
 
 def _greedy_ignoring_eos(model, ids: list[int], steps: int) -> list[int]:
     """What SGLang's greedy decode with ignore_eos produces: argmax, step after step, through EOS."""
-    out = list(ids)
+    out, past, step_ids = [], None, torch.tensor([ids])
     with torch.no_grad():
         for _ in range(steps):
-            out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
-    return out[len(ids) :]
+            result = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            out.append(int(result.logits[0, -1].argmax()))
+            step_ids = torch.tensor([[out[-1]]])
+    return out
 
 
 def test_a_new_version_serves_new_requests_while_old_requests_finish_on_theirs(server, tiny_model_dir):

@@ -66,7 +66,7 @@ def test_hot_load_serve_mixed_batch_and_unload(server, adapter_dir, expected):
 
     resp = server.post("/unload_lora_adapter", {"lora_name": "memo"})
     assert resp.status_code == 200 and resp.json()["success"], resp.text
-    assert resp.json()["loaded_adapters"] == {}
+    assert "memo" not in resp.json()["loaded_adapters"]  # finetune jobs' adapters may share this server
     assert _generate(server, PROMPTS, None) == base_ids
     # SGLang 0.5.23 remembers every name it ever loaded (it may reload an unloaded adapter from its path on
     # demand), so a name that was never loaded is the one that is refused.

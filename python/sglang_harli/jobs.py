@@ -29,13 +29,18 @@ class CliError(Exception):
 
 
 class Client:
-    def __init__(self, url: str, api_key: str | None):
+    def __init__(self, url: str, api_key: str | None, admin_api_key: str | None = None):
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # SGLang takes only the admin key on admin routes when the server has one.
+        self.admin_headers = {"Authorization": f"Bearer {admin_api_key}"} if admin_api_key else self.headers
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float = 60, admin: bool = False
+    ) -> Any:
+        headers = self.admin_headers if admin else self.headers
         try:
-            resp = requests.request(method, self.url + path, json=body, headers=self.headers, timeout=timeout)
+            resp = requests.request(method, self.url + path, json=body, headers=headers, timeout=timeout)
         except requests.ConnectionError:
             raise CliError(
                 f"cannot reach a server at {self.url}; is it running? (pass --url or set HARLI_URL)"
@@ -189,7 +194,7 @@ def summary(status: dict) -> str:
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     spec = load_spec(args)
-    status = _first_rank(client.request("POST", "/harli/jobs", spec, timeout=600))
+    status = _first_rank(client.request("POST", "/harli/jobs", spec, timeout=600, admin=True))
     if args.wait:
         return follow(client, status["name"])
     print(json.dumps(status, indent=2))
@@ -226,7 +231,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    print(json.dumps(client.request("POST", job_path(args.name, "/cancel"), {}), indent=2))
+    print(json.dumps(client.request("POST", job_path(args.name, "/cancel"), {}, admin=True), indent=2))
     return EXIT_OK
 
 
@@ -243,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=os.environ.get("HARLI_API_KEY") or os.environ.get("SGLANG_API_KEY"),
         help="sent as 'Authorization: Bearer KEY' (default: $HARLI_API_KEY, then $SGLANG_API_KEY)",
+    )
+    parser.add_argument(
+        "--admin-api-key",
+        default=os.environ.get("HARLI_ADMIN_API_KEY"),
+        help="key for submit and cancel when the server has --admin-api-key (default: $HARLI_ADMIN_API_KEY)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -274,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(Client(args.url, args.api_key), args)
+        return args.run(Client(args.url, args.api_key, args.admin_api_key), args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
