@@ -65,6 +65,11 @@ class HarliScheduler(Scheduler):
         self._harli_launched.clear()
         self.when_idle()
 
+    def maybe_sleep_on_idle(self):
+        """SGLang's --sleep-on-idle waits up to a second for a request; never while training is pending."""
+        if not self.harli_finetune.has_work:
+            super().maybe_sleep_on_idle()
+
     def after_batch(self, batch) -> None:
         """Called after every batch's results are processed: where finetune work joins decode."""
         if self.harli_config.train_units_per_step and self.harli_finetune.has_work:
