@@ -155,8 +155,6 @@ def check_servable(spec: FinetuneJobSpec, limits: ServingLimits) -> None:
                 f"{outside} are not served (--lora-target-modules covers {sorted(limits.target_modules)}); "
                 "drop them or restart with --lora-target-modules all",
             )
-    if not set(spec.lora.target_modules):
-        raise SpecError("lora.target_modules", "give at least one module")
 
 
 class JobBook:
@@ -195,9 +193,6 @@ class JobBook:
 
     def all(self) -> list[JobStatus]:
         return list(self._jobs.values())
-
-    def running(self) -> JobStatus | None:
-        return next((j for j in self._jobs.values() if j.state == "running"), None)
 
     def next_queued(self) -> JobStatus | None:
         return next((j for j in self._jobs.values() if j.state == "queued"), None)

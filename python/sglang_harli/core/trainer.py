@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,6 +114,7 @@ class LoraTrainer:
         if not examples:
             raise ValueError("no examples to train on")
         self.examples = list(examples)
+        self._targets = [sum(e.loss_mask[1:]) for e in self.examples]  # position 0 is never a target
         self.training = training
         self.saved_tensor_hooks = saved_tensor_hooks
         self.device = next(base_model.parameters()).device
@@ -137,7 +137,6 @@ class LoraTrainer:
         self.epoch = 0
         self.tokens_trained = 0
         self.loss: float | None = None
-        self.busy_s = 0.0
         self._epoch_steps: list[list[list[int]]] = []  # this epoch's steps -> micro-batches -> example ids
         self._micro = 0  # next micro-batch of the current step
         self._step_loss = 0.0
@@ -170,26 +169,20 @@ class LoraTrainer:
         """Run one unit (a micro-batch's forward+backward, or an optimizer step); False when done."""
         if self.done:
             return False
-        started = time.perf_counter()
         step_micro_batches = self._current_step()
         with training_mode():
             if self._micro < len(step_micro_batches):
                 if self._micro == 0:
-                    self._step_targets = sum(self._targets_of(i) for ids in step_micro_batches for i in ids)
+                    self._step_targets = sum(self._targets[i] for ids in step_micro_batches for i in ids)
                 self._forward_backward([self.examples[i] for i in step_micro_batches[self._micro]])
                 self._micro += 1
             else:
                 self._optimizer_step()
-        self.busy_s += time.perf_counter() - started
         return not self.done
 
     def run(self) -> None:
         while self.run_unit():
             pass
-
-    def _targets_of(self, index: int) -> int:
-        mask = self.examples[index].loss_mask
-        return sum(1 for i, m in enumerate(mask) if m and i > 0)
 
     def _forward_backward(self, examples: list[Example]) -> None:
         batch = pack(examples, self.device)
@@ -236,7 +229,3 @@ class LoraTrainer:
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    @property
-    def tokens_per_busy_s(self) -> float | None:
-        return self.tokens_trained / self.busy_s if self.busy_s > 0 else None

@@ -62,13 +62,13 @@ class ServedWeightResolver:
             return None
         offset = 0
         for part in order:
-            rows = self._rows_of(f"{parent}.{part}.{attr}", fused, order)
+            rows = self._rows_of(f"{parent}.{part}.{attr}", fused)
             if part == leaf:
                 return fused.narrow(0, offset, shape[0])
             offset += rows
         return None
 
-    def _rows_of(self, name: str, fused: torch.Tensor, order: tuple[str, ...]) -> int:
+    def _rows_of(self, name: str, fused: torch.Tensor) -> int:
         """Rows of an earlier part of a fused tensor. Shapes are learnt as the model is walked in order;
         q, k, v (and gate, up) are declared in that order in every supported architecture."""
         shape = self._shapes.get(name)
