@@ -1,5 +1,7 @@
 """The server's trainer does what a plain transformers + PEFT + torch loop does, step for step."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,20 +98,35 @@ def reference_run(path, examples: list[Example], lora: LoraSpec, training: Train
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-3, atol=1e-4)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2"])
-def test_trainer_matches_plain_peft_loop(preset, dtype):
+@pytest.mark.parametrize(
+    ("preset", "dtype", "layers_per_unit"),
+    [
+        ("tiny", torch.float64, None),
+        ("tiny", torch.float64, 1),
+        ("tiny", torch.float32, 3),
+        ("tiny-qwen2", torch.float64, 1),
+        ("tiny-qwen2", torch.float32, None),
+    ],
+)
+def test_trainer_matches_plain_peft_loop(preset, dtype, layers_per_unit):
     path = materialize(preset)
     config = AutoConfig.from_pretrained(path)
     examples = make_examples(config.vocab_size)
     served = {n: t.to(dtype) for n, t in load_file(str(path / "model.safetensors")).items()}
 
-    trainer = LoraTrainer(build_bound_model(config, served), examples, LORA, TRAINING)
+    trainer = LoraTrainer(
+        build_bound_model(config, served), examples, LORA, TRAINING, layers_per_unit=layers_per_unit
+    )
+    segments = math.ceil(config.num_hidden_layers / (layers_per_unit or config.num_hidden_layers))
+    planned = trainer.peek(10_000)
     units = 0
     while trainer.run_unit():
         units += 1
     assert trainer.done and trainer.step == trainer.total_steps == 4  # 2 epochs x ceil(ceil(7/2)/2)
-    assert units + 1 == 4 + 2 * 4  # one unit per optimizer step and per micro-batch (4 an epoch)
+    # per micro-batch (4 an epoch): forward segments, the loss, backward segments; and 4 optimizer steps
+    assert units + 1 == len(planned) == 4 + (2 * segments + 1) * 8
+    assert [w.kind for w in planned].count("optimizer") == 4
+    assert sum(w.tokens for w in planned if w.kind == "loss") == trainer.tokens_trained
     assert trainer.tokens_trained == 2 * sum(len(e.input_ids) for e in examples)
 
     expected = reference_run(path, examples, LORA, TRAINING, dtype)
@@ -154,3 +171,41 @@ def test_saved_tensors_go_through_the_hooks():
     assert len(placed) > 10 * config.num_hidden_layers
     for name, tensor in plain.lora_state().items():
         torch.testing.assert_close(hooked.lora_state()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_pausing_at_every_unit_boundary_changes_nothing():
+    """A host may stop at any unit and do its own work (decode on the same weights, its own RNG draws)."""
+    path = materialize("tiny")
+    config = AutoConfig.from_pretrained(path)
+    served = load_file(str(path / "model.safetensors"))
+    examples = make_examples(config.vocab_size, count=5)
+    lora = LoraSpec(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+    training = TrainingSpec(
+        epochs=2, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, seed=3
+    )
+
+    uninterrupted = LoraTrainer(
+        build_bound_model(config, served), examples, lora, training, layers_per_unit=1
+    )
+    uninterrupted.run()
+
+    paused = LoraTrainer(build_bound_model(config, served), examples, lora, training, layers_per_unit=1)
+    decode = build_bound_model(config, served)  # the "server": another model over the same tensors
+    prompt = torch.tensor([examples[0].input_ids])
+    reference_logits = decode(prompt).logits
+    units = 0
+    while True:
+        work = paused.peek(3)
+        more = paused.run_unit()
+        units += 1
+        torch.manual_seed(units)  # the host moves the global RNG as it likes
+        torch.rand(7)
+        with torch.inference_mode():
+            torch.testing.assert_close(decode(prompt).logits, reference_logits, rtol=0, atol=0)
+        assert paused.peek(2) == work[1:3]  # the announced plan is the plan that runs
+        if not more:
+            break
+    assert units == len(LoraTrainer(decode, examples, lora, training, layers_per_unit=1).peek(10_000))
+    for name, tensor in uninterrupted.lora_state().items():
+        torch.testing.assert_close(paused.lora_state()[name], tensor, rtol=0, atol=0, msg=name)
+    assert paused.loss == uninterrupted.loss and paused.tokens_trained == uninterrupted.tokens_trained

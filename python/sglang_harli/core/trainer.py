@@ -2,9 +2,19 @@
 
 The trainer is written for a host that lends it time in slices: a decode server calls ``run_unit()``
 between decode steps or when idle, and may stop calling at any point. So a training run is a plan fixed at
-construction (seeded per-epoch shuffles, micro-batches, optimizer steps) executed one *unit* at a time:
-the forward and backward of one micro-batch, or one optimizer step. All state lives on the object, so a
-paused trainer resumes exactly where it stopped, and the result equals an uninterrupted run.
+construction (seeded per-epoch shuffles, micro-batches, optimizer steps) executed one *unit* at a time,
+and units are small enough to fit in the slack of one decode step: the forward of a few decoder layers of
+one micro-batch, the loss (final norm, LM head, cross-entropy and their backward), the backward of a few
+layers, or one optimizer step. ``peek()`` describes the coming units (``core.work.FinetuneWork``) so a
+QoS policy can admit exactly as many as fit. All state, including the autograd graph of a micro-batch in
+flight, lives on the object, so a paused trainer resumes exactly where it stopped and the result equals
+an uninterrupted run.
+
+Layer-wise units work by cutting the autograd graph at layer boundaries: each forward segment starts from
+a detached copy of the previous segment's output, and each backward segment hands the gradient of its
+input to the segment before it. The layers are called exactly as the model's own forward calls them (the
+arguments are recorded from one pass of the model with its layers short-circuited), so masks, rotary
+embeddings and per-layer attention types stay the model's business.
 
 Math, kept identical to a plain transformers + PEFT loop: next-token cross-entropy on target tokens only,
 summed over the micro-batches of an optimizer step and divided by that step's target-token count; AdamW;
@@ -32,6 +42,7 @@ from transformers import get_scheduler
 
 from sglang_harli.core.data import Example
 from sglang_harli.core.jobs import LoraSpec, TrainingSpec
+from sglang_harli.core.work import FinetuneWork
 
 SavedTensorHooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -99,6 +110,17 @@ def training_mode():
     return stack
 
 
+class _InFlight:
+    """The micro-batch between its first forward unit and its last backward unit."""
+
+    def __init__(self, batch: MicroBatch, layer_calls: list[tuple[tuple, dict]], hidden: torch.Tensor):
+        self.batch = batch
+        self.layer_calls = layer_calls
+        self.hidden = hidden  # input of the next forward segment; then the gradient flowing backwards
+        self.segments: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) per forward segment
+        self.loss_sum = 0.0
+
+
 class LoraTrainer:
     """Trains one LoRA adapter on ``base_model`` (frozen, not owned) in resumable units."""
 
@@ -109,12 +131,16 @@ class LoraTrainer:
         lora: LoraSpec,
         training: TrainingSpec,
         *,
+        layers_per_unit: int | None = None,
         saved_tensor_hooks: SavedTensorHooks | None = None,
     ):
         if not examples:
             raise ValueError("no examples to train on")
+        if layers_per_unit is not None and layers_per_unit < 1:
+            raise ValueError("layers_per_unit must be at least 1")
         self.examples = list(examples)
         self._targets = [sum(e.loss_mask[1:]) for e in self.examples]  # position 0 is never a target
+        self._lengths = [len(e.input_ids) for e in self.examples]
         self.training = training
         self.saved_tensor_hooks = saved_tensor_hooks
         self.device = next(base_model.parameters()).device
@@ -126,6 +152,13 @@ class LoraTrainer:
             self.optimizer = torch.optim.AdamW(
                 self.params, lr=training.learning_rate, weight_decay=training.weight_decay
             )
+        causal_lm = self.model.get_base_model()
+        self._decoder = causal_lm.get_decoder()
+        self._lm_head = causal_lm.get_output_embeddings()
+        layers = len(self._decoder.layers)
+        per_unit = min(layers_per_unit or layers, layers)
+        self._segments = [range(i, min(i + per_unit, layers)) for i in range(0, layers, per_unit)]
+        self._trainable = sum(p.numel() for p in self.params)
         self.total_steps = plan_steps(len(self.examples), training)
         self.scheduler = get_scheduler(
             _SCHEDULERS[training.lr_scheduler],
@@ -134,78 +167,168 @@ class LoraTrainer:
             num_training_steps=self.total_steps,
         )
         self.step = 0
-        self.epoch = 0
         self.tokens_trained = 0
         self.loss: float | None = None
-        self._epoch_steps: list[list[list[int]]] = []  # this epoch's steps -> micro-batches -> example ids
+        self._epoch_plans: dict[int, list[list[list[int]]]] = {}  # epoch -> steps -> micro-batches -> ids
         self._micro = 0  # next micro-batch of the current step
+        self._unit = 0  # next unit of that micro-batch: forward segments, loss, backward segments
+        self._in_flight: _InFlight | None = None
         self._step_loss = 0.0
         self._step_targets = 0
-        self._micro_index = 0  # micro-batches run so far, seeds dropout
-        self._start_epoch(0)
+        self._micro_index = 0  # micro-batches started so far, seeds dropout
 
     # -- plan ----------------------------------------------------------------------------------------
-    def _start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        order = torch.randperm(
-            len(self.examples), generator=torch.Generator().manual_seed(self.training.seed * 100_003 + epoch)
-        ).tolist()
-        size, accumulation = self.training.micro_batch_size, self.training.gradient_accumulation_steps
-        micro_batches = [order[i : i + size] for i in range(0, len(order), size)]
-        self._epoch_steps = [
-            micro_batches[i : i + accumulation] for i in range(0, len(micro_batches), accumulation)
-        ]
+    def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:
+        plan = self._epoch_plans.get(epoch)
+        if plan is None:
+            order = torch.randperm(
+                len(self.examples),
+                generator=torch.Generator().manual_seed(self.training.seed * 100_003 + epoch),
+            ).tolist()
+            size, accumulation = self.training.micro_batch_size, self.training.gradient_accumulation_steps
+            micro_batches = [order[i : i + size] for i in range(0, len(order), size)]
+            plan = [micro_batches[i : i + accumulation] for i in range(0, len(micro_batches), accumulation)]
+            self._epoch_plans = {e: p for e, p in self._epoch_plans.items() if e >= epoch - 1}
+            self._epoch_plans[epoch] = plan
+        return plan
+
+    def _step_plan(self, step: int) -> list[list[int]]:
+        steps_per_epoch = len(self._epoch_plan(0))
+        return self._epoch_plan(step // steps_per_epoch)[step % steps_per_epoch]
+
+    @property
+    def epoch(self) -> int:
+        return min(self.step, max(self.total_steps - 1, 0)) // len(self._epoch_plan(0))
 
     @property
     def done(self) -> bool:
         return self.step >= self.total_steps
 
-    def _current_step(self) -> list[list[int]]:
-        steps_done_before = self.epoch * len(self._epoch_steps)
-        return self._epoch_steps[self.step - steps_done_before]
+    @property
+    def units_per_micro_batch(self) -> int:
+        return 2 * len(self._segments) + 1
+
+    def peek(self, count: int) -> list[FinetuneWork]:
+        """The next ``count`` units (fewer near the end of the run), without running anything."""
+        upcoming: list[FinetuneWork] = []
+        step, micro, unit = self.step, self._micro, self._unit
+        segments, per_micro = len(self._segments), self.units_per_micro_batch
+        while len(upcoming) < count and step < self.total_steps:
+            plan = self._step_plan(step)
+            if micro == len(plan):
+                upcoming.append(FinetuneWork(kind="optimizer", params=self._trainable))
+                step, micro, unit = step + 1, 0, 0
+                continue
+            tokens = sum(self._lengths[i] for i in plan[micro])
+            if unit < segments:
+                upcoming.append(FinetuneWork(kind="forward", tokens=tokens, layers=len(self._segments[unit])))
+            elif unit == segments:
+                upcoming.append(FinetuneWork(kind="loss", tokens=tokens))
+            else:
+                layers = len(self._segments[per_micro - 1 - unit])
+                upcoming.append(FinetuneWork(kind="backward", tokens=tokens, layers=layers))
+            unit += 1
+            if unit == per_micro:
+                micro, unit = micro + 1, 0
+        return upcoming
 
     # -- units ---------------------------------------------------------------------------------------
     def run_unit(self) -> bool:
-        """Run one unit (a micro-batch's forward+backward, or an optimizer step); False when done."""
+        """Run the next unit (see ``peek``); False once the run is done."""
         if self.done:
             return False
-        step_micro_batches = self._current_step()
+        plan = self._step_plan(self.step)
         with training_mode():
-            if self._micro < len(step_micro_batches):
-                if self._micro == 0:
-                    self._step_targets = sum(self._targets[i] for ids in step_micro_batches for i in ids)
-                self._forward_backward([self.examples[i] for i in step_micro_batches[self._micro]])
-                self._micro += 1
-            else:
+            if self._micro == len(plan):
                 self._optimizer_step()
+                return not self.done
+            if self._micro == 0 and self._unit == 0:
+                self._step_targets = sum(self._targets[i] for ids in plan for i in ids)
+            segments = len(self._segments)
+            if self._unit == 0:
+                self._start_micro_batch([self.examples[i] for i in plan[self._micro]])
+            if self._unit < segments:
+                self._forward_segment(self._unit)
+            elif self._unit == segments:
+                self._loss()
+            else:
+                self._backward_segment(self.units_per_micro_batch - 1 - self._unit)
+            self._unit += 1
+            if self._unit == self.units_per_micro_batch:
+                self._finish_micro_batch()
         return not self.done
 
     def run(self) -> None:
         while self.run_unit():
             pass
 
-    def _forward_backward(self, examples: list[Example]) -> None:
+    def _saving(self):
+        if self.saved_tensor_hooks is None:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(*self.saved_tensor_hooks)
+
+    def _start_micro_batch(self, examples: list[Example]) -> None:
         batch = pack(examples, self.device)
-        hooks = (
-            torch.autograd.graph.saved_tensors_hooks(*self.saved_tensor_hooks)
-            if self.saved_tensor_hooks
-            else contextlib.nullcontext()
-        )
-        with torch.random.fork_rng(devices=self._rng_devices()), hooks:
-            torch.manual_seed(self.training.seed * 1_000_003 + self._micro_index)  # dropout, reproducibly
-            logits = self.model(
-                input_ids=batch.input_ids,
-                position_ids=batch.position_ids,
-                use_cache=False,
-                logits_to_keep=batch.predict_at,
-            ).logits[0]
+        calls: list[tuple[tuple, dict]] = []
+        inputs: list[torch.Tensor] = []
+
+        def record(hidden_states, *args, **kwargs):
+            inputs.append(hidden_states)
+            calls.append((args, kwargs))
+            return hidden_states
+
+        layers = list(self._decoder.layers)
+        for layer in layers:  # an instance attribute shadows the class's forward for this one pass
+            layer.forward = record
+        try:
+            with torch.no_grad():
+                self._decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        finally:
+            for layer in layers:
+                del layer.forward
+        if len(calls) != len(layers):
+            raise RuntimeError(f"the decoder called {len(calls)} of its {len(layers)} layers")
+        self._in_flight = _InFlight(batch, calls, inputs[0])
+
+    def _forward_segment(self, index: int) -> None:
+        flight = self._in_flight
+        hidden = flight.hidden if index == 0 else flight.hidden.detach().requires_grad_(True)
+        with torch.random.fork_rng(devices=self._rng_devices()), self._saving():
+            torch.manual_seed((self.training.seed * 1_000_003 + self._micro_index) * 1_009 + index)  # dropout
+            output = hidden
+            for layer_index in self._segments[index]:
+                args, kwargs = flight.layer_calls[layer_index]
+                output = self._decoder.layers[layer_index](output, *args, **kwargs)
+        flight.segments.append((hidden, output))
+        flight.hidden = output
+
+    def _loss(self) -> None:
+        flight, batch = self._in_flight, self._in_flight.batch
+        hidden = flight.hidden.detach().requires_grad_(True)
+        with self._saving():
+            normed = self._decoder.norm(hidden)
+            logits = self._lm_head(normed[:, batch.predict_at, :])[0]
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
             loss_sum = F.cross_entropy(logits, batch.targets, reduction="sum")
         (loss_sum / max(self._step_targets, 1)).backward()
+        flight.loss_sum = float(loss_sum.detach())
+        flight.hidden = hidden.grad
+
+    def _backward_segment(self, index: int) -> None:
+        flight = self._in_flight
+        hidden, output = flight.segments.pop()
+        assert len(flight.segments) == index
+        torch.autograd.backward(output, flight.hidden)
+        flight.hidden = hidden.grad if index > 0 else None
+
+    def _finish_micro_batch(self) -> None:
+        flight, self._in_flight = self._in_flight, None
+        self._micro += 1
+        self._unit = 0
         self._micro_index += 1
-        self._step_loss += float(loss_sum.detach())
-        self.tokens_trained += batch.tokens
+        self._step_loss += flight.loss_sum
+        self.tokens_trained += flight.batch.tokens
 
     def _optimizer_step(self) -> None:
         if self.training.max_grad_norm > 0:
@@ -216,8 +339,6 @@ class LoraTrainer:
         self.loss = self._step_loss / max(self._step_targets, 1)
         self._step_loss, self._micro = 0.0, 0
         self.step += 1
-        if not self.done and self.step == (self.epoch + 1) * len(self._epoch_steps):
-            self._start_epoch(self.epoch + 1)
 
     def _rng_devices(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
