@@ -1,0 +1,462 @@
+"""Two-stage decode latency prediction, after Harli (arXiv 2511.11729).
+
+The QoS policy must decide, before every decode step, how much finetune work it can run alongside without
+breaking the TPOT SLO. Stage 1 predicts what the decode step costs on its own from its shape; stage 2
+predicts the decode-to-decode interval once finetune units share the GPU with it, as a linear blend of the
+stage-1 prediction and the units' own costs. Splitting it this way keeps each part cheap to learn: solo
+steps are plentiful and fit the shape model, unit costs come from a start-up profile and from every unit
+the trainer runs, and the interference model has only three coefficients per SM split, so it settles
+after a few dozen co-run intervals and carries over to batch shapes it has never seen co-run.
+
+Everything is fitted online with forgetting, because the truth drifts while serving: clocks and thermal
+state, KV-cache fragmentation and the adapter mix all move the costs. The module needs only numpy and
+msgspec so that the server, the GPU benchmark and the trace simulator share one implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from sglang_harli.core.work import WORK_KINDS, FinetuneWork
+
+_STATE_VERSION = 1
+
+# Scales bring every feature to order one at typical sizes, so that the solver sees a well-conditioned
+# system and one prior variance suits every coefficient. Powers of two make the scaling exact.
+_SOLO_FEATURES = ("intercept", "batch_size", "context_tokens", "adapters")
+_SOLO_SCALES = (1.0, 2.0**6, 2.0**16, 2.0**3)
+_UNIT_FEATURES = ("intercept", "size")
+_UNIT_SIZE_SCALES = {"forward": 2.0**16, "backward": 2.0**16, "loss": 2.0**12, "optimizer": 2.0**24}
+_CORUN_FEATURES = ("alpha", "beta", "c")
+_CORUN_SCALES = (2.0**-6, 2.0**-6, 1.0)
+_CORUN_PRIOR = (1.0, 1.0, 0.0)
+"""Serial time-sharing: the interval is the decode step followed by the finetune units."""
+
+
+class DecodeShape(msgspec.Struct, frozen=True, kw_only=True):
+    """What a decode step's run time depends on, as far as the scheduler knows before launching it."""
+
+    batch_size: int
+    context_tokens: int
+    """Total KV tokens of the batch: attention reads every one of them each step."""
+    adapters: int = 0
+    """Distinct LoRA adapters in the batch: each adds its own low-rank GEMMs to every layer."""
+
+
+class ErrorSummary(msgspec.Struct, kw_only=True):
+    samples: int
+    mape_recent: float | None
+    """Mean absolute percentage error over the recent window, as a fraction (0.05 is 5%)."""
+    mape_overall: float | None
+    """The same over every error recorded since start-up."""
+
+
+class StageStats(msgspec.Struct, kw_only=True):
+    samples: int
+    """Observations the model has been fitted on."""
+    mape_recent: float | None
+    mape_overall: float | None
+    coefficients: dict[str, float]
+    """Seconds per unit of each feature (``alpha`` and ``beta`` are dimensionless)."""
+
+
+class PredictorStats(msgspec.Struct, kw_only=True):
+    solo: StageStats
+    corun: dict[str, StageStats]
+    """Per SM split."""
+    units: dict[str, StageStats]
+    """Per finetune work kind."""
+
+
+class OnlineLinearModel:
+    """Linear regression fitted by recursive least squares with exponential forgetting.
+
+    Each update discounts the past by ``forgetting``, so the fit follows drift within roughly
+    ``1 / (1 - forgetting)`` samples. The Gaussian prior (mean ``prior``, covariance
+    ``prior_variance * I``) is kept in information form and is not forgotten, only the data is. Classic
+    forgetting RLS divides the covariance by ``forgetting`` every step, so in any direction the features
+    stop exciting (a batch shape held for minutes, an adapter count stuck at zero) the covariance grows
+    without bound and the next informative sample throws the fit around. Here the posterior precision is
+    the prior's precision plus the discounted Gram matrix: the covariance never exceeds the prior's, a
+    direction without recent evidence relaxes to the prior instead of winding up, and the matrices stay
+    exactly symmetric because they are sums of symmetric terms. While data is present the prior weighs
+    as little as one sample in ``prior_variance``, so the fit is ordinary weighted least squares.
+
+    Features are divided by ``scales`` before fitting, so that token counts near 1e5 and an intercept of
+    1 reach the solver at comparable magnitude. ``prior``, ``predict``, ``update`` and ``coefficients``
+    all speak the caller's units; ``prior_variance`` applies to the scaled coefficients, i.e. to what a
+    feature contributes to the target at its scale.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        forgetting: float = 0.98,
+        prior: Sequence[float] | None = None,
+        prior_variance: float = 1e2,
+        scales: Sequence[float] | None = None,
+    ):
+        self.names = tuple(names)
+        n = len(self.names)
+        if n == 0:
+            raise ValueError("a linear model needs at least one feature")
+        if not 0.0 < forgetting <= 1.0:
+            raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
+        if not (math.isfinite(prior_variance) and prior_variance > 0):
+            raise ValueError(f"prior_variance must be positive and finite, got {prior_variance}")
+        self.forgetting = float(forgetting)
+        self.prior_variance = float(prior_variance)
+        self._scales = _vector(scales if scales is not None else [1.0] * n, n, "scales")
+        if np.any(self._scales <= 0):
+            raise ValueError(f"scales must be positive, got {self._scales.tolist()}")
+        self._prior = _vector(prior if prior is not None else [0.0] * n, n, "prior")
+        self._ridge = np.eye(n) / self.prior_variance
+        self._prior_moment = self._prior * self._scales / self.prior_variance
+        self._gram = np.zeros((n, n))
+        self._moment = np.zeros(n)
+        self.samples = 0
+        self._theta: np.ndarray | None = self._prior * self._scales
+
+    def predict(self, x: Sequence[float]) -> float:
+        return float(self._scaled(x) @ self._solution())
+
+    def update(self, x: Sequence[float], y: float) -> None:
+        """Fold in one observation; a non-finite one is dropped, since a single NaN would poison the fit."""
+        z = self._scaled(x)
+        y = float(y)
+        if not (math.isfinite(y) and np.isfinite(z).all()):
+            return
+        self._gram *= self.forgetting
+        self._gram += np.outer(z, z)
+        self._moment *= self.forgetting
+        self._moment += y * z
+        self.samples += 1
+        self._theta = None
+
+    def coefficients(self) -> dict[str, float]:
+        theta = self._solution() / self._scales
+        return dict(zip(self.names, theta.tolist(), strict=True))
+
+    def state(self) -> dict[str, Any]:
+        """The sufficient statistics rather than the solution, so a restored model keeps learning as if
+        it had never stopped."""
+        return {
+            "names": list(self.names),
+            "scales": self._scales.tolist(),
+            "forgetting": self.forgetting,
+            "prior": self._prior.tolist(),
+            "prior_variance": self.prior_variance,
+            "samples": self.samples,
+            "gram": self._gram.tolist(),
+            "moment": self._moment.tolist(),
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> OnlineLinearModel:
+        model = cls(
+            d["names"],
+            forgetting=d["forgetting"],
+            prior=d["prior"],
+            prior_variance=d["prior_variance"],
+            scales=d["scales"],
+        )
+        n = len(model.names)
+        gram = np.array(d["gram"], dtype=np.float64)
+        moment = _vector(d["moment"], n, "moment")
+        if gram.shape != (n, n) or not np.isfinite(gram).all():
+            raise ValueError(f"gram must be a finite {n}x{n} matrix")
+        model._gram, model._moment = gram, moment
+        model.samples = int(d["samples"])
+        if model.samples:
+            model._theta = None
+        return model
+
+    def _scaled(self, x: Sequence[float]) -> np.ndarray:
+        z = np.asarray(x, dtype=np.float64)
+        if z.shape != self._scales.shape:
+            raise ValueError(f"expected {len(self.names)} features {self.names}, got shape {z.shape}")
+        return z / self._scales
+
+    def _solution(self) -> np.ndarray:
+        # Solved lazily: the scheduler predicts far more often than it observes.
+        if self._theta is None:
+            self._theta = np.linalg.solve(self._gram + self._ridge, self._moment + self._prior_moment)
+        return self._theta
+
+
+class ErrorStats:
+    """Absolute percentage error of predictions against what was then observed.
+
+    The recent window shows whether the fit has caught up with the present; the overall figure keeps the
+    misses a drift caused, which the window soon forgets.
+    """
+
+    def __init__(self, window: int = 256):
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self._recent: deque[float] = deque(maxlen=window)
+        self._count = 0
+        self._total = 0.0
+
+    def add(self, predicted: float, observed: float) -> None:
+        if not (math.isfinite(predicted) and math.isfinite(observed) and observed > 0):
+            return
+        error = abs(predicted - observed) / observed
+        self._recent.append(error)
+        self._count += 1
+        self._total += error
+
+    def summary(self) -> ErrorSummary:
+        if not self._count:
+            return ErrorSummary(samples=0, mape_recent=None, mape_overall=None)
+        return ErrorSummary(
+            samples=self._count,
+            mape_recent=math.fsum(self._recent) / len(self._recent),
+            mape_overall=self._total / self._count,
+        )
+
+
+class LatencyPredictor:
+    """Harli's two-stage predictor: solo decode steps, finetune unit costs, and how the two combine.
+
+    Stage 2 regresses on the *predicted* solo and unit costs rather than on measured ones, because
+    predictions are all the policy has when it decides; the fit then also absorbs their systematic bias.
+    Error statistics are not part of ``state()``: a cached fit is reused across runs, its errors belong
+    to the run that made them.
+    """
+
+    def __init__(self, *, forgetting: float = 0.98, window: int = 256, min_samples: int = 8):
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be at least 1, got {min_samples}")
+        self.forgetting = forgetting
+        self.window = window
+        self.min_samples = min_samples
+        self._solo = self._model(_SOLO_FEATURES, scales=_SOLO_SCALES)
+        self._solo_errors = ErrorStats(window)
+        self._units: dict[str, OnlineLinearModel] = {}
+        self._unit_errors: dict[str, ErrorStats] = {}
+        self._corun: dict[str, OnlineLinearModel] = {}
+        self._corun_errors: dict[str, ErrorStats] = {}
+
+    @property
+    def ready(self) -> bool:
+        """Whether stage 1 has seen enough solo steps to be trusted; until then nothing is admitted on
+        the strength of a guess."""
+        return self._solo.samples >= self.min_samples
+
+    # Stage 1: a decode step on its own.
+
+    def solo(self, shape: DecodeShape) -> float | None:
+        if not self.ready:
+            return None
+        return max(0.0, self._solo.predict(_solo_features(shape)))
+
+    def observe_solo(self, shape: DecodeShape, seconds: float) -> None:
+        if not _valid(seconds):
+            return
+        predicted = self.solo(shape)
+        if predicted is not None:
+            self._solo_errors.add(predicted, seconds)
+        self._solo.update(_solo_features(shape), seconds)
+
+    # Finetune unit costs, one model per kind.
+
+    def unit_seconds(self, work: FinetuneWork) -> float | None:
+        model = self._units.get(work.kind)
+        if model is None:
+            return None
+        return max(0.0, model.predict((1.0, float(work.size))))
+
+    def work_seconds(self, work: Sequence[FinetuneWork]) -> float | None:
+        total = 0.0
+        for unit in work:
+            seconds = self.unit_seconds(unit)
+            if seconds is None:
+                return None
+            total += seconds
+        return total
+
+    def observe_unit(self, work: FinetuneWork, seconds: float) -> None:
+        if not _valid(seconds):
+            return
+        predicted = self.unit_seconds(work)
+        if predicted is None:
+            self._new_unit_model(work.kind, prior=None)
+        else:
+            self._errors(self._unit_errors, work.kind).add(predicted, seconds)
+        self._units[work.kind].update((1.0, float(work.size)), seconds)
+
+    def set_unit_prior(self, kind: str, intercept_s: float, per_size_s: float) -> None:
+        """Start the kind's model afresh from profiled costs, so the policy can admit units of that kind
+        before the trainer has run any. Whatever the kind had learnt is dropped."""
+        if kind not in WORK_KINDS:
+            raise ValueError(f"unknown work kind {kind!r}; expected one of {WORK_KINDS}")
+        if not (math.isfinite(intercept_s) and math.isfinite(per_size_s)):
+            raise ValueError("unit prior must be finite")
+        self._new_unit_model(kind, prior=(intercept_s, per_size_s))
+
+    # Stage 2: decode and finetune work sharing the GPU.
+
+    def corun(
+        self, shape: DecodeShape | None, work: Sequence[FinetuneWork], split: str = "shared"
+    ) -> float | None:
+        """The decode-to-decode interval with ``work`` admitted in it.
+
+        Without decode work it is just the units. Without finetune work it still goes through the
+        split's model, whose intercept has learnt what the engine's loop adds around a step.
+        """
+        cost = self.work_seconds(work)
+        if shape is None:
+            return cost
+        solo = self.solo(shape)
+        if solo is None or cost is None:
+            return None
+        return self.interval(solo, cost, split)
+
+    def interval(self, solo_s: float, work_s: float, split: str = "shared") -> float:
+        """Stage 2 from already predicted parts: the policy's inner loop, so it stays a few flops."""
+        model = self._corun.get(split)
+        if model is None:
+            alpha, beta, c = _CORUN_PRIOR
+            return max(0.0, alpha * solo_s + beta * work_s + c)
+        return max(0.0, model.predict((solo_s, work_s, 1.0)))
+
+    def observe_corun(
+        self,
+        shape: DecodeShape,
+        work: Sequence[FinetuneWork],
+        seconds: float,
+        *,
+        split: str = "shared",
+        predicted: float | None = None,
+    ) -> None:
+        """Learn from one co-run interval.
+
+        ``predicted`` is the figure the policy acted on, when it has one: that is the error which
+        decides SLO attainment, and a prediction recomputed now would already reflect any stage-1 or
+        unit updates made since. Intervals without finetune work teach the model the loop's own
+        overhead (``alpha``, ``c``) but do not count in its error, which is about admitted work.
+        """
+        if not _valid(seconds):
+            return
+        solo = self.solo(shape)
+        cost = self.work_seconds(work)
+        if predicted is None and work:
+            predicted = self.corun(shape, work, split)
+        if predicted is not None and work:
+            self._errors(self._corun_errors, split).add(predicted, seconds)
+        if solo is not None and cost is not None:
+            self._split_model(split).update((solo, cost, 1.0), seconds)
+
+    # Reporting and persistence.
+
+    def snapshot(self) -> PredictorStats:
+        splits = sorted(self._corun.keys() | self._corun_errors.keys())
+        return PredictorStats(
+            solo=_stage_stats(self._solo, self._solo_errors),
+            corun={
+                split: _stage_stats(
+                    self._corun.get(split) or self._new_split_model(), self._corun_errors.get(split)
+                )
+                for split in splits
+            },
+            units={
+                kind: _stage_stats(self._units[kind], self._unit_errors.get(kind))
+                for kind in WORK_KINDS
+                if kind in self._units
+            },
+        )
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-ready fit, to cache per model and hardware so a restarted server predicts at once."""
+        return {
+            "version": _STATE_VERSION,
+            "forgetting": self.forgetting,
+            "window": self.window,
+            "min_samples": self.min_samples,
+            "solo": self._solo.state(),
+            "units": {kind: model.state() for kind, model in self._units.items()},
+            "corun": {split: model.state() for split, model in self._corun.items()},
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any], **kwargs: Any) -> LatencyPredictor:
+        """Restore a fit; ``kwargs`` override the stored settings (a new ``forgetting`` only affects
+        updates from now on)."""
+        if d.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported predictor state version {d.get('version')!r}")
+        settings = {key: d[key] for key in ("forgetting", "window", "min_samples")}
+        predictor = cls(**(settings | kwargs))
+        predictor._solo = predictor._restore(d["solo"], _SOLO_FEATURES)
+        for kind, state in d["units"].items():
+            if kind not in WORK_KINDS:
+                raise ValueError(f"unknown work kind {kind!r} in predictor state")
+            predictor._units[kind] = predictor._restore(state, _UNIT_FEATURES)
+        for split, state in d["corun"].items():
+            predictor._corun[split] = predictor._restore(state, _CORUN_FEATURES)
+        return predictor
+
+    def _model(
+        self,
+        names: Sequence[str],
+        *,
+        scales: Sequence[float],
+        prior: Sequence[float] | None = None,
+    ) -> OnlineLinearModel:
+        return OnlineLinearModel(names, forgetting=self.forgetting, prior=prior, scales=scales)
+
+    def _restore(self, state: dict[str, Any], names: Sequence[str]) -> OnlineLinearModel:
+        model = OnlineLinearModel.from_state(state)
+        if model.names != tuple(names):
+            raise ValueError(f"predictor state has features {model.names}, expected {tuple(names)}")
+        model.forgetting = self.forgetting
+        return model
+
+    def _new_unit_model(self, kind: str, prior: Sequence[float] | None) -> None:
+        self._units[kind] = self._model(_UNIT_FEATURES, scales=(1.0, _UNIT_SIZE_SCALES[kind]), prior=prior)
+
+    def _new_split_model(self) -> OnlineLinearModel:
+        return self._model(_CORUN_FEATURES, scales=_CORUN_SCALES, prior=_CORUN_PRIOR)
+
+    def _split_model(self, split: str) -> OnlineLinearModel:
+        if split not in self._corun:
+            self._corun[split] = self._new_split_model()
+        return self._corun[split]
+
+    def _errors(self, table: dict[str, ErrorStats], key: str) -> ErrorStats:
+        if key not in table:
+            table[key] = ErrorStats(self.window)
+        return table[key]
+
+
+def _solo_features(shape: DecodeShape) -> tuple[float, float, float, float]:
+    return (1.0, float(shape.batch_size), float(shape.context_tokens), float(shape.adapters))
+
+
+def _valid(seconds: float) -> bool:
+    """Zero, negative or non-finite timings come from clock glitches or aborted steps, not the GPU."""
+    return math.isfinite(seconds) and seconds > 0
+
+
+def _vector(values: Sequence[float], n: int, what: str) -> np.ndarray:
+    v = np.array(values, dtype=np.float64)
+    if v.shape != (n,) or not np.isfinite(v).all():
+        raise ValueError(f"{what} must be {n} finite numbers, got {values!r}")
+    return v
+
+
+def _stage_stats(model: OnlineLinearModel, errors: ErrorStats | None) -> StageStats:
+    summary = (errors or ErrorStats()).summary()
+    return StageStats(
+        samples=model.samples,
+        mape_recent=summary.mape_recent,
+        mape_overall=summary.mape_overall,
+        coefficients=model.coefficients(),
+    )
