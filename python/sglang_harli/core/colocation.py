@@ -1,0 +1,199 @@
+"""``CoLocation``: the engine-independent loop glue between a decode loop, a QoS policy and a trainer.
+
+A decode engine reports three things: a decode step finished (with its batch shape and how long it ran),
+some other batch ran (a prefill, which breaks the chain of token intervals), or it has nothing to do. In
+between, it asks ``admit()`` how many of the trainer's coming units to run and reports each unit it ran.
+From those events this class feeds the two-stage predictor (solo step latencies, unit costs, co-run token
+intervals), gives the policy its feedback, and keeps the per-step record that ``/harli/stats`` and the
+benchmarks read. It imports no engine, so SGLang's scheduler, the GPU decode stand-in and the trace
+simulator all drive the same code.
+
+A *token interval* is the time between two consecutive decode steps' results: what a streaming client
+sees as its time per output token. With finetune work admitted after step ``k``, interval ``k+1`` holds
+that work plus step ``k+1``, which is exactly what the stage-2 predictor is asked to predict.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import msgspec
+import numpy as np
+
+from sglang_harli.core.predictor import DecodeShape, LatencyPredictor, PredictorStats
+from sglang_harli.core.qos import Admission, PolicyStats, QosPolicy
+from sglang_harli.core.work import FinetuneWork
+
+
+class StepRecord(msgspec.Struct, array_like=True):
+    """One token interval: [time, batch, predicted ms, observed ms, units, split]."""
+
+    at_s: float
+    batch_size: int
+    predicted_ms: float | None
+    observed_ms: float
+    units: int
+    split: str
+
+
+class IntervalSummary(msgspec.Struct, kw_only=True):
+    count: int
+    p50_ms: float | None
+    p99_ms: float | None
+    slo_attainment: float | None
+    """Fraction of token intervals within the TPOT SLO: what streaming clients experience."""
+
+
+class CoLocationStats(msgspec.Struct, kw_only=True):
+    policy: PolicyStats
+    predictor: PredictorStats
+    token_intervals: IntervalSummary
+    decode_tokens_per_s: float
+    finetune_tokens_per_s: float
+    """Tokens of micro-batches completed per second, over the rate window."""
+    finetune_busy_fraction: float
+    """Share of the rate window spent running finetune units."""
+    decision_us: dict[str, float | None]
+    """How long the policy took to decide (p50/p99): the only delay Harli adds before a decode launch."""
+    recent_steps: list[StepRecord]
+
+
+class _Rate:
+    """Events summed over a sliding time window."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float]):
+        self.window_s, self.clock = window_s, clock
+        self.started = clock()
+        self._events: deque[tuple[float, float]] = deque()
+        self._sum = 0.0
+
+    def add(self, amount: float) -> None:
+        self._events.append((self.clock(), amount))
+        self._sum += amount
+
+    def per_s(self) -> float:
+        now = self.clock()
+        while self._events and self._events[0][0] < now - self.window_s:
+            self._sum -= self._events.popleft()[1]
+        span = min(self.window_s, now - self.started)
+        return self._sum / span if span > 0 else 0.0
+
+
+class CoLocation:
+    def __init__(
+        self,
+        predictor: LatencyPredictor,
+        policy: QosPolicy,
+        *,
+        slo_s: float,
+        window: int = 2048,
+        rate_window_s: float = 30.0,
+        recent: int = 64,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.predictor, self.policy, self.slo_s, self.clock = predictor, policy, slo_s, clock
+        self._intervals: deque[float] = deque(maxlen=window)
+        self._decisions: deque[float] = deque(maxlen=window)
+        self._recent: deque[StepRecord] = deque(maxlen=recent)
+        self._last_decode_done: float | None = None
+        self._pending: Admission | None = None  # admitted after the last decode step, not yet observed
+        self._decode_tokens = _Rate(rate_window_s, clock)
+        self._finetune_tokens = _Rate(rate_window_s, clock)
+        self._finetune_busy = _Rate(rate_window_s, clock)
+
+    # -- events from the decode loop -----------------------------------------------------------------
+    def decode_done(self, shape: DecodeShape, step_s: float, *, solo: bool = True) -> StepRecord | None:
+        """A decode step's results are out. ``solo``: the step ran with no finetune work beside it.
+
+        Returns the token interval it closed, if the step before it was a decode step too."""
+        now = self.clock()
+        self._decode_tokens.add(shape.batch_size)
+        record = None
+        if self._last_decode_done is not None:
+            interval = now - self._last_decode_done
+            admission = self._pending or Admission(units=0)
+            predicted = admission.predicted_s if admission.units else None
+            self.predictor.observe_corun(
+                shape, admission.work, interval, split=admission.split, predicted=predicted
+            )
+            self.policy.observe(admission, interval)
+            self._intervals.append(interval)
+            record = StepRecord(
+                at_s=now,
+                batch_size=shape.batch_size,
+                predicted_ms=None if admission.predicted_s is None else admission.predicted_s * 1e3,
+                observed_ms=interval * 1e3,
+                units=admission.units,
+                split=admission.split,
+            )
+            self._recent.append(record)
+        if solo:
+            self.predictor.observe_solo(shape, step_s)
+        self._last_decode_done = now
+        self._pending = None
+        return record
+
+    def other_batch(self) -> None:
+        """A prefill (or any non-decode batch) ran: the next interval would not be a plain token interval."""
+        self._last_decode_done = None
+        self._pending = None
+
+    def idle(self) -> None:
+        self._last_decode_done = None
+        self._pending = None
+
+    # -- admission -----------------------------------------------------------------------------------
+    def admit(
+        self,
+        next_decode: DecodeShape | None,
+        upcoming: Sequence[FinetuneWork],
+        *,
+        started: float | None = None,
+    ) -> Admission:
+        """Ask the policy; ``started`` (a ``perf_counter`` reading) when the caller's own preparation,
+        such as listing the coming units, should count as decision time too."""
+        started = time.perf_counter() if started is None else started
+        admission = self.policy.admit(next_decode, upcoming)
+        self._decisions.append(time.perf_counter() - started)
+        if next_decode is not None:
+            self._pending = admission
+        return admission
+
+    def unit_done(self, work: FinetuneWork, seconds: float, *, micro_batch_tokens: int = 0) -> None:
+        """A unit ran for ``seconds``; ``micro_batch_tokens`` when it completed a micro-batch."""
+        self.predictor.observe_unit(work, seconds)
+        self._finetune_busy.add(seconds)
+        if micro_batch_tokens:
+            self._finetune_tokens.add(micro_batch_tokens)
+
+    # -- stats ---------------------------------------------------------------------------------------
+    def interval_summary(self) -> IntervalSummary:
+        if not self._intervals:
+            return IntervalSummary(count=0, p50_ms=None, p99_ms=None, slo_attainment=None)
+        ms = np.fromiter(self._intervals, dtype=np.float64) * 1e3
+        p50, p99 = np.percentile(ms, [50, 99])
+        return IntervalSummary(
+            count=int(ms.size),
+            p50_ms=float(p50),
+            p99_ms=float(p99),
+            slo_attainment=float(np.mean(ms <= self.slo_s * 1e3)),
+        )
+
+    def snapshot(self) -> CoLocationStats:
+        decisions = np.fromiter(self._decisions, dtype=np.float64) * 1e6
+        p50, p99 = np.percentile(decisions, [50, 99]) if decisions.size else (None, None)
+        return CoLocationStats(
+            policy=self.policy.snapshot(),
+            predictor=self.predictor.snapshot(),
+            token_intervals=self.interval_summary(),
+            decode_tokens_per_s=self._decode_tokens.per_s(),
+            finetune_tokens_per_s=self._finetune_tokens.per_s(),
+            finetune_busy_fraction=min(self._finetune_busy.per_s(), 1.0),
+            decision_us={
+                "p50": None if p50 is None else float(p50),
+                "p99": None if p99 is None else float(p99),
+            },
+            recent_steps=list(self._recent),
+        )

@@ -1,0 +1,252 @@
+"""QoS policies: per decode step, how much finetune work to admit into the slack decode leaves.
+
+A policy sees the next decode step (``DecodeShape``, or ``None`` when there is no decode work) and the
+trainer's coming units (``FinetuneWork``), and answers with an ``Admission``: how many of those units to
+run before that step, in which SM split. After the token interval completes, it is told what the interval
+cost. The same objects run in the server's scheduler, in the GPU benchmark and in the trace simulator,
+so what the benchmark measures is the policy that serves.
+
+``HarliPolicy`` admits the longest prefix of units whose predicted co-run interval stays within the TPOT
+SLO minus a safety margin. The margin tracks the SLO percentile by stochastic approximation: each
+violation widens it by ``step * p`` of the SLO, each interval that holds narrows it by ``step * (1 - p)``,
+so it settles where a fraction ``1 - p`` of intervals violate, the percentile the SLO asks for (p99 by
+default), and it widens at once after a burst of violations. The baselines, kept here so they run in the
+same server, are ``idle-only`` (train only with no decode work), ``naive`` (a whole micro-batch after
+every step, no latency control) and ``static`` (a fixed number of units per step, tuned offline, which is
+how token-budget co-serving systems behave).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import msgspec
+
+from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
+from sglang_harli.core.work import FinetuneWork
+
+PolicyName = Literal["harli", "idle-only", "naive", "static"]
+POLICY_NAMES: tuple[PolicyName, ...] = ("harli", "idle-only", "naive", "static")
+SHARED = "shared"
+
+
+class Admission(msgspec.Struct, kw_only=True):
+    units: int
+    """How many of the offered units to run before the next decode step."""
+    split: str = SHARED
+    """The SM split the units run in (``shared`` where there are no partitions)."""
+    predicted_s: float | None = None
+    """Predicted token interval with this work admitted (``None`` when the policy does not predict)."""
+    budget_s: float | None = None
+    """The interval the policy aimed to stay within; with no decode work, a time slice for training."""
+    work: tuple[FinetuneWork, ...] = ()
+    """The admitted units themselves."""
+
+
+class PolicyStats(msgspec.Struct, kw_only=True):
+    name: str
+    decisions: int
+    admitted_units: int
+    """Units admitted alongside decode steps (idle-time units are not counted)."""
+    steps_with_work: int
+    violations_with_work: int
+    """Token intervals that carried finetune work and exceeded the SLO."""
+    margin_ms: float | None
+
+
+class QosPolicy(Protocol):
+    name: str
+
+    def admit(self, decode: DecodeShape | None, upcoming: Sequence[FinetuneWork]) -> Admission: ...
+
+    def observe(self, admission: Admission, interval_s: float) -> None: ...
+
+    def snapshot(self) -> PolicyStats: ...
+
+
+class _Policy:
+    """Shared bookkeeping; with no decode work every policy trains flat out for ``idle_budget_s``."""
+
+    name: str = ""
+
+    def __init__(self, *, slo_s: float, idle_budget_s: float):
+        self.slo_s = slo_s
+        self.idle_budget_s = idle_budget_s
+        self.decisions = 0
+        self.admitted_units = 0
+        self.steps_with_work = 0
+        self.violations_with_work = 0
+
+    def admit(self, decode: DecodeShape | None, upcoming: Sequence[FinetuneWork]) -> Admission:
+        if decode is None:
+            return Admission(units=len(upcoming), budget_s=self.idle_budget_s, work=tuple(upcoming))
+        admission = self._admit_with_decode(decode, upcoming)
+        self.decisions += 1
+        self.admitted_units += admission.units
+        return admission
+
+    def _admit_with_decode(self, decode: DecodeShape, upcoming: Sequence[FinetuneWork]) -> Admission:
+        raise NotImplementedError
+
+    def observe(self, admission: Admission, interval_s: float) -> None:
+        if admission.units:
+            self.steps_with_work += 1
+            self.violations_with_work += interval_s > self.slo_s
+
+    def _margin_ms(self) -> float | None:
+        return None
+
+    def snapshot(self) -> PolicyStats:
+        return PolicyStats(
+            name=self.name,
+            decisions=self.decisions,
+            admitted_units=self.admitted_units,
+            steps_with_work=self.steps_with_work,
+            violations_with_work=self.violations_with_work,
+            margin_ms=self._margin_ms(),
+        )
+
+
+class HarliPolicy(_Policy):
+    name = "harli"
+
+    def __init__(
+        self,
+        predictor: LatencyPredictor,
+        *,
+        slo_s: float,
+        idle_budget_s: float,
+        percentile: float = 99.0,
+        splits: Sequence[str] = (SHARED,),
+        initial_margin: float = 0.05,
+        margin_step: float = 0.05,
+        max_margin: float = 0.5,
+    ):
+        super().__init__(slo_s=slo_s, idle_budget_s=idle_budget_s)
+        self.predictor = predictor
+        self.splits = tuple(splits)
+        self.target_violation_rate = 1 - percentile / 100
+        self.margin_s = initial_margin * slo_s
+        self.margin_step_s = margin_step * slo_s
+        self.max_margin_s = max_margin * slo_s
+
+    @property
+    def budget_s(self) -> float:
+        return self.slo_s - self.margin_s
+
+    def _admit_with_decode(self, decode: DecodeShape, upcoming: Sequence[FinetuneWork]) -> Admission:
+        budget = self.budget_s
+        solo = self.predictor.solo(decode)
+        if solo is None:
+            return Admission(units=0, budget_s=budget)
+        work_s = self._cumulative_work(upcoming)
+        best = Admission(units=0, budget_s=budget, predicted_s=self.predictor.interval(solo, 0.0))
+        for split in self.splits:
+            units, predicted = self._longest_prefix(solo, work_s, split, budget)
+            if units > best.units:
+                best = Admission(
+                    units=units,
+                    split=split,
+                    predicted_s=predicted,
+                    budget_s=budget,
+                    work=tuple(upcoming[:units]),
+                )
+        return best
+
+    def _cumulative_work(self, upcoming: Sequence[FinetuneWork]) -> list[float]:
+        """Predicted run time of each prefix, up to the first unit with no cost estimate yet."""
+        known: dict[FinetuneWork, float | None] = {}  # a plan repeats a handful of distinct units
+        total, cumulative = 0.0, []
+        for work in upcoming:
+            if work not in known:
+                known[work] = self.predictor.unit_seconds(work)
+            if known[work] is None:
+                break
+            total += known[work]
+            cumulative.append(total)
+        return cumulative
+
+    def _longest_prefix(self, solo, work_s, split, budget) -> tuple[int, float | None]:
+        """Predicted latency grows with every unit added, so the admissible prefixes form a range."""
+        low, high, predicted = 0, len(work_s), None
+        while low < high:
+            middle = (low + high + 1) // 2
+            latency = self.predictor.interval(solo, work_s[middle - 1], split)
+            if latency <= budget:
+                low, predicted = middle, latency
+            else:
+                high = middle - 1
+        return low, predicted
+
+    def observe(self, admission: Admission, interval_s: float) -> None:
+        super().observe(admission, interval_s)
+        if not admission.units:
+            return  # decode alone: nothing training could have done differently
+        violated = 1.0 if interval_s > self.slo_s else 0.0
+        self.margin_s += self.margin_step_s * (violated - self.target_violation_rate)
+        self.margin_s = min(max(self.margin_s, 0.0), self.max_margin_s)
+
+    def _margin_ms(self) -> float | None:
+        return self.margin_s * 1e3
+
+
+class IdleOnlyPolicy(_Policy):
+    name = "idle-only"
+
+    def _admit_with_decode(self, decode, upcoming) -> Admission:
+        return Admission(units=0)
+
+
+class NaivePolicy(_Policy):
+    name = "naive"
+
+    def _admit_with_decode(self, decode, upcoming) -> Admission:
+        units = micro_batch_prefix(upcoming)
+        return Admission(units=units, work=tuple(upcoming[:units]))
+
+
+class StaticPolicy(_Policy):
+    name = "static"
+
+    def __init__(self, *, units_per_step: int, slo_s: float, idle_budget_s: float):
+        super().__init__(slo_s=slo_s, idle_budget_s=idle_budget_s)
+        self.units_per_step = units_per_step
+
+    def _admit_with_decode(self, decode, upcoming) -> Admission:
+        units = min(self.units_per_step, len(upcoming))
+        return Admission(units=units, work=tuple(upcoming[:units]))
+
+
+def micro_batch_prefix(upcoming: Sequence[FinetuneWork]) -> int:
+    """Units up to the end of the next micro-batch (its last backward unit), or a lone optimizer step."""
+    if upcoming and upcoming[0].kind == "optimizer":
+        return 1
+    for index, work in enumerate(upcoming):
+        following = upcoming[index + 1] if index + 1 < len(upcoming) else None
+        if work.kind == "backward" and (following is None or following.kind != "backward"):
+            return index + 1
+    return len(upcoming)
+
+
+def make_policy(
+    name: PolicyName,
+    predictor: LatencyPredictor,
+    *,
+    slo_s: float,
+    idle_budget_s: float,
+    percentile: float = 99.0,
+    static_units: int = 1,
+    splits: Sequence[str] = (SHARED,),
+) -> QosPolicy:
+    if name == "harli":
+        return HarliPolicy(
+            predictor, slo_s=slo_s, idle_budget_s=idle_budget_s, percentile=percentile, splits=splits
+        )
+    if name == "idle-only":
+        return IdleOnlyPolicy(slo_s=slo_s, idle_budget_s=idle_budget_s)
+    if name == "naive":
+        return NaivePolicy(slo_s=slo_s, idle_budget_s=idle_budget_s)
+    if name == "static":
+        return StaticPolicy(units_per_step=static_units, slo_s=slo_s, idle_budget_s=idle_budget_s)
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")

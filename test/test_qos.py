@@ -1,0 +1,208 @@
+"""The QoS policies, driven by a fake clock and a scripted predictor: no wall clock, no server."""
+
+import random
+
+import pytest
+
+from sglang_harli.core.colocation import CoLocation
+from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
+from sglang_harli.core.qos import (
+    HarliPolicy,
+    IdleOnlyPolicy,
+    NaivePolicy,
+    StaticPolicy,
+    make_policy,
+    micro_batch_prefix,
+)
+from sglang_harli.core.work import FinetuneWork
+
+SLO = 0.050
+
+
+def micro_batch(tokens=64, layers=4):
+    return (
+        [FinetuneWork(kind="forward", tokens=tokens, layers=1) for _ in range(layers)]
+        + [FinetuneWork(kind="loss", tokens=tokens)]
+        + [FinetuneWork(kind="backward", tokens=tokens, layers=1) for _ in range(layers)]
+    )
+
+
+def plan(micro_batches=3, accumulation=2):
+    units = []
+    for index in range(micro_batches):
+        units += micro_batch(tokens=32 * (index + 1))
+        if index % accumulation == accumulation - 1:
+            units.append(FinetuneWork(kind="optimizer", params=10_000))
+    return units
+
+
+class ScriptedPredictor:
+    """Latency = 1 ms per request in the batch + a fixed cost per unit kind and size, times a drift."""
+
+    COST = {"forward": 2e-5, "backward": 4e-5, "loss": 1e-5, "optimizer": 3e-7}
+
+    def __init__(self):
+        self.drift = 1.0
+        self.known = True
+
+    def solo(self, shape):
+        return 1e-3 * shape.batch_size * self.drift
+
+    def unit_seconds(self, work):
+        return self.COST[work.kind] * work.size * self.drift if self.known else None
+
+    def work_seconds(self, work):
+        return sum(self.unit_seconds(w) for w in work)
+
+    def interval(self, solo_s, work_s, split="shared"):
+        return solo_s + {"shared": 1.0, "half": 0.6}[split] * work_s
+
+    def corun(self, shape, work, split="shared"):
+        base = 0.0 if shape is None else self.solo(shape)
+        return self.interval(base, self.work_seconds(work), split)
+
+
+def harli(predictor=None, **kwargs):
+    return HarliPolicy(predictor or ScriptedPredictor(), slo_s=SLO, idle_budget_s=0.05, **kwargs)
+
+
+def test_admits_the_longest_prefix_within_the_budget():
+    rng = random.Random(0)
+    predictor = ScriptedPredictor()
+    policy = harli(predictor)
+    used_some, used_none = 0, 0
+    for _ in range(500):
+        decode = DecodeShape(batch_size=rng.randint(1, 60), context_tokens=rng.randint(1, 10_000))
+        upcoming = plan(rng.randint(1, 4))[rng.randint(0, 5) :]
+        admission = policy.admit(decode, upcoming)
+        budget = SLO - policy.margin_s
+        assert admission.budget_s == pytest.approx(budget)
+        assert list(admission.work) == upcoming[: admission.units]
+        if admission.units:
+            used_some += 1
+            assert admission.predicted_s == pytest.approx(
+                predictor.corun(decode, upcoming[: admission.units])
+            )
+            assert admission.predicted_s <= budget  # never over the budget
+        else:
+            used_none += 1
+        if admission.units < len(upcoming):  # and nothing more would have fitted: all the slack is used
+            assert predictor.corun(decode, upcoming[: admission.units + 1]) > budget
+    assert used_some > 100 and used_none > 50  # the scenarios cover both
+
+
+def test_picks_the_split_that_fits_the_most_work():
+    predictor = ScriptedPredictor()
+    policy = harli(predictor, splits=("shared", "half"))
+    upcoming = plan(4)
+    admission = policy.admit(DecodeShape(batch_size=20, context_tokens=4000), upcoming)
+    shared = harli(predictor).admit(DecodeShape(batch_size=20, context_tokens=4000), upcoming)
+    assert admission.split == "half" and admission.units > shared.units
+
+
+def test_violations_widen_the_margin_and_shrink_admission():
+    policy = harli()
+    decode = DecodeShape(batch_size=10, context_tokens=2000)
+    upcoming = plan(4)
+    before = policy.admit(decode, upcoming)
+    for _ in range(5):
+        policy.observe(before, SLO * 1.2)
+    after = policy.admit(decode, upcoming)
+    assert policy.margin_s > 0.05 * SLO and after.units < before.units
+    for _ in range(5_000):  # a long run of intervals within the SLO narrows it again
+        policy.observe(after, SLO * 0.5)
+    assert policy.admit(decode, upcoming).units >= before.units
+    assert policy.margin_s == 0.0
+    unchanged = policy.margin_s
+    policy.observe(policy.admit(decode, []), SLO * 3)  # decode alone over the SLO: not training's doing
+    assert policy.margin_s == unchanged
+
+
+def test_margin_settles_at_the_slo_percentile():
+    """With noisy predictions, violations settle near 1% (p99) while most of the slack is still used."""
+    rng = random.Random(1)
+    predictor = ScriptedPredictor()
+    policy = harli(predictor, percentile=99.0)
+    decode = DecodeShape(batch_size=10, context_tokens=2000)
+    upcoming = [FinetuneWork(kind="forward", tokens=16, layers=1)] * 200  # fine-grained: 0.32 ms each
+    violations, work = 0, 0.0
+    steps = 20_000
+    for _ in range(steps):
+        admission = policy.admit(decode, upcoming)
+        observed = admission.predicted_s * (1 + rng.gauss(0, 0.05))
+        violations += observed > SLO
+        work += predictor.work_seconds(admission.work)
+        policy.observe(admission, observed)
+    assert 0.003 < violations / steps < 0.02
+    slack = SLO - predictor.solo(decode)
+    assert work / steps > 0.75 * slack
+
+
+def test_nothing_is_admitted_beside_decode_without_a_prediction():
+    predictor = ScriptedPredictor()
+    predictor.known = False
+    admission = harli(predictor).admit(DecodeShape(batch_size=1, context_tokens=10), plan())
+    assert admission.units == 0
+
+
+@pytest.mark.parametrize("name", ["harli", "idle-only", "naive", "static"])
+def test_without_decode_work_every_policy_trains_flat_out(name):
+    policy = make_policy(name, ScriptedPredictor(), slo_s=SLO, idle_budget_s=0.2)
+    upcoming = plan(3)
+    admission = policy.admit(None, upcoming)
+    assert admission.units == len(upcoming) and admission.budget_s == 0.2
+
+
+def test_baselines():
+    decode = DecodeShape(batch_size=60, context_tokens=60_000)
+    upcoming = plan(3)
+    assert IdleOnlyPolicy(slo_s=SLO, idle_budget_s=1).admit(decode, upcoming).units == 0
+    assert StaticPolicy(units_per_step=3, slo_s=SLO, idle_budget_s=1).admit(decode, upcoming).units == 3
+    assert StaticPolicy(units_per_step=3, slo_s=SLO, idle_budget_s=1).admit(decode, upcoming[:2]).units == 2
+    naive = NaivePolicy(slo_s=SLO, idle_budget_s=1)
+    assert naive.admit(decode, upcoming).units == 9  # one whole micro-batch, whatever the latency
+    assert naive.admit(decode, upcoming[6:]).units == 3  # the rest of one in flight
+    assert micro_batch_prefix(upcoming[18:]) == 1  # a lone optimizer step
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("greedy", ScriptedPredictor(), slo_s=SLO, idle_budget_s=1)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_colocation_pairs_each_admission_with_the_interval_it_lands_in():
+    clock = FakeClock()
+    predictor = LatencyPredictor(min_samples=2)
+    policy = harli(predictor)
+    colocation = CoLocation(predictor, policy, slo_s=SLO, clock=clock)
+    shape = DecodeShape(batch_size=4, context_tokens=400)
+    unit = FinetuneWork(kind="forward", tokens=100, layers=1)
+    for _ in range(20):  # decode alone, 10 ms steps, 1 ms of loop overhead
+        clock.now += 0.011
+        colocation.decode_done(shape, 0.010)
+    for _ in range(10):  # the unit takes 5 ms, learnt from idle-time runs
+        colocation.unit_done(unit, 0.005, micro_batch_tokens=100)
+    assert predictor.solo(shape) == pytest.approx(0.010, rel=1e-3)
+
+    admission = colocation.admit(shape, [unit] * 20)
+    assert admission.units == 7  # 11 ms + 7 x 5 ms = 46 ms <= 50 ms - 2.5 ms margin; 8 would be 51 ms
+    assert admission.predicted_s == pytest.approx(0.046, rel=0.02)
+    clock.now += 0.011 + 7 * 0.005 + 0.008  # the interval overran by 8 ms
+    record = colocation.decode_done(shape, 0.010)
+    assert record.units == 7 and record.observed_ms == pytest.approx(54.0)
+    assert record.predicted_ms == pytest.approx(admission.predicted_s * 1e3)
+    assert policy.violations_with_work == 1 and policy.margin_s > 0.0025
+    stats = colocation.snapshot()
+    assert stats.predictor.corun["shared"].samples == 19  # the first interval came before stage 1 was ready
+    assert stats.token_intervals.count == 20
+    assert stats.token_intervals.slo_attainment == pytest.approx(19 / 20)
+
+    colocation.other_batch()  # a prefill between two decode steps: no token interval is recorded
+    clock.now += 0.3
+    assert colocation.decode_done(shape, 0.010) is None
+    assert colocation.snapshot().token_intervals.count == 20
