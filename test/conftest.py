@@ -35,6 +35,13 @@ def data_dir(tmp_path_factory) -> Path:
 def server(tmp_path_factory, tiny_model_dir, data_dir) -> ServerProcess:
     """The default main job: built-in tiny model, LoRA enabled on all target modules, finetuning on."""
     run_dir = tmp_path_factory.mktemp("server")
-    args = [*SERVER_ARGS, "--harli-data-dir", str(data_dir), "--harli-output-dir", str(run_dir / "adapters")]
+    args = [
+        *SERVER_ARGS,
+        "--enable-metrics",
+        "--harli-data-dir",
+        str(data_dir),
+        "--harli-output-dir",
+        str(run_dir / "adapters"),
+    ]
     with ServerProcess(args, run_dir / "server.log") as srv:
         yield srv

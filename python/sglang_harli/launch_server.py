@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import msgspec
 
@@ -43,10 +44,12 @@ def _add_harli_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Harli", "Co-located finetuning (sglang-harli).")
     for field in msgspec.structs.fields(HarliConfig):
         kind = field.type.__origin__ if hasattr(field.type, "__metadata__") else field.type
+        choices = get_args(kind) if get_origin(kind) is Literal else None
         group.add_argument(
             flag_name(field.name),
             dest=f"harli_{field.name}",
-            type=kind,
+            type=str if choices else kind,
+            choices=choices,
             default=None,
             help=FIELD_HELP[field.name].replace("%(default)s", str(field.default)),
         )

@@ -7,7 +7,7 @@ reports it back, so what the user asked for and what the server runs with cannot
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -30,11 +30,23 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     output_dir: str = ""
     """Where trained adapters are written, one directory per job; empty: ``<cache>/adapters``."""
 
-    train_units_per_step: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 1
-    """Training units (one micro-batch forward+backward, or one optimizer step) run after each batch."""
-
     idle_train_ms: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 50.0
     """With no decode work, train for up to this long before looking for new requests again."""
+
+    policy: Literal["harli", "idle-only", "naive", "static"] = "harli"
+    """How finetune work joins decode: ``harli`` (SLO-aware, predictor-driven) or a baseline."""
+
+    static_units: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 2
+    """Units the ``static`` baseline admits after every decode step, whatever the latency."""
+
+    layers_per_unit: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 1
+    """Decoder layers in one forward or backward unit: the granularity of admission."""
+
+    profile: Literal["auto", "skip", "refresh"] = "auto"
+    """Start-up profiling of finetune unit costs: ``auto`` uses the cache for this model and hardware."""
+
+    sm_partitions: Literal["auto", "off"] = "auto"
+    """On CUDA, let the policy run finetune work in a green context holding part of the SMs."""
 
 
 FIELD_HELP: dict[str, str] = {
@@ -43,8 +55,12 @@ FIELD_HELP: dict[str, str] = {
     "stats_window": "Recent decode steps summarised by /harli/stats (default %(default)s).",
     "data_dir": "Directory finetune jobs may read dataset files from (dataset.path is relative to it).",
     "output_dir": "Where trained adapters are written (default: <cache>/adapters, see HARLI_CACHE_DIR).",
-    "train_units_per_step": "Training units run after each decode/prefill batch (default %(default)s).",
     "idle_train_ms": "With no decode work, train this long between request polls (default %(default)s).",
+    "policy": "Co-location policy: harli, or a baseline idle-only/naive/static (default %(default)s).",
+    "static_units": "Finetune units the static policy runs after each decode step (default %(default)s).",
+    "layers_per_unit": "Decoder layers per forward/backward finetune unit (default %(default)s).",
+    "profile": "Finetune unit-cost profiling at start: auto (cached), skip, refresh (default %(default)s).",
+    "sm_partitions": "CUDA green-context SM splits for finetune work: auto or off (default %(default)s).",
 }
 
 

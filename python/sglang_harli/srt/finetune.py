@@ -2,8 +2,11 @@
 
 It lives inside SGLang's scheduler process because that is where the served weights are: the trainer's
 frozen base is a set of views of ``model_runner.model`` (see ``weights.py``). The scheduler lends it time
-through ``run()``: a fixed number of units after each batch, and a time budget when there is no decode
-work. Any exception from a job fails that job, never the scheduler.
+through ``run()``, as many units as the QoS policy admitted (``core.colocation``), and every unit's run
+time goes to the latency predictor. Any exception from a job fails that job, never the scheduler.
+
+Before the first job, a short profiling pass times each kind of unit on synthetic data so the policy can
+admit work beside decode from the first step; its result is cached per model and hardware.
 
 Publishing crosses processes: the adapter is written here (atomically, ``core.adapter_store``), then the
 tokenizer manager, which owns the adapter-name registry, is asked to load it (``HarliPublishReq``) and
@@ -13,13 +16,18 @@ served, so a client that sees ``completed`` can use ``lora_path=<name>`` at once
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import platform
 import time
 from pathlib import Path
 
 import msgspec
+import torch
 
 from sglang_harli.core.adapter_store import AdapterStore
+from sglang_harli.core.colocation import CoLocation
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.data import Example
 from sglang_harli.core.jobs import (
@@ -27,12 +35,18 @@ from sglang_harli.core.jobs import (
     FinetuneJobSpec,
     JobBook,
     JobStatus,
+    LoraSpec,
     PublishedVersion,
     ServingLimits,
     SpecError,
+    TrainingSpec,
     check_servable,
 )
+from sglang_harli.core.partition import make_partitioner
+from sglang_harli.core.predictor import LatencyPredictor
+from sglang_harli.core.qos import make_policy
 from sglang_harli.core.trainer import LoraTrainer, plan_steps, training_mode
+from sglang_harli.core.work import WORK_KINDS, FinetuneWork
 from sglang_harli.models.builtin import cache_root
 from sglang_harli.srt.control import HarliPublishReq
 from sglang_harli.srt.weights import bind_training_model
@@ -65,16 +79,41 @@ class JobName(msgspec.Struct, kw_only=True):
     name: str
 
 
+# A queued job starts in idle time; under unbroken decode load it starts anyway after this long.
+START_WITHIN_S = 2.0
+PROFILE_BUDGET_S = 3.0
+
+
 class FinetuneService:
-    def __init__(self, scheduler, config: HarliConfig):
+    def __init__(self, scheduler, config: HarliConfig, metrics=None):
         self.scheduler = scheduler
         self.config = config
+        self.metrics = metrics
         self.book = JobBook()
         self.store = AdapterStore(config.output_dir or cache_root() / "adapters")
         self.trainer: LoraTrainer | None = None
         self.job: JobStatus | None = None
         self.base_weights: dict[str, int] | None = None
         self._examples: dict[str, list[Example]] = {}
+        device = getattr(scheduler.tp_worker.model_runner, "device", "cpu")
+        self.partitioner = make_partitioner(device, enabled=config.sm_partitions != "off")
+        self.profile: dict = {"state": "not run"}
+        predictor = self._cached_predictor() or LatencyPredictor()
+        self.colocation = CoLocation(
+            predictor,
+            make_policy(
+                config.policy,
+                predictor,
+                slo_s=config.tpot_slo_ms / 1e3,
+                idle_budget_s=config.idle_train_ms / 1e3,
+                percentile=config.slo_percentile,
+                static_units=config.static_units,
+                splits=[split.name for split in self.partitioner.splits],
+            ),
+            slo_s=config.tpot_slo_ms / 1e3,
+            window=config.stats_window,
+        )
+        self._splits = {split.name: split for split in self.partitioner.splits}
         self.commands = {
             "jobs.submit": self._submit,
             "jobs.list": lambda payload: self.book.all(),
@@ -145,16 +184,37 @@ class FinetuneService:
     def has_work(self) -> bool:
         return self.trainer is not None or self.book.next_queued() is not None
 
-    def run(self, *, units: int, budget_s: float | None = None) -> int:
+    def upcoming(self, *, may_start: bool) -> list[FinetuneWork]:
+        """The coming units to offer the policy; starts a queued job if ``may_start`` (or it waited long)."""
+        if self.trainer is None:
+            queued = self.book.next_queued()
+            if queued is None:
+                return []
+            waited = time.time() - queued.created_at
+            if not (may_start or waited > START_WITHIN_S) or not self._start_next():
+                return []
+        return self.trainer.peek(min(4 * self.trainer.units_per_micro_batch + 1, 256))
+
+    def run(
+        self, *, units: int, budget_s: float | None = None, split: str = "shared", when: str = "idle"
+    ) -> int:
         """Run up to ``units`` training units (and at most ``budget_s`` seconds); returns units run."""
         deadline = None if budget_s is None else time.perf_counter() + budget_s
         done = 0
-        while done < units and (self.trainer is not None or self._start_next()):
+        while done < units and self.trainer is not None:
             job, trainer = self.job, self.trainer
-            step_before = trainer.step
+            step_before, tokens_before = trainer.step, trainer.tokens_trained
             try:
-                more = trainer.run_unit()
+                work = trainer.peek(1)[0]
+                started = time.perf_counter()
+                with self.partitioner.finetune(self._splits[split]):
+                    more = trainer.run_unit()
+                elapsed = time.perf_counter() - started
                 done += 1
+                tokens = trainer.tokens_trained - tokens_before
+                self.colocation.unit_done(work, elapsed, micro_batch_tokens=tokens)
+                if self.metrics is not None:
+                    self.metrics.unit(when, tokens)
                 self._sync(job, trainer)
                 every = job.spec.publish.every_steps
                 if not more:
@@ -182,7 +242,13 @@ class FinetuneService:
                 model, self.base_weights = bind_training_model(
                     self.scheduler.tp_worker.model_runner.model, self.scheduler.server_args.model_path
                 )
-                self.trainer = LoraTrainer(model, examples, job.spec.lora, job.spec.training)
+                self.trainer = LoraTrainer(
+                    model,
+                    examples,
+                    job.spec.lora,
+                    job.spec.training,
+                    layers_per_unit=self.config.layers_per_unit,
+                )
         except Exception as exc:
             logger.exception("finetune job %s could not start", job.name)
             self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
@@ -193,7 +259,111 @@ class FinetuneService:
         return True
 
     def _drop_trainer(self) -> None:
+        if self.trainer is not None:
+            self._save_predictor()
         self.trainer, self.job = None, None
+
+    # -- profiling -----------------------------------------------------------------------------------
+    def _cache_path(self) -> Path:
+        """One cache entry per model shape, hardware and unit granularity."""
+        runner = self.scheduler.tp_worker.model_runner
+        config_file = Path(self.scheduler.server_args.model_path) / "config.json"
+        device = getattr(runner, "device", "cpu")
+        if str(device).startswith("cuda"):
+            hardware = torch.cuda.get_device_name()
+        else:
+            hardware = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+        key = json.dumps(
+            [
+                config_file.read_text() if config_file.is_file() else self.scheduler.server_args.model_path,
+                hardware,
+                str(getattr(runner, "dtype", "")),
+                self.config.layers_per_unit,
+                torch.__version__,
+            ]
+        )
+        return cache_root() / "predictor" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def _cached_predictor(self) -> LatencyPredictor | None:
+        if self.config.profile == "refresh":
+            return None
+        try:
+            state = json.loads(self._cache_path().read_text())
+            predictor = LatencyPredictor.from_state(state)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        self.profile = {"state": "cached", "path": str(self._cache_path())}
+        return predictor
+
+    def _save_predictor(self) -> None:
+        path = self._cache_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.colocation.predictor.state()))
+            temporary.replace(path)
+        except OSError:
+            logger.warning("could not cache the latency predictor at %s", path, exc_info=True)
+
+    def run_profile(self) -> None:
+        """Time every kind of unit on synthetic data, within ``PROFILE_BUDGET_S``, before any job runs.
+
+        Runs at start-up, before the server takes requests, on a throwaway LoRA over the served weights;
+        skipped with ``--harli-profile skip``, when LoRA serving is off, or when the cache has an entry.
+        """
+        if (
+            self.config.profile == "skip"
+            or self.profile["state"] == "cached"
+            or not self.limits().enable_lora
+        ):
+            if self.profile["state"] != "cached":
+                self.profile = {"state": "skipped"}
+            return
+        started = time.perf_counter()
+        runner = self.scheduler.tp_worker.model_runner
+        predictor = self.colocation.predictor
+        try:
+            with training_mode():
+                model, _ = bind_training_model(runner.model, self.scheduler.server_args.model_path)
+                vocab = model.config.vocab_size
+                generator = torch.Generator().manual_seed(0)
+                examples = [
+                    Example(input_ids=ids, loss_mask=[True] * len(ids))
+                    for length in (32, 128, 64, 256)
+                    for ids in [torch.randint(vocab, (length,), generator=generator).tolist()]
+                ]
+                trainer = LoraTrainer(
+                    model,
+                    examples,
+                    LoraSpec(r=16, target_modules=["q_proj", "v_proj"]),
+                    TrainingSpec(epochs=1, micro_batch_size=1, gradient_accumulation_steps=2),
+                    layers_per_unit=self.config.layers_per_unit,
+                )
+                units = 0
+                while time.perf_counter() - started < PROFILE_BUDGET_S:
+                    upcoming = trainer.peek(1)
+                    if not upcoming:
+                        break
+                    unit_started = time.perf_counter()
+                    trainer.run_unit()
+                    if units >= trainer.units_per_micro_batch:  # the first micro-batch warms caches up
+                        predictor.observe_unit(upcoming[0], time.perf_counter() - unit_started)
+                    units += 1
+        except Exception as exc:  # profiling is an optimisation; the predictor also learns online
+            logger.warning("finetune profiling failed: %s", exc, exc_info=True)
+            self.profile = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            return
+        learnt = predictor.snapshot().units
+        known = [kind for kind in WORK_KINDS if kind in learnt and learnt[kind].samples]
+        self.profile = {
+            "state": "profiled",
+            "seconds": round(time.perf_counter() - started, 3),
+            "units": units,
+            "kinds": known,
+            "path": str(self._cache_path()),
+        }
+        self._save_predictor()
+        logger.info("finetune unit costs profiled in %.2fs (%d units)", self.profile["seconds"], units)
 
     def _sync(self, job: JobStatus, trainer: LoraTrainer) -> None:
         job.step, job.epoch, job.tokens_trained, job.loss = (
@@ -222,4 +392,6 @@ class FinetuneService:
             "training": self.job.name if self.job else None,
             "base_weights": self.base_weights,
             "output_dir": str(Path(self.store.root)),
+            "profile": self.profile,
+            "partitions": self.partitioner.describe(),
         }

@@ -4,13 +4,17 @@ Harli never forks SGLang's event loops. It subclasses the stock ``Scheduler`` an
 methods every loop (normal, overlap, PD-decode) already calls: ``process_batch_result`` after each forward,
 and ``on_idle`` when there is nothing to run. Those are the only places where finetune work may be
 admitted, so decode scheduling itself stays SGLang's.
+
+After a decode step the QoS policy is asked how many finetune units fit before the next one
+(``core.colocation``): the work runs in the gap between two tokens of every running request, so it is
+admitted against the predicted latency of the *next* step. After a prefill no work is admitted while
+requests are decoding, because the prefill has already spent that token interval.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 
 import msgspec
 from sglang.srt.managers import scheduler as sglang_scheduler
@@ -19,6 +23,7 @@ from sglang.utils import TypeBasedDispatcher
 
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.jobs import SpecError
+from sglang_harli.core.predictor import DecodeShape
 from sglang_harli.core.stats import StepRecorder
 from sglang_harli.srt.control import (
     ControlError,
@@ -28,6 +33,7 @@ from sglang_harli.srt.control import (
     reply,
 )
 from sglang_harli.srt.finetune import FinetuneService
+from sglang_harli.srt.metrics import HarliMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -37,32 +43,57 @@ class HarliScheduler(Scheduler):
         super().__init__(server_args, *args, **kwargs)
         self.harli_config: HarliConfig = getattr(server_args, "_harli_config", None) or HarliConfig()
         self.harli_steps = StepRecorder(self.harli_config)
-        # Launch times of batches whose results are not processed yet. Results come back in launch order
-        # in every loop, including the overlap loop where the next batch launches first.
-        self._harli_launched: deque[float] = deque(maxlen=8)
-        self.harli_finetune = FinetuneService(self, self.harli_config)
+        # The latest decode forward (its batch shape and run time), and whether anything other than a
+        # decode forward ran since the last decode result. Between two decode results exactly one
+        # forward runs: that step's own in the normal loop, the next step's in the overlap loop.
+        self._harli_forward: tuple[DecodeShape, float] | None = None
+        self._harli_chain_broken = True
+        self.harli_metrics = None
+        if self.server_args.enable_metrics:
+            labels = dict(getattr(self.metrics_collector, "labels", None) or {})
+            self.harli_metrics = HarliMetrics(labels, self.harli_config.tpot_slo_ms / 1e3)
+        self.harli_finetune = FinetuneService(self, self.harli_config, self.harli_metrics)
+        self.harli_finetune.run_profile()
         self._harli_commands = {"stats": self._harli_stats, **self.harli_finetune.commands}
         self._request_dispatcher += TypeBasedDispatcher([(HarliControlReq, self.handle_harli_control)])
         logger.info("Harli scheduler ready: %s", msgspec.json.encode(self.harli_config).decode())
 
     # -- loop hooks --------------------------------------------------------------------------------
     def run_batch(self, batch, *args, **kwargs):
-        self._harli_launched.append(time.perf_counter())
-        return super().run_batch(batch, *args, **kwargs)
+        """On CPU the forward runs inside this call, so its duration is the step's solo latency."""
+        started = time.perf_counter()
+        result = super().run_batch(batch, *args, **kwargs)
+        if batch.forward_mode.is_decode():
+            shape = _shape(batch.reqs, batch.seq_lens_sum or 0)
+            self._harli_forward = (shape, time.perf_counter() - started)
+        else:
+            self._harli_chain_broken = True
+        return result
 
     def process_batch_result(self, batch, result):
         super().process_batch_result(batch, result)
-        launched = self._harli_launched.popleft() if self._harli_launched else None
+        colocation = self.harli_finetune.colocation
+        if not batch.forward_mode.is_decode():
+            if batch.forward_mode.is_extend():
+                self.harli_steps.record_prefill(int(batch.extend_num_tokens or 0))
+            colocation.other_batch()
+        elif self._harli_chain_broken or self._harli_forward is None:
+            colocation.other_batch()  # a prefill ran inside this token interval: not a decode interval
+        else:
+            shape, step_s = self._harli_forward
+            self.harli_steps.record_decode(step_s, shape.batch_size)
+            record = colocation.decode_done(shape, step_s)
+            if record is not None and self.harli_metrics is not None:
+                self.harli_metrics.interval(record)
+                self.harli_metrics.refresh(colocation)
         if batch.forward_mode.is_decode():
-            if launched is not None:
-                self.harli_steps.record_decode(time.perf_counter() - launched, batch.batch_size())
-        elif batch.forward_mode.is_extend():
-            self.harli_steps.record_prefill(int(batch.extend_num_tokens or 0))
+            self._harli_chain_broken = False
         self.after_batch(batch)
 
     def on_idle(self):
         super().on_idle()
-        self._harli_launched.clear()
+        self._harli_chain_broken = True
+        self.harli_finetune.colocation.idle()
         self.when_idle()
 
     def maybe_sleep_on_idle(self):
@@ -72,13 +103,37 @@ class HarliScheduler(Scheduler):
 
     def after_batch(self, batch) -> None:
         """Called after every batch's results are processed: where finetune work joins decode."""
-        if self.harli_config.train_units_per_step and self.harli_finetune.has_work:
-            self.harli_finetune.run(units=self.harli_config.train_units_per_step)
+        finetune = self.harli_finetune
+        if not finetune.has_work:
+            return
+        running = [req for req in batch.reqs if not req.finished()]
+        if not batch.forward_mode.is_decode() and running:
+            return  # a prefill already spent this token interval of the running requests
+        started = time.perf_counter()
+        upcoming = finetune.upcoming(may_start=not running)
+        if not upcoming:
+            return
+        context = sum(len(req.origin_input_ids) + len(req.output_ids) for req in running)
+        next_step = _shape(running, context) if running else None
+        admission = finetune.colocation.admit(next_step, upcoming, started=started)
+        if admission.units:
+            finetune.run(
+                units=admission.units,
+                budget_s=admission.budget_s if next_step is None else None,
+                split=admission.split,
+                when="decode" if next_step is not None else "idle",
+            )
 
     def when_idle(self) -> None:
         """Called whenever the scheduler has no batch to run: where finetune work runs flat out."""
-        if self.harli_finetune.has_work:
-            self.harli_finetune.run(units=1_000_000, budget_s=self.harli_config.idle_train_ms / 1000)
+        finetune = self.harli_finetune
+        if finetune.has_work:
+            upcoming = finetune.upcoming(may_start=True)
+            if upcoming:
+                admission = finetune.colocation.admit(None, upcoming)
+                finetune.run(units=1_000_000, budget_s=admission.budget_s, split=admission.split)
+        if self.harli_metrics is not None:
+            self.harli_metrics.refresh(finetune.colocation)
 
     # -- control -----------------------------------------------------------------------------------
     def handle_harli_control(self, req: HarliControlReq) -> HarliControlReqOutput:
@@ -99,7 +154,13 @@ class HarliScheduler(Scheduler):
         return {
             **msgspec.structs.asdict(self.harli_steps.snapshot()),
             "finetune": self.harli_finetune.snapshot(),
+            "colocation": self.harli_finetune.colocation.snapshot(),
         }
+
+
+def _shape(reqs, context_tokens: int) -> DecodeShape:
+    adapters = {req.lora_id for req in reqs if getattr(req, "lora_id", None)}
+    return DecodeShape(batch_size=len(reqs), context_tokens=int(context_tokens), adapters=len(adapters))
 
 
 def run_harli_scheduler_process(*args, **kwargs):

@@ -1,0 +1,77 @@
+"""Harli's Prometheus metrics, exported through SGLang's own ``/metrics`` (``--enable-metrics``).
+
+SGLang runs prometheus-client in multiprocess mode: every process writes its samples to files under
+``PROMETHEUS_MULTIPROC_DIR`` and the HTTP server's collector merges them. Metrics created here, in the
+scheduler process after SGLang has set that directory, therefore appear beside ``sglang:*`` with the same
+labels, and need no server or route of their own. Per-interval samples go to a histogram and counters;
+gauges summarising a window are refreshed at most once a second so the decode loop never pays for them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sglang_harli.core.colocation import CoLocation, StepRecord
+
+
+class HarliMetrics:
+    def __init__(self, labels: dict[str, str], slo_s: float):
+        from prometheus_client import Counter, Gauge, Histogram  # after SGLang set the multiprocess dir
+
+        names = list(labels)
+        self.labels = labels
+        self._last_refresh = 0.0
+        buckets = sorted({round(slo_s * f, 6) for f in (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4)})
+        self.token_interval = Histogram(
+            "harli:token_interval_seconds",
+            "Time between consecutive decode steps' results (client-side TPOT).",
+            names,
+            buckets=buckets,
+        )
+        self.units = Counter("harli:finetune_units", "Finetune units run.", [*names, "when"])
+        self.finetune_tokens = Counter("harli:finetune_tokens", "Tokens of completed micro-batches.", names)
+
+        def gauge(name, doc, extra=()):
+            return Gauge(name, doc, [*names, *extra], multiprocess_mode="mostrecent")
+
+        self.predicted = gauge("harli:predicted_token_interval_seconds", "Prediction for the last interval.")
+        self.observed = gauge("harli:observed_token_interval_seconds", "The last interval as observed.")
+        self.admitted = gauge(
+            "harli:admitted_units", "Units admitted beside the last decode step.", ["split"]
+        )
+        self.attainment = gauge("harli:slo_attainment", "Share of recent token intervals within the SLO.")
+        self.margin = gauge("harli:qos_margin_seconds", "The QoS policy's current safety margin.")
+        self.mape = gauge("harli:predictor_mape", "Predictor error (fraction).", ["stage", "window"])
+        self.decode_rate = gauge("harli:decode_tokens_per_second", "Decode tokens/s over the rate window.")
+        self.finetune_rate = gauge("harli:finetune_tokens_per_second", "Finetune tokens/s, rate window.")
+
+    def interval(self, step: StepRecord) -> None:
+        self.token_interval.labels(**self.labels).observe(step.observed_ms / 1e3)
+        self.observed.labels(**self.labels).set(step.observed_ms / 1e3)
+        if step.predicted_ms is not None:
+            self.predicted.labels(**self.labels).set(step.predicted_ms / 1e3)
+        self.admitted.labels(**self.labels, split=step.split).set(step.units)
+
+    def unit(self, when: str, micro_batch_tokens: int) -> None:
+        self.units.labels(**self.labels, when=when).inc()
+        if micro_batch_tokens:
+            self.finetune_tokens.labels(**self.labels).inc(micro_batch_tokens)
+
+    def refresh(self, colocation: CoLocation, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_refresh < 1.0:
+            return
+        self._last_refresh = now
+        stats = colocation.snapshot()
+        if stats.token_intervals.slo_attainment is not None:
+            self.attainment.labels(**self.labels).set(stats.token_intervals.slo_attainment)
+        if stats.policy.margin_ms is not None:
+            self.margin.labels(**self.labels).set(stats.policy.margin_ms / 1e3)
+        self.decode_rate.labels(**self.labels).set(stats.decode_tokens_per_s)
+        self.finetune_rate.labels(**self.labels).set(stats.finetune_tokens_per_s)
+        stages = {"solo": stats.predictor.solo, **{f"corun-{k}": v for k, v in stats.predictor.corun.items()}}
+        for stage, summary in stages.items():
+            for window in ("recent", "overall"):
+                value = getattr(summary, f"mape_{window}")
+                if value is not None:
+                    self.mape.labels(**self.labels, stage=stage, window=window).set(value)
