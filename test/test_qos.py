@@ -202,7 +202,15 @@ def test_colocation_pairs_each_admission_with_the_interval_it_lands_in():
     assert stats.token_intervals.count == 20
     assert stats.token_intervals.slo_attainment == pytest.approx(19 / 20)
 
-    colocation.other_batch()  # a prefill between two decode steps: no token interval is recorded
+    margin = policy.margin_s
+    admission = colocation.admit(shape, [unit] * 20)
+    colocation.other_batch()  # a prefill ran in the interval too: clients and the policy feel it ...
     clock.now += 0.3
+    assert colocation.decode_done(shape, 0.010).observed_ms == pytest.approx(300.0)
+    assert policy.margin_s > margin and policy.violations_with_work == 2
+    assert colocation.snapshot().token_intervals.count == 21
+    assert predictor.snapshot().corun["shared"].samples == 19  # ... but it is no sample for stage 2
+
+    colocation.idle()  # nothing to run: the chain of token intervals ends
+    clock.now += 5.0
     assert colocation.decode_done(shape, 0.010) is None
-    assert colocation.snapshot().token_intervals.count == 20

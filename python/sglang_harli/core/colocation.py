@@ -1,7 +1,8 @@
 """``CoLocation``: the engine-independent loop glue between a decode loop, a QoS policy and a trainer.
 
 A decode engine reports three things: a decode step finished (with its batch shape and how long it ran),
-some other batch ran (a prefill, which breaks the chain of token intervals), or it has nothing to do. In
+some other batch ran in between (a prefill, which the running requests wait for too), or it has nothing
+to do (which ends the chain of token intervals). In
 between, it asks ``admit()`` how many of the trainer's coming units to run and reports each unit it ran.
 From those events this class feeds the two-stage predictor (solo step latencies, unit costs, co-run token
 intervals), gives the policy its feedback, and keeps the per-step record that ``/harli/stats`` and the
@@ -10,7 +11,9 @@ simulator all drive the same code.
 
 A *token interval* is the time between two consecutive decode steps' results: what a streaming client
 sees as its time per output token. With finetune work admitted after step ``k``, interval ``k+1`` holds
-that work plus step ``k+1``, which is exactly what the stage-2 predictor is asked to predict.
+that work plus step ``k+1``, which is exactly what the stage-2 predictor is asked to predict. When a
+prefill also ran in it, the interval still counts where clients feel it (SLO attainment, the policy's
+margin) but does not train the predictor, whose stage 2 describes decode and finetune work only.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class CoLocationStats(msgspec.Struct, kw_only=True):
     """Tokens of micro-batches completed per second, over the rate window."""
     finetune_busy_fraction: float
     """Share of the rate window spent running finetune units."""
+    unit_ms: dict[str, float | None]
+    """Run time of recent finetune units (p50/p99)."""
     decision_us: dict[str, float | None]
     """How long the policy took to decide (p50/p99): the only delay Harli adds before a decode launch."""
     recent_steps: list[StepRecord]
@@ -96,9 +101,11 @@ class CoLocation:
         self.predictor, self.policy, self.slo_s, self.clock = predictor, policy, slo_s, clock
         self._intervals: deque[float] = deque(maxlen=window)
         self._decisions: deque[float] = deque(maxlen=window)
+        self._units: deque[float] = deque(maxlen=window)
         self._recent: deque[StepRecord] = deque(maxlen=recent)
         self._last_decode_done: float | None = None
         self._pending: Admission | None = None  # admitted after the last decode step, not yet observed
+        self._interrupted = False  # another batch ran since the last decode result
         self._decode_tokens = _Rate(rate_window_s, clock)
         self._finetune_tokens = _Rate(rate_window_s, clock)
         self._finetune_busy = _Rate(rate_window_s, clock)
@@ -107,17 +114,18 @@ class CoLocation:
     def decode_done(self, shape: DecodeShape, step_s: float, *, solo: bool = True) -> StepRecord | None:
         """A decode step's results are out. ``solo``: the step ran with no finetune work beside it.
 
-        Returns the token interval it closed, if the step before it was a decode step too."""
+        Returns the token interval it closed, if decode results came before it with no idle gap."""
         now = self.clock()
         self._decode_tokens.add(shape.batch_size)
         record = None
         if self._last_decode_done is not None:
             interval = now - self._last_decode_done
             admission = self._pending or Admission(units=0)
-            predicted = admission.predicted_s if admission.units else None
-            self.predictor.observe_corun(
-                shape, admission.work, interval, split=admission.split, predicted=predicted
-            )
+            if not self._interrupted:
+                predicted = admission.predicted_s if admission.units else None
+                self.predictor.observe_corun(
+                    shape, admission.work, interval, split=admission.split, predicted=predicted
+                )
             self.policy.observe(admission, interval)
             self._intervals.append(interval)
             record = StepRecord(
@@ -133,16 +141,18 @@ class CoLocation:
             self.predictor.observe_solo(shape, step_s)
         self._last_decode_done = now
         self._pending = None
+        self._interrupted = False
         return record
 
     def other_batch(self) -> None:
-        """A prefill (or any non-decode batch) ran: the next interval would not be a plain token interval."""
-        self._last_decode_done = None
-        self._pending = None
+        """A prefill (or any non-decode batch) ran inside the current token interval."""
+        self._interrupted = True
 
     def idle(self) -> None:
+        """Nothing to run: no request is waiting for a next token, so the chain of intervals ends."""
         self._last_decode_done = None
         self._pending = None
+        self._interrupted = False
 
     # -- admission -----------------------------------------------------------------------------------
     def admit(
@@ -164,6 +174,7 @@ class CoLocation:
     def unit_done(self, work: FinetuneWork, seconds: float, *, micro_batch_tokens: int = 0) -> None:
         """A unit ran for ``seconds``; ``micro_batch_tokens`` when it completed a micro-batch."""
         self.predictor.observe_unit(work, seconds)
+        self._units.append(seconds)
         self._finetune_busy.add(seconds)
         if micro_batch_tokens:
             self._finetune_tokens.add(micro_batch_tokens)
@@ -182,8 +193,6 @@ class CoLocation:
         )
 
     def snapshot(self) -> CoLocationStats:
-        decisions = np.fromiter(self._decisions, dtype=np.float64) * 1e6
-        p50, p99 = np.percentile(decisions, [50, 99]) if decisions.size else (None, None)
         return CoLocationStats(
             policy=self.policy.snapshot(),
             predictor=self.predictor.snapshot(),
@@ -191,9 +200,14 @@ class CoLocation:
             decode_tokens_per_s=self._decode_tokens.per_s(),
             finetune_tokens_per_s=self._finetune_tokens.per_s(),
             finetune_busy_fraction=min(self._finetune_busy.per_s(), 1.0),
-            decision_us={
-                "p50": None if p50 is None else float(p50),
-                "p99": None if p99 is None else float(p99),
-            },
+            unit_ms=_p50_p99(self._units, 1e3),
+            decision_us=_p50_p99(self._decisions, 1e6),
             recent_steps=list(self._recent),
         )
+
+
+def _p50_p99(values: deque[float], scale: float) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None}
+    p50, p99 = np.percentile(np.fromiter(values, dtype=np.float64) * scale, [50, 99])
+    return {"p50": float(p50), "p99": float(p99)}

@@ -236,7 +236,7 @@ def make_policy(
     slo_s: float,
     idle_budget_s: float,
     percentile: float = 99.0,
-    static_units: int = 1,
+    static_units: int = 2,
     splits: Sequence[str] = (SHARED,),
 ) -> QosPolicy:
     if name == "harli":

@@ -33,6 +33,8 @@ class HarliStats(msgspec.Struct, kw_only=True):
     decode_tokens: int
     prefill_steps: int
     prefill_tokens: int
+    forward_s: float
+    """Seconds spent in forward passes (decode and prefill): the time decode itself needs."""
     decode_step_latency: LatencySummary
     config: HarliConfig
 
@@ -47,12 +49,16 @@ class StepRecorder:
         self.decode_tokens = 0
         self.prefill_steps = 0
         self.prefill_tokens = 0
+        self.forward_s = 0.0
         self._decode_latencies: deque[float] = deque(maxlen=config.stats_window)
 
     def record_decode(self, latency_s: float, batch_size: int) -> None:
         self.decode_steps += 1
         self.decode_tokens += batch_size
         self._decode_latencies.append(latency_s)
+
+    def record_forward(self, seconds: float) -> None:
+        self.forward_s += seconds
 
     def record_prefill(self, num_tokens: int) -> None:
         self.prefill_steps += 1
@@ -81,6 +87,7 @@ class StepRecorder:
             decode_tokens=self.decode_tokens,
             prefill_steps=self.prefill_steps,
             prefill_tokens=self.prefill_tokens,
+            forward_s=self.forward_s,
             decode_step_latency=self.summary(),
             config=self.config,
         )

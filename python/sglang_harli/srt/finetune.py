@@ -21,6 +21,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -82,6 +83,9 @@ class JobName(msgspec.Struct, kw_only=True):
 # A queued job starts in idle time; under unbroken decode load it starts anyway after this long.
 START_WITHIN_S = 2.0
 PROFILE_BUDGET_S = 3.0
+# Decode step times on a shared CPU are noisy; a longer memory (about 200 steps) averages the noise
+# while still following load drift within seconds.
+PREDICTOR_FORGETTING = 0.995
 
 
 class FinetuneService:
@@ -98,7 +102,7 @@ class FinetuneService:
         device = getattr(scheduler.tp_worker.model_runner, "device", "cpu")
         self.partitioner = make_partitioner(device, enabled=config.sm_partitions != "off")
         self.profile: dict = {"state": "not run"}
-        predictor = self._cached_predictor() or LatencyPredictor()
+        predictor = self._cached_predictor() or LatencyPredictor(forgetting=PREDICTOR_FORGETTING)
         self.colocation = CoLocation(
             predictor,
             make_policy(
@@ -114,6 +118,7 @@ class FinetuneService:
             window=config.stats_window,
         )
         self._splits = {split.name: split for split in self.partitioner.splits}
+        self.partitioner.prepare()  # green contexts built now, not inside a token interval
         self.commands = {
             "jobs.submit": self._submit,
             "jobs.list": lambda payload: self.book.all(),
@@ -196,12 +201,21 @@ class FinetuneService:
         return self.trainer.peek(min(4 * self.trainer.units_per_micro_batch + 1, 256))
 
     def run(
-        self, *, units: int, budget_s: float | None = None, split: str = "shared", when: str = "idle"
+        self,
+        *,
+        units: int,
+        budget_s: float | None = None,
+        split: str = "shared",
+        when: str = "idle",
+        should_yield: Callable[[], bool] | None = None,
     ) -> int:
-        """Run up to ``units`` training units (and at most ``budget_s`` seconds); returns units run."""
+        """Run up to ``units`` training units, for at most ``budget_s`` seconds, stopping early as soon as
+        ``should_yield()`` says a request arrived; returns the units run."""
         deadline = None if budget_s is None else time.perf_counter() + budget_s
         done = 0
         while done < units and self.trainer is not None:
+            if should_yield is not None and should_yield():
+                break
             job, trainer = self.job, self.trainer
             step_before, tokens_before = trainer.step, trainer.tokens_trained
             try:
@@ -289,7 +303,7 @@ class FinetuneService:
             return None
         try:
             state = json.loads(self._cache_path().read_text())
-            predictor = LatencyPredictor.from_state(state)
+            predictor = LatencyPredictor.from_state(state, forgetting=PREDICTOR_FORGETTING)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         self.profile = {"state": "cached", "path": str(self._cache_path())}

@@ -17,6 +17,7 @@ import logging
 import time
 
 import msgspec
+import zmq
 from sglang.srt.managers import scheduler as sglang_scheduler
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.utils import TypeBasedDispatcher
@@ -63,9 +64,10 @@ class HarliScheduler(Scheduler):
         """On CPU the forward runs inside this call, so its duration is the step's solo latency."""
         started = time.perf_counter()
         result = super().run_batch(batch, *args, **kwargs)
+        elapsed = time.perf_counter() - started
+        self.harli_steps.record_forward(elapsed)
         if batch.forward_mode.is_decode():
-            shape = _shape(batch.reqs, batch.seq_lens_sum or 0)
-            self._harli_forward = (shape, time.perf_counter() - started)
+            self._harli_forward = (_shape(batch.reqs, batch.seq_lens_sum or 0), elapsed)
         else:
             self._harli_chain_broken = True
         return result
@@ -77,11 +79,11 @@ class HarliScheduler(Scheduler):
             if batch.forward_mode.is_extend():
                 self.harli_steps.record_prefill(int(batch.extend_num_tokens or 0))
             colocation.other_batch()
-        elif self._harli_chain_broken or self._harli_forward is None:
-            colocation.other_batch()  # a prefill ran inside this token interval: not a decode interval
-        else:
+        elif self._harli_forward is not None:
             shape, step_s = self._harli_forward
             self.harli_steps.record_decode(step_s, shape.batch_size)
+            if self._harli_chain_broken:
+                colocation.other_batch()  # in the overlap loop a prefill may have run after this step
             record = colocation.decode_done(shape, step_s)
             if record is not None and self.harli_metrics is not None:
                 self.harli_metrics.interval(record)
@@ -109,6 +111,8 @@ class HarliScheduler(Scheduler):
         running = [req for req in batch.reqs if not req.finished()]
         if not batch.forward_mode.is_decode() and running:
             return  # a prefill already spent this token interval of the running requests
+        if self.waiting_queue or self._harli_request_pending():
+            return  # the next forward is a prefill: it, not training, gets the rest of the interval
         started = time.perf_counter()
         upcoming = finetune.upcoming(may_start=not running)
         if not upcoming:
@@ -122,6 +126,7 @@ class HarliScheduler(Scheduler):
                 budget_s=admission.budget_s if next_step is None else None,
                 split=admission.split,
                 when="decode" if next_step is not None else "idle",
+                should_yield=self._harli_request_pending,
             )
 
     def when_idle(self) -> None:
@@ -131,9 +136,22 @@ class HarliScheduler(Scheduler):
             upcoming = finetune.upcoming(may_start=True)
             if upcoming:
                 admission = finetune.colocation.admit(None, upcoming)
-                finetune.run(units=1_000_000, budget_s=admission.budget_s, split=admission.split)
+                finetune.run(
+                    units=1_000_000,
+                    budget_s=admission.budget_s,
+                    split=admission.split,
+                    should_yield=self._harli_request_pending,
+                )
         if self.harli_metrics is not None:
             self.harli_metrics.refresh(finetune.colocation)
+
+    def _harli_request_pending(self) -> bool:
+        """A request (or any message) is waiting on the tokenizer socket: decode wins, training yields."""
+        socket = getattr(self.ipc_channels, "recv_from_tokenizer", None)
+        try:
+            return bool(socket.poll(0, zmq.POLLIN))
+        except (AttributeError, zmq.ZMQError):
+            return False
 
     # -- control -----------------------------------------------------------------------------------
     def handle_harli_control(self, req: HarliControlReq) -> HarliControlReqOutput:
