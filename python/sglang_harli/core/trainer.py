@@ -173,6 +173,7 @@ class LoraTrainer:
         self._micro = 0  # next micro-batch of the current step
         self._unit = 0  # next unit of that micro-batch: forward segments, loss, backward segments
         self._in_flight: _InFlight | None = None
+        self._grads_before: list[torch.Tensor | None] | None = None  # for abort_micro_batch()
         self._step_loss = 0.0
         self._step_targets = 0
         self._micro_index = 0  # micro-batches started so far, seeds dropout
@@ -262,6 +263,23 @@ class LoraTrainer:
         while self.run_unit():
             pass
 
+    def abort_micro_batch(self) -> int:
+        """Drop the micro-batch in flight, as if it had not started; returns the units thrown away.
+
+        The host calls this when it needs the memory holding the micro-batch's activations back at once.
+        Its backward units may already have added to the LoRA gradients, so those are put back as they
+        were before its first backward unit; dropout is seeded by micro-batch and segment. Replaying it
+        therefore gives exactly what an uninterrupted run gives.
+        """
+        if self._in_flight is None:
+            return 0
+        if self._grads_before is not None:
+            for param, grad in zip(self.params, self._grads_before, strict=True):
+                param.grad = grad
+        dropped, self._unit = self._unit, 0
+        self._in_flight, self._grads_before = None, None
+        return dropped
+
     def _saving(self):
         if self.saved_tensor_hooks is None:
             return contextlib.nullcontext()
@@ -317,6 +335,8 @@ class LoraTrainer:
 
     def _backward_segment(self, index: int) -> None:
         flight = self._in_flight
+        if self._grads_before is None:
+            self._grads_before = [None if p.grad is None else p.grad.clone() for p in self.params]
         hidden, output = flight.segments.pop()
         assert len(flight.segments) == index
         torch.autograd.backward(output, flight.hidden)
@@ -324,6 +344,7 @@ class LoraTrainer:
 
     def _finish_micro_batch(self) -> None:
         flight, self._in_flight = self._in_flight, None
+        self._grads_before = None
         self._micro += 1
         self._unit = 0
         self._micro_index += 1
