@@ -113,9 +113,19 @@ def test_violations_widen_the_margin_and_shrink_admission():
         policy.observe(after, SLO * 0.5)
     assert policy.admit(decode, upcoming).units >= before.units
     assert policy.margin_s == 0.0
-    unchanged = policy.margin_s
-    policy.observe(policy.admit(decode, []), SLO * 3)  # decode alone over the SLO: not training's doing
-    assert policy.margin_s == unchanged
+    policy.observe(policy.admit(decode, []), SLO * 3)  # decode alone over the SLO spends the budget too
+    assert policy.margin_s > 0.0
+
+
+def test_when_decode_alone_breaks_the_slo_too_often_training_waits_for_idle_time():
+    policy = harli()
+    decode = DecodeShape(batch_size=10, context_tokens=2000)
+    for _ in range(100):  # 5% of intervals over the SLO with no training at all
+        for index in range(20):
+            policy.observe(policy.admit(decode, []), SLO * (1.5 if index == 0 else 0.5))
+    assert policy.margin_s == pytest.approx(SLO, rel=0.02)
+    assert policy.admit(decode, plan(4)).units == 0
+    assert policy.admit(None, plan(4)).units == len(plan(4))  # idle time is still trained in
 
 
 def test_margin_settles_at_the_slo_percentile():
