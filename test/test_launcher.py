@@ -58,6 +58,7 @@ def test_flags_reach_the_config_and_cpu_defaults_fill_unset_fields(tiny_model_di
     assert args.model_path == str(tiny_model_dir)
     assert args.served_model_name == "harli-tiny"
     assert args.device == "cpu" and args.dtype == "float32"
+    assert args.sleep_on_idle  # an idle scheduler waits on its sockets instead of spinning a core
 
     explicit = prepare(
         ["--model-path", str(tiny_model_dir), "--dtype", "bfloat16", "--lora-backend", "triton", *lora]

@@ -154,6 +154,11 @@ def prepare(argv: list[str]):
         for flag, value in defaults.items():
             if not _given(argv, flag):
                 sglang_argv += [flag, value]
+        # An idle scheduler otherwise spins a core at 100%, which on a laptop's few cores slows everything
+        # else, training included; asleep it still wakes the moment a request reaches its socket, and
+        # HarliScheduler never sleeps while a finetune job has work.
+        if not _given(argv, "--sleep-on-idle"):
+            sglang_argv += ["--sleep-on-idle"]
 
     try:
         server_args = prepare_server_args(sglang_argv)
