@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 
 Positive = msgspec.Meta(gt=0)
+PolicyName = Literal["harli", "idle-only", "naive", "static"]
 
 
 class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -33,7 +34,7 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idle_train_ms: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 50.0
     """With no decode work, train for up to this long before looking for new requests again."""
 
-    policy: Literal["harli", "idle-only", "naive", "static"] = "harli"
+    policy: PolicyName = "harli"
     """How finetune work joins decode: ``harli`` (SLO-aware, predictor-driven) or a baseline."""
 
     static_units: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 2

@@ -22,15 +22,15 @@ how token-budget co-serving systems behave).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Protocol, get_args
 
 import msgspec
 
+from sglang_harli.core.config import PolicyName
 from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
 from sglang_harli.core.work import FinetuneWork
 
-PolicyName = Literal["harli", "idle-only", "naive", "static"]
-POLICY_NAMES: tuple[PolicyName, ...] = ("harli", "idle-only", "naive", "static")
+POLICY_NAMES: tuple[PolicyName, ...] = get_args(PolicyName)
 SHARED = "shared"
 
 

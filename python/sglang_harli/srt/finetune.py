@@ -102,6 +102,7 @@ class FinetuneService:
         device = getattr(scheduler.tp_worker.model_runner, "device", "cpu")
         self.partitioner = make_partitioner(device, enabled=config.sm_partitions != "off")
         self.profile: dict = {"state": "not run"}
+        self._predictor_path = self._cache_path()
         predictor = self._cached_predictor() or LatencyPredictor(forgetting=PREDICTOR_FORGETTING)
         self.colocation = CoLocation(
             predictor,
@@ -117,7 +118,6 @@ class FinetuneService:
             slo_s=config.tpot_slo_ms / 1e3,
             window=config.stats_window,
         )
-        self._splits = {split.name: split for split in self.partitioner.splits}
         self.partitioner.prepare()  # green contexts built now, not inside a token interval
         self.commands = {
             "jobs.submit": self._submit,
@@ -221,7 +221,7 @@ class FinetuneService:
             try:
                 work = trainer.peek(1)[0]
                 started = time.perf_counter()
-                with self.partitioner.finetune(self._splits[split]):
+                with self.partitioner.finetune(self.partitioner.split(split)):
                     more = trainer.run_unit()
                 elapsed = time.perf_counter() - started
                 done += 1
@@ -302,15 +302,15 @@ class FinetuneService:
         if self.config.profile == "refresh":
             return None
         try:
-            state = json.loads(self._cache_path().read_text())
+            state = json.loads(self._predictor_path.read_text())
             predictor = LatencyPredictor.from_state(state, forgetting=PREDICTOR_FORGETTING)
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        self.profile = {"state": "cached", "path": str(self._cache_path())}
+        self.profile = {"state": "cached", "path": str(self._predictor_path)}
         return predictor
 
     def _save_predictor(self) -> None:
-        path = self._cache_path()
+        path = self._predictor_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".tmp")
@@ -374,7 +374,7 @@ class FinetuneService:
             "seconds": round(time.perf_counter() - started, 3),
             "units": units,
             "kinds": known,
-            "path": str(self._cache_path()),
+            "path": str(self._predictor_path),
         }
         self._save_predictor()
         logger.info("finetune unit costs profiled in %.2fs (%d units)", self.profile["seconds"], units)

@@ -78,12 +78,11 @@ class HarliScheduler(Scheduler):
         if not batch.forward_mode.is_decode():
             if batch.forward_mode.is_extend():
                 self.harli_steps.record_prefill(int(batch.extend_num_tokens or 0))
-            colocation.other_batch()
         elif self._harli_forward is not None:
             shape, step_s = self._harli_forward
             self.harli_steps.record_decode(step_s, shape.batch_size)
             if self._harli_chain_broken:
-                colocation.other_batch()  # in the overlap loop a prefill may have run after this step
+                colocation.other_batch()  # a prefill ran since the last decode result
             record = colocation.decode_done(shape, step_s)
             if record is not None and self.harli_metrics is not None:
                 self.harli_metrics.interval(record)
@@ -118,32 +117,35 @@ class HarliScheduler(Scheduler):
         if not upcoming:
             return
         context = sum(len(req.origin_input_ids) + len(req.output_ids) for req in running)
-        next_step = _shape(running, context) if running else None
-        admission = finetune.colocation.admit(next_step, upcoming, started=started)
-        if admission.units:
-            finetune.run(
-                units=admission.units,
-                budget_s=admission.budget_s if next_step is None else None,
-                split=admission.split,
-                when="decode" if next_step is not None else "idle",
-                should_yield=self._harli_request_pending,
-            )
+        self._harli_train(_shape(running, context) if running else None, upcoming, started)
 
     def when_idle(self) -> None:
         """Called whenever the scheduler has no batch to run: where finetune work runs flat out."""
         finetune = self.harli_finetune
         if finetune.has_work:
+            started = time.perf_counter()
             upcoming = finetune.upcoming(may_start=True)
             if upcoming:
-                admission = finetune.colocation.admit(None, upcoming)
-                finetune.run(
-                    units=1_000_000,
-                    budget_s=admission.budget_s,
-                    split=admission.split,
-                    should_yield=self._harli_request_pending,
-                )
+                self._harli_train(None, upcoming, started)
         if self.harli_metrics is not None:
             self.harli_metrics.refresh(finetune.colocation)
+
+    def _harli_train(self, next_step: DecodeShape | None, upcoming, started: float) -> None:
+        """Run what the policy admits before ``next_step`` (``None``: no decode work, a time slice)."""
+        finetune = self.harli_finetune
+        admission = finetune.colocation.admit(next_step, upcoming, started=started)
+        if next_step is None:  # flat out for the slice, beyond the units listed
+            units, budget_s, when = 1_000_000, admission.budget_s, "idle"
+        else:
+            units, budget_s, when = admission.units, None, "decode"
+        if units:
+            finetune.run(
+                units=units,
+                budget_s=budget_s,
+                split=admission.split,
+                when=when,
+                should_yield=self._harli_request_pending,
+            )
 
     def _harli_request_pending(self) -> bool:
         """A request (or any message) is waiting on the tokenizer socket: decode wins, training yields."""
