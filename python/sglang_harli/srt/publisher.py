@@ -4,9 +4,10 @@ SGLang's own ``/load_lora_adapter`` cannot replace an adapter: its scheduler ref
 the same name, and unload-then-load would leave a gap in which a request naming the adapter fails (or is
 silently re-served the old files by SGLang's implicit reload). So a new version is loaded into the
 scheduler under an internal name (``<job>@v<N>``) and a fresh ``lora_id``, and then the public name is
-re-pointed to that id in one step under the registry's writer lock. Requests that already acquired the
-old id keep it until they finish; only then is the old version unloaded from the scheduler, exactly as
-SGLang's unload waits for in-flight requests.
+re-pointed to that id in one step under the registry's writer lock. From that moment the new version is
+live and the caller is told so. Requests that already acquired the old id keep it until they finish; the
+old version is retired in the background only then, exactly as SGLang's unload waits for in-flight
+requests, so a long request never holds up the news that a new version serves (nor the next load).
 
 This touches ``LoRARegistry`` internals (``_registry``, ``_counters``) because the registry has no
 "replace" operation; everything else goes through the tokenizer manager's own communicator and locks.
@@ -14,6 +15,7 @@ This touches ``LoRARegistry`` internals (``_registry``, ``_counters``) because t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from sglang.srt.lora.lora_registry import LoRARef
@@ -28,8 +30,11 @@ def _merged_error(results) -> str | None:
     return "; ".join(errors) if errors else None
 
 
-async def publish_adapter(tokenizer_manager, name: str, version: int, path: str) -> None:
-    """Serve ``path`` as adapter ``name`` for new requests; raises ``RuntimeError`` if it cannot."""
+async def publish_adapter(tokenizer_manager, name: str, version: int, path: str) -> asyncio.Task | None:
+    """Serve ``path`` as adapter ``name`` for new requests; raises ``RuntimeError`` if it cannot.
+
+    Returns once the new version is live, with the task that retires the version it replaced (if any).
+    """
     tm = tokenizer_manager
     tm.auto_create_handle_loop()
     registry = tm.lora_registry
@@ -47,13 +52,26 @@ async def publish_adapter(tokenizer_manager, name: str, version: int, path: str)
             registry._registry[name] = public
         tm.lora_ref_cache[name] = public
         logger.info("adapter %s now serves version %d (%s)", name, version, path)
+    if old is None:
+        return None
+    task = asyncio.create_task(_retire(tm, name, old))
+    _retiring.add(task)
+    task.add_done_callback(_retiring.discard)
+    return task
 
-        if old is not None:
-            counter = registry._counters.get(old.lora_id)
-            if counter is not None:
-                await counter.wait_for_zero()
-                registry._counters.pop(old.lora_id, None)
-            unload = UnloadLoRAAdapterReqInput(lora_name=old.lora_name, lora_id=old.lora_id)
-            error = _merged_error(await tm.update_lora_adapter_communicator(unload))
-            if error:
-                logger.warning("old version of adapter %s was not unloaded: %s", name, error)
+
+_retiring: set[asyncio.Task] = set()
+
+
+async def _retire(tm, name: str, old: LoRARef) -> None:
+    """Unload a replaced version once the last request that acquired it has finished."""
+    registry = tm.lora_registry
+    counter = registry._counters.get(old.lora_id)
+    if counter is not None:
+        await counter.wait_for_zero()
+        registry._counters.pop(old.lora_id, None)
+    async with tm.lora_update_lock:
+        unload = UnloadLoRAAdapterReqInput(lora_name=old.lora_name, lora_id=old.lora_id)
+        error = _merged_error(await tm.update_lora_adapter_communicator(unload))
+    if error:
+        logger.warning("old version of adapter %s was not unloaded: %s", name, error)
