@@ -45,13 +45,23 @@ def _add_harli_args(parser: argparse.ArgumentParser) -> None:
     for field in msgspec.structs.fields(HarliConfig):
         kind = field.type.__origin__ if hasattr(field.type, "__metadata__") else field.type
         choices = get_args(kind) if get_origin(kind) is Literal else None
+        help = FIELD_HELP[field.name].replace("%(default)s", str(field.default))
+        if kind is bool:
+            group.add_argument(
+                flag_name(field.name),
+                dest=f"harli_{field.name}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help,
+            )
+            continue
         group.add_argument(
             flag_name(field.name),
             dest=f"harli_{field.name}",
             type=str if choices else kind,
             choices=choices,
             default=None,
-            help=FIELD_HELP[field.name].replace("%(default)s", str(field.default)),
+            help=help,
         )
 
 

@@ -49,6 +49,16 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sm_partitions: Literal["auto", "off"] = "auto"
     """On CUDA, let the policy run finetune work in a green context holding part of the SMs."""
 
+    kv_lending: Literal["auto", "off"] = "auto"
+    """Lend free KV-cache pages to the trainer for its activations, taken back when decode needs them."""
+
+    trainer_memory_mb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Ordinary memory the trainer's activations may use beyond lent KV pages, in MiB; 0: no limit."""
+
+    kv_poison: bool = False
+    """Debugging: fill lent KV pages with a pattern and check, when they come back, that only the
+    trainer wrote them (and poison them again for decode)."""
+
 
 FIELD_HELP: dict[str, str] = {
     "tpot_slo_ms": "Decode time-per-output-token SLO in ms (default %(default)s).",
@@ -62,6 +72,9 @@ FIELD_HELP: dict[str, str] = {
     "layers_per_unit": "Decoder layers per forward/backward finetune unit (default %(default)s).",
     "profile": "Finetune unit-cost profiling at start: auto (cached), skip, refresh (default %(default)s).",
     "sm_partitions": "CUDA green-context SM splits for finetune work: auto or off (default %(default)s).",
+    "kv_lending": "Lend free KV-cache pages to the trainer's activations: auto or off (default %(default)s).",
+    "trainer_memory_mb": "Ordinary memory (MiB) for activations beyond lent KV pages; 0: no limit (default).",
+    "kv_poison": "Debug: poison lent KV pages and check on return that only the trainer wrote them.",
 }
 
 

@@ -46,6 +46,10 @@ class MemoryStats(msgspec.Struct, kw_only=True):
     """Bytes moved back to ordinary memory by reclaims."""
     reclaims: int
     budget_bytes: int | None
+    last_micro_batch_bytes: int
+    """Everything the latest micro-batch saved for backward (lent and ordinary): what lending must cover."""
+    last_largest_bytes: int
+    """Its largest saved tensor: a lent region smaller than this cannot hold it."""
 
 
 class _Placed:
@@ -65,9 +69,13 @@ class _Placed:
 class ActivationStore:
     def __init__(self, *, budget_bytes: int | None = None, keep: Iterable[torch.Tensor] = ()):
         self.budget_bytes = budget_bytes
-        self._kept = {t.untyped_storage().data_ptr() for t in keep}
+        self._kept: set[int] = set()
+        self.keep(keep)
         self._regions: list[torch.Tensor] = []
         self._fill: list[int] = []
+        self._high: list[int] = []  # per region, the most of it ever filled since it was lent
+        self._mb_bytes = self._mb_largest = 0
+        self._last_bytes = self._last_largest = 0
         self._placed: list[_Placed] = []  # this micro-batch's, in order
         self._ordinary = 0
         self._peak_ordinary = 0
@@ -75,13 +83,32 @@ class ActivationStore:
         self._spilled = 0
         self._reclaims = 0
 
+    def keep(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Tensors autograd may save that must stay where they are (weights: frozen or updated in place)."""
+        self._kept.update(t.untyped_storage().data_ptr() for t in tensors)
+
     # -- regions -------------------------------------------------------------------------------------
+    @property
+    def lent_bytes(self) -> int:
+        return sum(r.numel() for r in self._regions)
+
+    @property
+    def high_water(self) -> list[int]:
+        """Per lent region, how many leading bytes the store has written since it was lent."""
+        return list(self._high)
+
+    @property
+    def demand(self) -> tuple[int, int]:
+        """(bytes, largest tensor bytes) the latest finished micro-batch saved for its backward."""
+        return self._last_bytes, self._last_largest
+
     def lend(self, regions: Iterable[torch.Tensor]) -> None:
         for region in regions:
             if region.dtype != torch.uint8 or region.dim() != 1 or not region.is_contiguous():
                 raise ValueError("a lent region must be a contiguous 1-D uint8 tensor")
             self._regions.append(region)
             self._fill.append(0)
+            self._high.append(0)
 
     def reclaim(self, *, spill: bool = True) -> list[torch.Tensor]:
         """Give every region back now. With ``spill``, activations in them move to ordinary memory (the
@@ -96,7 +123,7 @@ class ActivationStore:
                 self._spilled += placed.nbytes
         else:
             self._placed = []
-        regions, self._regions, self._fill = self._regions, [], []
+        regions, self._regions, self._fill, self._high = self._regions, [], [], []
         self._reclaims += 1
         return regions
 
@@ -107,6 +134,9 @@ class ActivationStore:
             placed.spilled = None
         self._placed = []
         self._fill = [0] * len(self._regions)
+        if self._mb_bytes:
+            self._last_bytes, self._last_largest = self._mb_bytes, self._mb_largest
+        self._mb_bytes = self._mb_largest = 0
 
     # -- saved-tensor hooks ----------------------------------------------------------------------------
     @property
@@ -117,6 +147,8 @@ class ActivationStore:
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.untyped_storage().data_ptr() in self._kept or nbytes < MIN_PLACED_BYTES:
             return tensor
+        self._mb_bytes += nbytes
+        self._mb_largest = max(self._mb_largest, nbytes)
         slot = self._find_room(nbytes, tensor.device)
         if slot is None:
             self._charge(nbytes, "this micro-batch's activations")
@@ -142,6 +174,7 @@ class ActivationStore:
             offset = -(-self._fill[index] // ALIGN) * ALIGN
             if offset + nbytes <= region.numel():
                 self._fill[index] = offset + nbytes
+                self._high[index] = max(self._high[index], offset + nbytes)
                 return index, offset
         return None
 
@@ -164,7 +197,7 @@ class ActivationStore:
 
     def stats(self) -> MemoryStats:
         return MemoryStats(
-            lent_bytes=sum(r.numel() for r in self._regions),
+            lent_bytes=self.lent_bytes,
             placed_bytes=sum(p.nbytes for p in self._placed if p.spilled is None),
             ordinary_bytes=self._ordinary,
             peak_ordinary_bytes=self._peak_ordinary,
@@ -172,4 +205,6 @@ class ActivationStore:
             spilled_bytes=self._spilled,
             reclaims=self._reclaims,
             budget_bytes=self.budget_bytes,
+            last_micro_batch_bytes=self._last_bytes,
+            last_largest_bytes=self._last_largest,
         )

@@ -133,6 +133,7 @@ class LoraTrainer:
         *,
         layers_per_unit: int | None = None,
         saved_tensor_hooks: SavedTensorHooks | None = None,
+        on_micro_batch_end: Callable[[int], None] | None = None,
     ):
         if not examples:
             raise ValueError("no examples to train on")
@@ -143,6 +144,8 @@ class LoraTrainer:
         self._lengths = [len(e.input_ids) for e in self.examples]
         self.training = training
         self.saved_tensor_hooks = saved_tensor_hooks
+        # Told when a micro-batch's saved tensors are gone: with its tokens when it finished, 0 if dropped.
+        self.on_micro_batch_end = on_micro_batch_end
         self.device = next(base_model.parameters()).device
         with training_mode(), torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(training.seed)  # LoRA A init, as `torch.manual_seed(seed); get_peft_model` does
@@ -204,6 +207,11 @@ class LoraTrainer:
     @property
     def done(self) -> bool:
         return self.step >= self.total_steps
+
+    @property
+    def in_flight(self) -> bool:
+        """A micro-batch has started and not finished: its activations are held."""
+        return self._in_flight is not None
 
     @property
     def units_per_micro_batch(self) -> int:
@@ -278,6 +286,8 @@ class LoraTrainer:
                 param.grad = grad
         dropped, self._unit = self._unit, 0
         self._in_flight, self._grads_before = None, None
+        if self.on_micro_batch_end is not None:
+            self.on_micro_batch_end(0)
         return dropped
 
     def _saving(self):
@@ -350,6 +360,10 @@ class LoraTrainer:
         self._micro_index += 1
         self._step_loss += flight.loss_sum
         self.tokens_trained += flight.batch.tokens
+        tokens = flight.batch.tokens
+        del flight
+        if self.on_micro_batch_end is not None:
+            self.on_micro_batch_end(tokens)
 
     def _optimizer_step(self) -> None:
         if self.training.max_grad_norm > 0:

@@ -43,6 +43,7 @@ from sglang_harli.core.jobs import (
     TrainingSpec,
     check_servable,
 )
+from sglang_harli.core.memory import TrainerMemoryError
 from sglang_harli.core.partition import make_partitioner
 from sglang_harli.core.predictor import LatencyPredictor
 from sglang_harli.core.qos import make_policy
@@ -50,6 +51,7 @@ from sglang_harli.core.trainer import LoraTrainer, plan_steps, training_mode
 from sglang_harli.core.work import WORK_KINDS, FinetuneWork
 from sglang_harli.models.builtin import cache_root
 from sglang_harli.srt.control import HarliPublishReq
+from sglang_harli.srt.lending import KvLending
 from sglang_harli.srt.weights import bind_training_model
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,7 @@ class FinetuneService:
             window=config.stats_window,
         )
         self.partitioner.prepare()  # green contexts built now, not inside a token interval
+        self.lending = KvLending(scheduler, config)
         self.commands = {
             "jobs.submit": self._submit,
             "jobs.list": lambda payload: self.book.all(),
@@ -220,6 +223,8 @@ class FinetuneService:
             step_before, tokens_before = trainer.step, trainer.tokens_trained
             try:
                 work = trainer.peek(1)[0]
+                if work.kind == "forward" and not trainer.in_flight and not self.lending.prepare(work.tokens):
+                    break  # not enough memory to start a micro-batch now; decode keeps its pages
                 started = time.perf_counter()
                 with self.partitioner.finetune(self.partitioner.split(split)):
                     more = trainer.run_unit()
@@ -237,6 +242,13 @@ class FinetuneService:
                     logger.info("finetune job %s trained; publishing", job.name)
                 elif every and trainer.step != step_before and trainer.step % every == 0:
                     self._publish(job, trainer)
+            except TrainerMemoryError as exc:
+                if not self.lending.enabled:
+                    self._fail(job, exc)
+                    continue
+                logger.info("finetune job %s: %s; replaying with a larger loan", job.name, exc)
+                self.lending.out_of_memory()
+                break
             except Exception as exc:  # a failing job must not take decode down with it
                 logger.exception("finetune job %s failed", job.name)
                 self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
@@ -244,6 +256,11 @@ class FinetuneService:
             if deadline is not None and time.perf_counter() >= deadline:
                 break
         return done
+
+    def _fail(self, job: JobStatus, exc: Exception) -> None:
+        logger.error("finetune job %s failed: %s", job.name, exc)
+        self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
+        self._drop_trainer()
 
     def _start_next(self) -> bool:
         job = self.book.next_queued()
@@ -262,7 +279,10 @@ class FinetuneService:
                     job.spec.lora,
                     job.spec.training,
                     layers_per_unit=self.config.layers_per_unit,
+                    saved_tensor_hooks=self.lending.hooks,
+                    on_micro_batch_end=self.lending.micro_batch_done,
                 )
+                self.lending.attach(self.trainer)
         except Exception as exc:
             logger.exception("finetune job %s could not start", job.name)
             self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
@@ -275,6 +295,7 @@ class FinetuneService:
     def _drop_trainer(self) -> None:
         if self.trainer is not None:
             self._save_predictor()
+            self.lending.detach()
         self.trainer, self.job = None, None
 
     # -- profiling -----------------------------------------------------------------------------------
@@ -408,4 +429,5 @@ class FinetuneService:
             "output_dir": str(Path(self.store.root)),
             "profile": self.profile,
             "partitions": self.partitioner.describe(),
+            "memory": self.lending.snapshot(),
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from sglang_harli.core.colocation import CoLocation, StepRecord
+from sglang_harli.srt.lending import KvLending, LendingStats
 
 
 class HarliMetrics:
@@ -44,6 +45,17 @@ class HarliMetrics:
         self.mape = gauge("harli:predictor_mape", "Predictor error (fraction).", ["stage", "window"])
         self.decode_rate = gauge("harli:decode_tokens_per_second", "Decode tokens/s over the rate window.")
         self.finetune_rate = gauge("harli:finetune_tokens_per_second", "Finetune tokens/s, rate window.")
+        self.lent_tokens = gauge("harli:kv_lent_tokens", "KV-cache tokens lent to the trainer now.")
+        self.lent_bytes = gauge("harli:kv_lent_bytes", "Bytes of the KV cache lent to the trainer now.")
+        self.activation_bytes = gauge(
+            "harli:activation_bytes", "Saved activations now, in lent KV pages or ordinary memory.", ["where"]
+        )
+        self.lending_events = Counter(
+            "harli:kv_lending_events",
+            "Reclaims of lent KV pages, and micro-batches spilled or dropped (replayed) by them.",
+            [*names, "event"],
+        )
+        self._events_seen: dict[str, int] = {}
 
     def interval(self, step: StepRecord) -> None:
         self.token_interval.labels(**self.labels).observe(step.observed_ms / 1e3)
@@ -57,7 +69,7 @@ class HarliMetrics:
         if micro_batch_tokens:
             self.finetune_tokens.labels(**self.labels).inc(micro_batch_tokens)
 
-    def refresh(self, colocation: CoLocation, *, force: bool = False) -> None:
+    def refresh(self, colocation: CoLocation, lending: KvLending | None = None, *, force=False) -> None:
         now = time.monotonic()
         if not force and now - self._last_refresh < 1.0:
             return
@@ -75,3 +87,20 @@ class HarliMetrics:
                 value = getattr(summary, f"mape_{window}")
                 if value is not None:
                     self.mape.labels(**self.labels, stage=stage, window=window).set(value)
+        if lending is not None:
+            self._lending(lending.snapshot())
+
+    def _lending(self, stats: LendingStats) -> None:
+        self.lent_tokens.labels(**self.labels).set(stats.lent_tokens)
+        self.lent_bytes.labels(**self.labels).set(stats.activations.lent_bytes)
+        self.activation_bytes.labels(**self.labels, where="lent").set(stats.activations.placed_bytes)
+        self.activation_bytes.labels(**self.labels, where="ordinary").set(stats.activations.ordinary_bytes)
+        for event, total in (
+            ("reclaim", stats.reclaims),
+            ("spilled", stats.spilled_micro_batches),
+            ("replayed", stats.replayed_micro_batches),
+        ):
+            delta = total - self._events_seen.get(event, 0)
+            if delta > 0:
+                self.lending_events.labels(**self.labels, event=event).inc(delta)
+            self._events_seen[event] = total

@@ -26,6 +26,7 @@ from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.jobs import SpecError
 from sglang_harli.core.predictor import DecodeShape
 from sglang_harli.core.stats import StepRecorder
+from sglang_harli.srt.allocator import LendingInvariantChecker
 from sglang_harli.srt.control import (
     ControlError,
     HarliControlReq,
@@ -59,7 +60,17 @@ class HarliScheduler(Scheduler):
         self._request_dispatcher += TypeBasedDispatcher([(HarliControlReq, self.handle_harli_control)])
         logger.info("Harli scheduler ready: %s", msgspec.json.encode(self.harli_config).decode())
 
+    def init_invariant_checker(self) -> None:
+        """SGLang's idle leak check, told about KV pages lent to the trainer."""
+        super().init_invariant_checker()
+        self.invariant_checker.__class__ = LendingInvariantChecker
+
     # -- loop hooks --------------------------------------------------------------------------------
+    def get_next_batch_to_run(self, *args, **kwargs):
+        """Lent KV pages come back before SGLang admits or grows anything that might need them."""
+        self.harli_finetune.lending.ensure_reserve()
+        return super().get_next_batch_to_run(*args, **kwargs)
+
     def run_batch(self, batch, *args, **kwargs):
         """On CPU the forward runs inside this call, so its duration is the step's solo latency."""
         started = time.perf_counter()
@@ -86,7 +97,7 @@ class HarliScheduler(Scheduler):
             record = colocation.decode_done(shape, step_s)
             if record is not None and self.harli_metrics is not None:
                 self.harli_metrics.interval(record)
-                self.harli_metrics.refresh(colocation)
+                self.harli_metrics.refresh(colocation, self.harli_finetune.lending)
         if batch.forward_mode.is_decode():
             self._harli_chain_broken = False
         self.after_batch(batch)
@@ -128,7 +139,7 @@ class HarliScheduler(Scheduler):
             if upcoming:
                 self._harli_train(None, upcoming, started)
         if self.harli_metrics is not None:
-            self.harli_metrics.refresh(finetune.colocation)
+            self.harli_metrics.refresh(finetune.colocation, finetune.lending)
 
     def _harli_train(self, next_step: DecodeShape | None, upcoming, started: float) -> None:
         """Run what the policy admits before ``next_step`` (``None``: no decode work, a time slice)."""
