@@ -38,6 +38,7 @@ def server(tmp_path_factory, tiny_model_dir, data_dir) -> ServerProcess:
     args = [
         *SERVER_ARGS,
         "--enable-metrics",
+        "--harli-kv-poison",  # every lent KV page is checked on return: decode never wrote it
         "--harli-data-dir",
         str(data_dir),
         "--harli-output-dir",

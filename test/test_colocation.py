@@ -71,6 +71,12 @@ def test_training_beside_decode_changes_no_token(server):
     assert predictor["corun"]["shared"]["mape_overall"] is not None
     assert set(predictor["units"]) == {"forward", "backward", "loss", "optimizer"}
     assert stats["finetune"]["profile"]["state"] in ("profiled", "cached")
+    # its activations lived in lent KV pages (poisoned when lent, checked when returned)
+    memory = stats["finetune"]["memory"]
+    assert memory["enabled"] and memory["activations"]["placed_total"] > 0
+    assert memory["poison_violations"] == 0
+    after = server.get("/harli/stats").json()["finetune"]["memory"]
+    assert after["lent_tokens"] == 0  # cancelling the job gave every page back
 
     metrics = server.get("/metrics").text
     admitted = [
@@ -80,3 +86,4 @@ def test_training_beside_decode_changes_no_token(server):
     ]
     assert admitted and float(admitted[0].rsplit(" ", 1)[1]) > 0
     assert "harli:predictor_mape" in metrics and "harli:token_interval_seconds_bucket" in metrics
+    assert "harli:kv_lent_tokens" in metrics and "harli:activation_bytes{" in metrics

@@ -50,19 +50,25 @@ def assert_same_adapter(a, b):
         torch.testing.assert_close(b.lora_state()[name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_activations_in_lent_regions_change_nothing(tiny):
+@pytest.mark.parametrize(
+    "region_bytes, count",
+    [(16 << 20, 2), (3000, 4000)],  # few large runs; many short ones, smaller than most activations
+    ids=["whole", "scattered"],
+)
+def test_activations_in_lent_regions_change_nothing(tiny, region_bytes, count):
     reference = trainer(tiny)
     reference.run()
     lent = trainer(tiny)
     store = ActivationStore(budget_bytes=0, keep=lent.model.parameters())  # no ordinary memory at all
     lent.saved_tensor_hooks = store.hooks
     poison = 0xA5
-    regions = [torch.full((16 << 20,), poison, dtype=torch.uint8) for _ in range(2)]
+    regions = [torch.full((region_bytes,), poison, dtype=torch.uint8) for _ in range(count)]
     store.lend(regions)
     run_with_store(lent, store)
     assert_same_adapter(reference, lent)
     stats = store.stats()
     assert stats.placed_total > 20 and stats.peak_ordinary_bytes == 0
+    assert stats.last_largest_bytes > region_bytes or count == 2  # scattered: some tensors were split
     returned = store.reclaim()
     assert all(r is o for r, o in zip(returned, regions, strict=True))
 

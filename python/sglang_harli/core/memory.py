@@ -10,7 +10,9 @@ Decode can want its memory back at any moment. ``reclaim`` returns every region 
 activations still held in them are either spilled to ordinary memory or, when the caller prefers, left to
 be dropped with the micro-batch that saved them (the trainer replays it exactly). Regions are filled from
 the front like a bump allocator and emptied when the micro-batch that filled them ends, because a
-micro-batch's saved tensors all die together when its backward finishes.
+micro-batch's saved tensors all die together when its backward finishes; for the same reason the budget
+counts a micro-batch's ordinary bytes until it ends. A tensor saved more than once (one input feeding
+several LoRA branches) is placed, or counted, once.
 
 The store knows nothing about the engine: regions are plain ``uint8`` tensors, so the same code runs on
 the KV pages of SGLang's pool, on a GPU benchmark's buffers and in tests.
@@ -26,6 +28,7 @@ import torch
 
 ALIGN = 64  # bytes; keeps every placed tensor aligned for vectorised kernels
 MIN_PLACED_BYTES = 4096  # smaller tensors are not worth a copy
+CONTIGUOUS_LOOKAHEAD = 16  # regions searched for room to place a tensor whole before splitting it
 
 
 class TrainerMemoryError(MemoryError):
@@ -53,12 +56,18 @@ class MemoryStats(msgspec.Struct, kw_only=True):
 
 
 class _Placed:
-    """A saved activation living in a lent region, or spilled back out of one."""
+    """A saved activation living in lent regions, or spilled back out of them.
 
-    __slots__ = ("region", "offset", "dtype", "shape", "spilled")
+    Its bytes are one piece when a region had room for all of them (unpacked as a view, no copy), or
+    several pieces across regions when none had: KV pages freed by decode are scattered, so lent runs
+    may be short, and a large tensor is then gathered back when backward needs it.
+    """
 
-    def __init__(self, region: int, offset: int, dtype: torch.dtype, shape: torch.Size):
-        self.region, self.offset, self.dtype, self.shape = region, offset, dtype, shape
+    __slots__ = ("pieces", "dtype", "shape", "spilled")
+
+    def __init__(self, pieces: list[tuple[int, int, int]], dtype: torch.dtype, shape: torch.Size):
+        self.pieces = pieces  # (region, offset, bytes)
+        self.dtype, self.shape = dtype, shape
         self.spilled: torch.Tensor | None = None
 
     @property
@@ -74,11 +83,13 @@ class ActivationStore:
         self._regions: list[torch.Tensor] = []
         self._fill: list[int] = []
         self._high: list[int] = []  # per region, the most of it ever filled since it was lent
+        self._cursor = 0  # regions before it are full
         self._mb_bytes = self._mb_largest = 0
         self._last_bytes = self._last_largest = 0
         self._placed: list[_Placed] = []  # this micro-batch's, in order
-        self._ordinary = 0
+        self._ordinary = 0  # this micro-batch's saved bytes outside lent regions, spilled ones included
         self._peak_ordinary = 0
+        self._seen: dict[int, tuple[weakref.ref, object]] = {}  # id(tensor) -> (tensor, what pack gave)
         self._placed_total = 0
         self._spilled = 0
         self._reclaims = 0
@@ -124,16 +135,19 @@ class ActivationStore:
         else:
             self._placed = []
         regions, self._regions, self._fill, self._high = self._regions, [], [], []
+        self._cursor = 0
         self._reclaims += 1
         return regions
 
     def micro_batch_done(self) -> None:
         """Its saved tensors are gone with its graph (finished or dropped): refill regions from the front."""
-        self._ordinary -= sum(p.nbytes for p in self._placed if p.spilled is not None)
+        self._ordinary = 0  # everything it saved, placed, spilled or ordinary, died with its graph
+        self._seen.clear()
         for placed in self._placed:
             placed.spilled = None
         self._placed = []
         self._fill = [0] * len(self._regions)
+        self._cursor = 0
         if self._mb_bytes:
             self._last_bytes, self._last_largest = self._mb_bytes, self._mb_largest
         self._mb_bytes = self._mb_largest = 0
@@ -147,19 +161,28 @@ class ActivationStore:
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.untyped_storage().data_ptr() in self._kept or nbytes < MIN_PLACED_BYTES:
             return tensor
+        seen = self._seen.get(id(tensor))
+        if seen is not None and seen[0]() is tensor:  # saved again (one input, several LoRA branches)
+            return seen[1]
         self._mb_bytes += nbytes
         self._mb_largest = max(self._mb_largest, nbytes)
-        slot = self._find_room(nbytes, tensor.device)
-        if slot is None:
+        pieces = self._find_room(nbytes, tensor.device)
+        if pieces is None:
             self._charge(nbytes, "this micro-batch's activations")
-            weakref.finalize(tensor, self._release_ordinary, nbytes)
-            return tensor
-        region, offset = slot
-        placed = _Placed(region, offset, tensor.dtype, tensor.shape)
-        self._view(placed).copy_(tensor)
-        self._placed.append(placed)
-        self._placed_total += 1
-        return placed
+            packed = tensor.detach()  # an alias without grad_fn: no reference cycle through the graph
+        else:
+            packed = _Placed(pieces, tensor.dtype, tensor.shape)
+            if len(pieces) == 1:
+                self._view(packed).copy_(tensor)
+            else:
+                raw, start = tensor.detach().contiguous().reshape(-1).view(torch.uint8), 0
+                for region, offset, length in pieces:
+                    self._regions[region][offset : offset + length].copy_(raw[start : start + length])
+                    start += length
+            self._placed.append(packed)
+            self._placed_total += 1
+        self._seen[id(tensor)] = (weakref.ref(tensor), packed)
+        return packed
 
     def unpack(self, packed) -> torch.Tensor:
         if not isinstance(packed, _Placed):
@@ -167,19 +190,39 @@ class ActivationStore:
         return packed.spilled if packed.spilled is not None else self._view(packed)
 
     # -- internals -------------------------------------------------------------------------------------
-    def _find_room(self, nbytes: int, device: torch.device) -> tuple[int, int] | None:
-        for index, region in enumerate(self._regions):
-            if region.device != device:
+    def _find_room(self, nbytes: int, device: torch.device) -> list[tuple[int, int, int]] | None:
+        """Room in one region if one of the next few has it, else pieces over the free tails in order.
+
+        Regions before ``_cursor`` are full; a loan made of scattered KV pages may be thousands of short
+        regions, so neither search looks at more of them than it needs."""
+        regions, fill = self._regions, self._fill
+        while self._cursor < len(regions) and regions[self._cursor].numel() - fill[self._cursor] < ALIGN:
+            self._cursor += 1
+        tails, left = [], nbytes
+        for index in range(self._cursor, len(regions)):
+            if regions[index].device != device:
                 continue
-            offset = -(-self._fill[index] // ALIGN) * ALIGN
-            if offset + nbytes <= region.numel():
-                self._fill[index] = offset + nbytes
-                self._high[index] = max(self._high[index], offset + nbytes)
-                return index, offset
-        return None
+            offset = -(-fill[index] // ALIGN) * ALIGN
+            room = regions[index].numel() - offset
+            if room >= nbytes and index < self._cursor + CONTIGUOUS_LOOKAHEAD:
+                return self._take([(index, offset, nbytes)])
+            if room > 0 and left > 0:
+                tails.append((index, offset, min(room, left)))
+                left -= tails[-1][2]
+            if left == 0 and index >= self._cursor + CONTIGUOUS_LOOKAHEAD:
+                break
+        return self._take(tails) if left == 0 else None
+
+    def _take(self, pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        for index, offset, length in pieces:
+            self._fill[index] = offset + length
+            self._high[index] = max(self._high[index], offset + length)
+        return pieces
 
     def _view(self, placed: _Placed) -> torch.Tensor:
-        raw = self._regions[placed.region][placed.offset : placed.offset + placed.nbytes]
+        """The tensor in its region (a view), or gathered from its pieces (a copy)."""
+        raws = [self._regions[r][offset : offset + length] for r, offset, length in placed.pieces]
+        raw = raws[0] if len(raws) == 1 else torch.cat(raws)
         return raw.view(placed.dtype).view(placed.shape)
 
     def _charge(self, nbytes: int, what: str) -> None:
@@ -191,9 +234,6 @@ class ActivationStore:
             )
         self._ordinary += nbytes
         self._peak_ordinary = max(self._peak_ordinary, self._ordinary)
-
-    def _release_ordinary(self, nbytes: int) -> None:
-        self._ordinary -= nbytes
 
     def stats(self) -> MemoryStats:
         return MemoryStats(

@@ -63,14 +63,18 @@ class LendingAllocator(BaseTokenToKVPoolAllocator):
     def lent_tokens(self) -> int:
         return int(self.lent_pages.numel()) * self.page_size
 
-    def lend(self, num_tokens: int) -> list[tuple[int, int]]:
+    def lend(self, num_tokens: int, tree_cache=None) -> list[tuple[int, int]]:
         """Take about ``num_tokens`` of free pages, in as few contiguous runs as possible, preferring the
         highest ids (allocation takes from the front); returns the runs lent now as ``(first, end)``
-        page ids. Never inside a free group, where frees are still pending."""
+        page ids. With ``tree_cache``, prefix-cache entries are
+        evicted first if free pages are short, as an allocation would. Never inside a free group, where
+        frees are still pending."""
         assert self.free_group is None, "lending inside a free group"
         pages_wanted = -(-num_tokens // self.page_size)
         if pages_wanted <= 0:
             return []
+        if tree_cache is not None and self.available_size() < num_tokens:
+            super().evict_to_free_tokens(tree_cache, num_tokens)  # SGLang's eviction, not our reclaim
         self.merge_and_sort_free()  # staged/released pages join the free list
         free = torch.sort(self.get_all_free_pages().cpu()).values  # a new tensor: never edit in place
         if free.numel() == 0:
@@ -86,6 +90,8 @@ class LendingAllocator(BaseTokenToKVPoolAllocator):
             count = min(end - start, pages_wanted - taken)
             chosen.append((int(free[end - count]), int(free[end - 1]) + 1))  # the top of the run
             taken += count
+        if not chosen:
+            return []
         lent = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in chosen])
         keep = free[~torch.isin(free, lent)].to(self.device)
         self._set_free_pages(keep)

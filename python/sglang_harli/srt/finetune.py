@@ -243,12 +243,10 @@ class FinetuneService:
                 elif every and trainer.step != step_before and trainer.step % every == 0:
                     self._publish(job, trainer)
             except TrainerMemoryError as exc:
-                if not self.lending.enabled:
-                    self._fail(job, exc)
-                    continue
-                logger.info("finetune job %s: %s; replaying with a larger loan", job.name, exc)
-                self.lending.out_of_memory()
-                break
+                if trainer.in_flight and self.lending.out_of_memory():
+                    logger.info("finetune job %s: %s; replaying it with a larger loan", job.name, exc)
+                    break
+                self._fail(job, exc)
             except Exception as exc:  # a failing job must not take decode down with it
                 logger.exception("finetune job %s failed", job.name)
                 self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")

@@ -5,22 +5,26 @@ reclaims, so that decode never waits, fails or retracts because of training:
 
 - **Reserve.** Never lent: what the running requests may still grow by (``max_new_tokens`` minus what
   they generated), what the waiting queue would need to be admitted, and a headroom of the pool. The
-  prefix cache counts as free for decode (SGLang evicts it on demand) but is never lent. Before SGLang
-  picks its next batch, a lent pool that no longer leaves the reserve is taken back whole.
+  prefix cache counts as free, as it does for SGLang's own admission: a loan evicts what it needs of it
+  (least recently used first), exactly as an allocation would. Before SGLang picks its next batch, a
+  loan that no longer leaves the reserve is taken back whole.
 - **Size.** The activations one micro-batch saves grow with its tokens; the bytes per token are measured
   on every finished micro-batch (first estimated from the model's shape), and the trainer borrows that
-  for the next one, with slack, in whole KV rows. A lent row gives one byte range per layer's K and V
-  buffer, so the rows must also hold the largest saved tensor in one of them.
+  for the next one, with slack, in whole KV rows. Runs need not be long: a tensor too large for one
+  run's byte range is split over several (``core.memory``). After a reclaim, no new loan is made for a
+  moment, since a burst of requests arrives over many steps and each would take the loan back again.
 - **Reclaim.** When decode takes pages back, the micro-batch in flight is spilled to ordinary memory if
   the trainer budget (``--harli-trainer-memory-mb``) has room, and dropped otherwise; a dropped one is
   replayed from its start with its gradients and dropout seeds restored, so the adapter is the same.
-- **Too little memory.** With a budget, a micro-batch that runs out of room is dropped and waits for a
-  larger loan; only when even the whole pool would not do is it the job's error.
+- **Too little memory.** With a budget, a micro-batch starts only when the loan covers it (or the budget
+  alone does); one that still runs out of room is dropped and replayed with a larger loan. Only when
+  even the largest loan the pool allows would not do is it the job's error.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import msgspec
 import torch
@@ -33,8 +37,9 @@ from sglang_harli.srt.allocator import install_lending, lending_unsupported
 logger = logging.getLogger(__name__)
 
 HEADROOM_FRACTION = 1 / 32  # of the pool, never lent: room for requests not yet in the queue
-SLACK = 1.25  # lent bytes per measured byte: alignment and the tail of each region the bump misses
-GROWTH = 2.0  # after a micro-batch ran out of room, the next loan is this much larger
+SLACK = 1.1  # lent bytes per measured byte: alignment, and micro-batches of the same tokens vary a little
+CALM_S = 0.5  # after a reclaim, no new loan for this long: a burst arrives over many steps
+GROWTH = 1.5  # after a micro-batch ran out of room, the next loan is this much larger
 
 
 class LendingStats(msgspec.Struct, kw_only=True):
@@ -42,6 +47,10 @@ class LendingStats(msgspec.Struct, kw_only=True):
     reason: str | None
     """Why lending is off, when it is."""
     pool_tokens: int
+    free_tokens: int
+    """Free for decode now (SGLang's available size); lent tokens are not among them."""
+    cached_tokens: int
+    """Held by the prefix cache and evictable on demand."""
     lent_tokens: int
     reserve_tokens: int
     bytes_per_token: int
@@ -71,14 +80,16 @@ class KvLending:
             install_lending(self.allocator, on_reclaim=self._on_reclaim, poison=config.kv_poison)
             kvcache = self.allocator.get_kvcache()
             rows = [b[0].numel() * b.element_size() for b in (*kvcache.k_buffer, *kvcache.v_buffer)]
-            self.bytes_per_token, self.min_row_bytes = sum(rows), min(rows)
+            self.bytes_per_token = sum(rows)
         else:
             logger.info("KV lending off: %s", self.reason)
-            self.bytes_per_token = self.min_row_bytes = 0
-        self._per_token = _estimate_bytes_per_token(model)  # saved activation bytes per trained token
-        self._largest_per_token = 0.0
+            self.bytes_per_token = 0
+        # Saved activation bytes per trained token: measured on every finished micro-batch, estimated
+        # from the model's shape until then.
+        self._per_token = _estimate_per_token(model)
         self._growth = 1.0
         self._spilled = self._replayed = self._waits = 0
+        self._calm_at = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -108,46 +119,53 @@ class KvLending:
 
     def prepare(self, tokens: int) -> bool:
         """Before a micro-batch of ``tokens`` starts: borrow what it needs. False: it must wait, because
-        the pool cannot lend enough now and the trainer budget would not cover the rest."""
+        the pool cannot lend all of that now and the trainer budget alone would not hold it."""
         if not self.enabled:
             return True
         allocator, budget = self.allocator, self.store.budget_bytes
-        want = int(self._per_token * tokens * SLACK * self._growth)
-        largest = int(self._largest_per_token * tokens * SLACK)
-        rows = max(-(-want // self.bytes_per_token), -(-largest // self.min_row_bytes))
-        ceiling = self.scheduler.max_total_num_tokens - self.headroom_tokens
-        if budget is not None and (rows - ceiling) * self.bytes_per_token > budget:
+        want = self._per_token * tokens * self._growth
+        need = want * SLACK
+        rows = min(-(-int(need) // self.bytes_per_token), self.ceiling_tokens)
+        if budget is not None and need > self.ceiling_tokens * self.bytes_per_token + budget:
             raise TrainerMemoryError(
-                f"a micro-batch of {tokens} tokens needs about {want / 2**20:.1f} MiB of activations: more "
-                f"than the whole KV pool can lend plus the trainer budget of {budget / 2**20:.1f} MiB "
+                f"a micro-batch of {tokens} tokens needs about {need / 2**20:.1f} MiB of activations: more "
+                f"than the KV pool can lend plus the trainer budget of {budget / 2**20:.1f} MiB "
                 "(--harli-trainer-memory-mb); use a smaller micro_batch_size or max_seq_len"
             )
         if allocator.lent_tokens > 2 * rows:  # far more than needed: give the rest back to decode
             allocator.reclaim()
-        if allocator.lent_tokens < rows:
-            runs = allocator.lend(min(rows - allocator.lent_tokens, self.lendable_tokens()))
+        missing = rows - allocator.lent_tokens
+        lendable = self.lendable_tokens() if missing > 0 and time.monotonic() >= self._calm_at else 0
+        if missing > 0 and (budget is None or lendable >= missing):  # with a budget, all or nothing
+            runs = allocator.lend(min(missing, lendable), tree_cache=self.scheduler.tree_cache)
             self.store.lend(allocator.lent_regions(runs))
-        short = (rows - allocator.lent_tokens) * self.bytes_per_token
-        if budget is not None and short > budget:
-            self._waits += 1
-            return False
-        return True
+        if budget is None or allocator.lent_tokens >= rows or budget >= want:
+            return True
+        self._waits += 1
+        return False
 
-    def out_of_memory(self) -> None:
-        """A unit ran out of room: drop its micro-batch, to be replayed with a larger loan (the next
-        ``prepare`` fails the job if no loan could be large enough)."""
+    def out_of_memory(self) -> bool:
+        """A unit ran out of room. True: its micro-batch was dropped, to be replayed with a larger loan.
+        False: the loan was already as large as the pool allows, so no replay would fare better."""
+        if not self.enabled or self.allocator.lent_tokens >= self.ceiling_tokens:
+            return False
         self.trainer.abort_micro_batch()
         self.store.micro_batch_done()
         self._replayed += 1
         self._growth *= GROWTH
+        return True
+
+    @property
+    def ceiling_tokens(self) -> int:
+        """The most the trainer may ever borrow: the pool less its headroom."""
+        return self.scheduler.max_total_num_tokens - self.headroom_tokens
 
     def micro_batch_done(self, tokens: int) -> None:
         """The trainer's micro-batch ended (``tokens`` 0: dropped); learn what a finished one saved."""
         self.store.micro_batch_done()
-        total, largest = self.store.demand
+        total, _ = self.store.demand
         if tokens and total:
             self._per_token = total / tokens
-            self._largest_per_token = largest / tokens
             self._growth = 1.0
 
     # -- decode's side -------------------------------------------------------------------------------
@@ -167,10 +185,9 @@ class KvLending:
         return int(self.scheduler.max_total_num_tokens * HEADROOM_FRACTION)
 
     def lendable_tokens(self) -> int:
-        allocator = self.allocator
-        evictable = self.scheduler.tree_cache.evictable_size()
-        free = allocator.available_size()
-        return max(0, min(free, free + evictable - self.reserve_tokens()))
+        """Free and evictable tokens beyond the reserve: a loan may evict prefix cache, as decode may."""
+        free = self.allocator.available_size() + self.scheduler.tree_cache.evictable_size()
+        return max(0, free - self.reserve_tokens())
 
     def ensure_reserve(self) -> None:
         """Before SGLang picks its next batch: take the loan back if decode might need it."""
@@ -196,6 +213,7 @@ class KvLending:
             self.store.micro_batch_done()
             self._replayed += 1
         self.scheduler.running_batch.batch_is_full = False
+        self._calm_at = time.monotonic() + CALM_S
 
     # -- stats ---------------------------------------------------------------------------------------
     def snapshot(self) -> LendingStats:
@@ -204,6 +222,8 @@ class KvLending:
             enabled=self.enabled,
             reason=self.reason,
             pool_tokens=self.scheduler.max_total_num_tokens,
+            free_tokens=a.available_size(),
+            cached_tokens=self.scheduler.tree_cache.evictable_size(),
             lent_tokens=a.lent_tokens if self.enabled else 0,
             reserve_tokens=self.reserve_tokens(),
             bytes_per_token=self.bytes_per_token,
@@ -223,9 +243,9 @@ def _remaining(req) -> int:
     return max(0, (limit if limit is not None else 0) - len(req.output_ids))
 
 
-def _estimate_bytes_per_token(model) -> float:
-    """Before any measurement: a decoder layer with LoRA on every projection saves about a dozen
-    hidden-size vectors and four intermediate-size ones per token."""
+def _estimate_per_token(model) -> float:
+    """A decoder layer with LoRA on every projection saves about a dozen hidden-size vectors and four
+    intermediate-size ones per token."""
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", 4096)
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
