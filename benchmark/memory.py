@@ -124,10 +124,11 @@ def step_memory(args, served, config, pool: Pool) -> dict:
             else None,
         }
         store.reclaim(spill=False)
-    lora = sum(p.numel() * p.element_size() for p in trainer.params)
-    out["lora_state_bytes"] = 4 * lora  # weights, gradients, AdamW's two moments
-    alone, lent = out["alone"]["peak_ordinary_bytes"], out["lent"]["peak_ordinary_bytes"]
-    out["ratio_alone_over_lent"] = alone / lent if lent else None
+    lora = 4 * sum(p.numel() * p.element_size() for p in trainer.params)  # weights, grads, AdamW m, v
+    out["lora_state_bytes"] = lora
+    for name in ("alone", "lent"):
+        out[name]["non_kv_bytes"] = out[name]["peak_ordinary_bytes"] + lora
+    out["non_kv_ratio"] = out["alone"]["non_kv_bytes"] / out["lent"]["non_kv_bytes"]
     return out
 
 
