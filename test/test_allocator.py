@@ -72,11 +72,11 @@ def test_regions_are_the_kv_rows_of_every_layer_and_poison_shows_who_wrote(page_
     assert torch.isnan(kv.k_buffer[1][first * page_size : end * page_size]).all()  # poisoned: 0xFF..
     regions[LAYERS + 1][:8] = 0  # the borrower writes the first 8 bytes of layer 1's V rows
     assert (kv.v_buffer[1][first * page_size].flatten().view(torch.uint8)[:8] == 0).all()
-    used = [0] * len(regions)
-    used[LAYERS + 1] = 8
-    assert allocator.check_poison(used) == 0
+    untouched = [(0, r.numel()) for r in regions]
+    untouched[LAYERS + 1] = (8, regions[LAYERS + 1].numel())
+    assert allocator.check_poison(untouched) == 0
     kv.k_buffer[2][first * page_size, 0, 0] = 1.0  # someone else writes a lent row
-    assert allocator.check_poison(used) == 4 and allocator.poison_violations == 1
+    assert allocator.check_poison(untouched) == 4 and allocator.poison_violations == 1
     allocator.reclaim()
     assert events == [(end - first) * page_size]  # the borrower let go before the pages were freed
     assert (kv.v_buffer[1][first * page_size].view(torch.uint8) == POISON).all()  # poisoned for decode

@@ -60,14 +60,18 @@ def test_activations_in_lent_regions_change_nothing(tiny, region_bytes, count):
     reference.run()
     lent = trainer(tiny)
     store = ActivationStore(budget_bytes=0, keep=lent.model.parameters())  # no ordinary memory at all
-    lent.saved_tensor_hooks = store.hooks
+    lent.saved_tensor_hooks, lent.place_grads = store.hooks, store.place_grads
     poison = 0xA5
     regions = [torch.full((region_bytes,), poison, dtype=torch.uint8) for _ in range(count)]
     store.lend(regions)
-    run_with_store(lent, store)
+    grads_lent = []
+    run_with_store(lent, store, between=lambda t: grads_lent.append(store.stats().grad_bytes))
     assert_same_adapter(reference, lent)
     stats = store.stats()
     assert stats.placed_total > 20 and stats.peak_ordinary_bytes == 0
+    every = sum(p.numel() * 4 for p in lent.params)
+    # gradient buffers were lent: all of them, or those short enough for what the short regions had left
+    assert max(grads_lent) == every if count == 2 else 0 < max(grads_lent) < every
     assert stats.last_largest_bytes > region_bytes or count == 2  # scattered: some tensors were split
     returned = store.reclaim()
     assert all(r is o for r, o in zip(returned, regions, strict=True))
@@ -89,7 +93,7 @@ def test_reclaim_mid_micro_batch_spills_or_replays_exactly(tiny, spill):
     reference.run()
     t = trainer(tiny)
     store = ActivationStore(keep=t.model.parameters())
-    t.saved_tensor_hooks = store.hooks
+    t.saved_tensor_hooks, t.place_grads = store.hooks, store.place_grads  # gradients in the pages too
     regions = [torch.zeros(32 << 20, dtype=torch.uint8)]
     store.lend(regions)
     units = 0
@@ -109,6 +113,7 @@ def test_reclaim_mid_micro_batch_spills_or_replays_exactly(tiny, spill):
     assert_same_adapter(reference, t)
     assert store.stats().reclaims >= 5
     assert (store.stats().spilled_bytes > 0) == spill
+    assert store.stats().grads_moved_bytes > 0  # gradients lived in the pages and left them whole
 
 
 def test_abort_restores_gradients_mid_backward(tiny):

@@ -14,6 +14,10 @@ micro-batch's saved tensors all die together when its backward finishes; for the
 counts a micro-batch's ordinary bytes until it ends. A tensor saved more than once (one input feeding
 several LoRA branches) is placed, or counted, once.
 
+The LoRA gradient buffers, which live across the micro-batches of an optimizer step, take the back of the
+regions (``place_grads``): backward accumulates into them in place. A reclaim always moves them out whole,
+since accumulated gradients cannot be recomputed without replaying the step.
+
 The store knows nothing about the engine: regions are plain ``uint8`` tensors, so the same code runs on
 the KV pages of SGLang's pool, on a GPU benchmark's buffers and in tests.
 """
@@ -46,13 +50,17 @@ class MemoryStats(msgspec.Struct, kw_only=True):
     placed_total: int
     """Activations ever copied into lent regions."""
     spilled_bytes: int
-    """Bytes moved back to ordinary memory by reclaims."""
+    """Bytes of activations moved back to ordinary memory by reclaims."""
     reclaims: int
     budget_bytes: int | None
     last_micro_batch_bytes: int
     """Everything the latest micro-batch saved for backward (lent and ordinary): what lending must cover."""
     last_largest_bytes: int
-    """Its largest saved tensor: a lent region smaller than this cannot hold it."""
+    """Its largest saved tensor."""
+    grad_bytes: int
+    """LoRA gradient buffers living in lent regions now."""
+    grads_moved_bytes: int
+    """Bytes of gradient buffers moved out to ordinary memory by reclaims."""
 
 
 class _Placed:
@@ -83,6 +91,9 @@ class ActivationStore:
         self._regions: list[torch.Tensor] = []
         self._fill: list[int] = []
         self._high: list[int] = []  # per region, the most of it ever filled since it was lent
+        self._top: list[int] = []  # per region, where the gradient buffers at its end begin
+        self._top_low: list[int] = []  # the lowest that has been since it was lent
+        self._grads: list[torch.nn.Parameter] = []  # parameters whose .grad lives in a region
         self._cursor = 0  # regions before it are full
         self._mb_bytes = self._mb_largest = 0
         self._last_bytes = self._last_largest = 0
@@ -92,6 +103,7 @@ class ActivationStore:
         self._seen: dict[int, tuple[weakref.ref, object]] = {}  # id(tensor) -> (tensor, what pack gave)
         self._placed_total = 0
         self._spilled = 0
+        self._grads_moved = 0
         self._reclaims = 0
 
     def keep(self, tensors: Iterable[torch.Tensor]) -> None:
@@ -104,9 +116,10 @@ class ActivationStore:
         return sum(r.numel() for r in self._regions)
 
     @property
-    def high_water(self) -> list[int]:
-        """Per lent region, how many leading bytes the store has written since it was lent."""
-        return list(self._high)
+    def untouched(self) -> list[tuple[int, int]]:
+        """Per lent region, the byte range the store has never written since it was lent: activations
+        fill regions from the front, gradient buffers from the back."""
+        return list(zip(self._high, self._top_low, strict=True))
 
     @property
     def demand(self) -> tuple[int, int]:
@@ -120,11 +133,18 @@ class ActivationStore:
             self._regions.append(region)
             self._fill.append(0)
             self._high.append(0)
+            self._top.append(region.numel())
+            self._top_low.append(region.numel())
 
     def reclaim(self, *, spill: bool = True) -> list[torch.Tensor]:
         """Give every region back now. With ``spill``, activations in them move to ordinary memory (the
         budget permitting) so the micro-batch in flight goes on; without, the caller drops that
         micro-batch. Either way nothing refers to the returned regions afterwards."""
+        for param in self._grads:  # accumulated gradients are never dropped: they move out whole
+            if param.grad is not None and self._in_regions(param.grad):
+                param.grad = param.grad.clone()
+                self._grads_moved += param.grad.numel() * param.grad.element_size()
+        self._grads = []
         live = [p for p in self._placed if p.spilled is None]
         if spill:
             need = sum(p.nbytes for p in live)
@@ -135,6 +155,7 @@ class ActivationStore:
         else:
             self._placed = []
         regions, self._regions, self._fill, self._high = self._regions, [], [], []
+        self._top, self._top_low = [], []
         self._cursor = 0
         self._reclaims += 1
         return regions
@@ -148,9 +169,38 @@ class ActivationStore:
         self._placed = []
         self._fill = [0] * len(self._regions)
         self._cursor = 0
+        if self._grads and all(p.grad is None for p in self._grads):  # the optimizer step freed them
+            self._release_grads()
         if self._mb_bytes:
             self._last_bytes, self._last_largest = self._mb_bytes, self._mb_largest
         self._mb_bytes = self._mb_largest = 0
+
+    # -- gradient buffers ----------------------------------------------------------------------------
+    def place_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Give ``params`` zeroed gradient buffers at the back of the lent regions, where backward then
+        accumulates in place across the micro-batches of a step; a parameter they cannot hold keeps
+        autograd's own. The trainer calls this when a step's first backward starts."""
+        self._release_grads()
+        for param in params:
+            nbytes = param.numel() * param.element_size()
+            for index in reversed(range(len(self._regions))):
+                region = self._regions[index]
+                offset = (self._top[index] - nbytes) // ALIGN * ALIGN
+                if region.device == param.device and offset >= self._fill[index]:
+                    self._top[index] = offset
+                    self._top_low[index] = min(self._top_low[index], offset)
+                    raw = region[offset : offset + nbytes]
+                    param.grad = raw.view(param.dtype).view(param.shape).zero_()
+                    self._grads.append(param)
+                    break
+
+    def _release_grads(self) -> None:
+        self._grads = []
+        self._top = [r.numel() for r in self._regions]
+
+    def _in_regions(self, tensor: torch.Tensor) -> bool:
+        pointer = tensor.data_ptr()
+        return any(r.data_ptr() <= pointer < r.data_ptr() + r.numel() for r in self._regions)
 
     # -- saved-tensor hooks ----------------------------------------------------------------------------
     @property
@@ -196,14 +246,14 @@ class ActivationStore:
         Regions before ``_cursor`` are full; a loan made of scattered KV pages may be thousands of short
         regions, so neither search looks at more of them than it needs."""
         regions, fill = self._regions, self._fill
-        while self._cursor < len(regions) and regions[self._cursor].numel() - fill[self._cursor] < ALIGN:
+        while self._cursor < len(regions) and self._top[self._cursor] - fill[self._cursor] < ALIGN:
             self._cursor += 1
         tails, left = [], nbytes
         for index in range(self._cursor, len(regions)):
             if regions[index].device != device:
                 continue
             offset = -(-fill[index] // ALIGN) * ALIGN
-            room = regions[index].numel() - offset
+            room = self._top[index] - offset
             if room >= nbytes and index < self._cursor + CONTIGUOUS_LOOKAHEAD:
                 return self._take([(index, offset, nbytes)])
             if room > 0 and left > 0:
@@ -247,4 +297,6 @@ class ActivationStore:
             budget_bytes=self.budget_bytes,
             last_micro_batch_bytes=self._last_bytes,
             last_largest_bytes=self._last_largest,
+            grad_bytes=sum(p.grad.numel() * p.grad.element_size() for p in self._grads if p.grad is not None),
+            grads_moved_bytes=self._grads_moved,
         )

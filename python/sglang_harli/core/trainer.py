@@ -134,6 +134,7 @@ class LoraTrainer:
         layers_per_unit: int | None = None,
         saved_tensor_hooks: SavedTensorHooks | None = None,
         on_micro_batch_end: Callable[[int], None] | None = None,
+        place_grads: Callable[[list[nn.Parameter]], None] | None = None,
     ):
         if not examples:
             raise ValueError("no examples to train on")
@@ -146,6 +147,8 @@ class LoraTrainer:
         self.saved_tensor_hooks = saved_tensor_hooks
         # Told when a micro-batch's saved tensors are gone: with its tokens when it finished, 0 if dropped.
         self.on_micro_batch_end = on_micro_batch_end
+        # Asked to give the LoRA parameters their gradient buffers when a step's first backward starts.
+        self.place_grads = place_grads
         self.device = next(base_model.parameters()).device
         with training_mode(), torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(training.seed)  # LoRA A init, as `torch.manual_seed(seed); get_peft_model` does
@@ -176,7 +179,8 @@ class LoraTrainer:
         self._micro = 0  # next micro-batch of the current step
         self._unit = 0  # next unit of that micro-batch: forward segments, loss, backward segments
         self._in_flight: _InFlight | None = None
-        self._grads_before: list[torch.Tensor | None] | None = None  # for abort_micro_batch()
+        self._backward_started = False  # the micro-batch in flight has added to the gradients
+        self._step_start = (0, 0)  # (micro-batches started, tokens trained) when this step began
         self._step_loss = 0.0
         self._step_targets = 0
         self._micro_index = 0  # micro-batches started so far, seeds dropout
@@ -253,6 +257,7 @@ class LoraTrainer:
                 return not self.done
             if self._micro == 0 and self._unit == 0:
                 self._step_targets = sum(self._targets[i] for ids in plan for i in ids)
+                self._step_start = (self._micro_index, self.tokens_trained)
             segments = len(self._segments)
             if self._unit == 0:
                 self._start_micro_batch([self.examples[i] for i in plan[self._micro]])
@@ -275,17 +280,20 @@ class LoraTrainer:
         """Drop the micro-batch in flight, as if it had not started; returns the units thrown away.
 
         The host calls this when it needs the memory holding the micro-batch's activations back at once.
-        Its backward units may already have added to the LoRA gradients, so those are put back as they
-        were before its first backward unit; dropout is seeded by micro-batch and segment. Replaying it
-        therefore gives exactly what an uninterrupted run gives.
+        Before its backward began, nothing else changed. Once its backward has added to the LoRA
+        gradients, the whole optimizer step is dropped instead (its earlier micro-batches' gradients
+        cannot be told apart) and replayed from its first micro-batch. Dropout is seeded by micro-batch
+        and segment, so replaying gives exactly what an uninterrupted run gives.
         """
         if self._in_flight is None:
             return 0
-        if self._grads_before is not None:
-            for param, grad in zip(self.params, self._grads_before, strict=True):
-                param.grad = grad
-        dropped, self._unit = self._unit, 0
-        self._in_flight, self._grads_before = None, None
+        dropped = self._unit
+        if self._backward_started:
+            dropped += self._micro * self.units_per_micro_batch
+            self._micro_index, self.tokens_trained = self._step_start
+            self._micro, self._step_loss = 0, 0.0
+            self.optimizer.zero_grad(set_to_none=True)
+        self._unit, self._in_flight, self._backward_started = 0, None, False
         if self.on_micro_batch_end is not None:
             self.on_micro_batch_end(0)
         return dropped
@@ -339,22 +347,27 @@ class LoraTrainer:
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
             loss_sum = F.cross_entropy(logits, batch.targets, reduction="sum")
+        self._before_backward()  # a LoRA on the LM head gets its gradient here
         (loss_sum / max(self._step_targets, 1)).backward()
         flight.loss_sum = float(loss_sum.detach())
         flight.hidden = hidden.grad
 
     def _backward_segment(self, index: int) -> None:
         flight = self._in_flight
-        if self._grads_before is None:
-            self._grads_before = [None if p.grad is None else p.grad.clone() for p in self.params]
+        self._before_backward()
         hidden, output = flight.segments.pop()
         assert len(flight.segments) == index
         torch.autograd.backward(output, flight.hidden)
         flight.hidden = hidden.grad if index > 0 else None
 
+    def _before_backward(self) -> None:
+        if self.place_grads is not None and self.params[0].grad is None:  # the step's first backward
+            self.place_grads(self.params)
+        self._backward_started = True
+
     def _finish_micro_batch(self) -> None:
         flight, self._in_flight = self._in_flight, None
-        self._grads_before = None
+        self._backward_started = False
         self._micro += 1
         self._unit = 0
         self._micro_index += 1

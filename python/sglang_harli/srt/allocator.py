@@ -135,12 +135,12 @@ class LendingAllocator(BaseTokenToKVPoolAllocator):
                     regions.append(buffer[rows].reshape(-1).view(torch.uint8))
         return regions
 
-    def check_poison(self, used: list[int]) -> int:
-        """With ``poison`` on: bytes of the lent regions beyond what the borrower wrote (``used[i]`` of
-        region ``i``) must still hold the pattern; anything else means someone else wrote lent rows."""
+    def check_poison(self, untouched: list[tuple[int, int]]) -> int:
+        """With ``poison`` on: the byte range ``untouched[i]`` of lent region ``i``, which the borrower
+        never wrote, must still hold the pattern; anything else means someone else wrote lent rows."""
         bad = 0
-        for region, written in zip(self.lent_regions(), used, strict=True):
-            bad += int((region[written:] != POISON).sum())
+        for region, (start, end) in zip(self.lent_regions(), untouched, strict=True):
+            bad += int((region[start:end] != POISON).sum())
         if bad:
             self.poison_violations += 1
             logger.error("lent KV pages were written by someone other than the trainer (%d bytes)", bad)

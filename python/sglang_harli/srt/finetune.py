@@ -279,6 +279,7 @@ class FinetuneService:
                     layers_per_unit=self.config.layers_per_unit,
                     saved_tensor_hooks=self.lending.hooks,
                     on_micro_batch_end=self.lending.micro_batch_done,
+                    place_grads=self.lending.place_grads,
                 )
                 self.lending.attach(self.trainer)
         except Exception as exc:

@@ -15,7 +15,8 @@ reclaims, so that decode never waits, fails or retracts because of training:
   moment, since a burst of requests arrives over many steps and each would take the loan back again.
 - **Reclaim.** When decode takes pages back, the micro-batch in flight is spilled to ordinary memory if
   the trainer budget (``--harli-trainer-memory-mb``) has room, and dropped otherwise; a dropped one is
-  replayed from its start with its gradients and dropout seeds restored, so the adapter is the same.
+  replayed (with its whole step, if its backward had begun) with the same dropout seeds, so the adapter
+  is the same. The LoRA gradient buffers, also in lent pages, always move out whole.
 - **Too little memory.** With a budget, a micro-batch starts only when the loan covers it (or the budget
   alone does); one that still runs out of room is dropped and replayed with a larger loan. Only when
   even the largest loan the pool allows would not do is it the job's error.
@@ -75,6 +76,8 @@ class KvLending:
         self.trainer: LoraTrainer | None = None
         self.allocator = scheduler.token_to_kv_pool_allocator
         self.reason = "--harli-kv-lending off" if config.kv_lending == "off" else None
+        if getattr(scheduler.server_args, "disaggregation_mode", "null") != "null":
+            self.reason = self.reason or "PD disaggregation: its pre-allocation queue is not in the reserve"
         self.reason = self.reason or lending_unsupported(self.allocator)
         if self.reason is None:
             install_lending(self.allocator, on_reclaim=self._on_reclaim, poison=config.kv_poison)
@@ -90,6 +93,7 @@ class KvLending:
         self._growth = 1.0
         self._spilled = self._replayed = self._waits = 0
         self._calm_at = 0.0
+        self._grad_bytes = 0
 
     @property
     def enabled(self) -> bool:
@@ -103,9 +107,15 @@ class KvLending:
         return self.store.hooks
 
     # -- the trainer's side --------------------------------------------------------------------------
+    @property
+    def place_grads(self):
+        """The trainer's gradient-buffer placement: in lent pages when lending is on."""
+        return self.store.place_grads if self.enabled else None
+
     def attach(self, trainer: LoraTrainer) -> None:
         self.trainer = trainer
         self.store.keep(trainer.params)
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in trainer.params)
         self._growth = 1.0
 
     def detach(self) -> None:
@@ -124,7 +134,7 @@ class KvLending:
             return True
         allocator, budget = self.allocator, self.store.budget_bytes
         want = self._per_token * tokens * self._growth
-        need = want * SLACK
+        need = want * SLACK + self._grad_bytes
         rows = min(-(-int(need) // self.bytes_per_token), self.ceiling_tokens)
         if budget is not None and need > self.ceiling_tokens * self.bytes_per_token + budget:
             raise TrainerMemoryError(
@@ -176,8 +186,9 @@ class KvLending:
         last = scheduler.last_batch
         if last is not None and last.forward_mode.is_extend():
             reqs.update((id(r), r) for r in last.reqs)
-        growth = sum(_remaining(r) for r in reqs.values() if not r.finished())
-        queued = sum(len(r.origin_input_ids) + _remaining(r) for r in scheduler.waiting_queue)
+        limit = scheduler.max_req_len
+        growth = sum(_remaining(r, limit) for r in reqs.values() if not r.finished())
+        queued = sum(len(r.origin_input_ids) + _remaining(r, limit) for r in scheduler.waiting_queue)
         return growth + queued + self.headroom_tokens
 
     @property
@@ -201,7 +212,7 @@ class KvLending:
         if self.allocator.device != "cpu" and torch.cuda.is_available():
             torch.cuda.synchronize()  # the trainer's kernels may still touch the lent rows
         if self.allocator.poison:
-            self.allocator.check_poison(self.store.high_water)
+            self.allocator.check_poison(self.store.untouched)
         placed = self.store.stats().placed_bytes
         try:
             self.store.reclaim(spill=True)
@@ -238,9 +249,12 @@ class KvLending:
         )
 
 
-def _remaining(req) -> int:
+def _remaining(req, max_req_len: int) -> int:
+    """Tokens ``req`` may still generate: to ``max_new_tokens``, or to the context limit without one."""
     limit = req.sampling_params.max_new_tokens
-    return max(0, (limit if limit is not None else 0) - len(req.output_ids))
+    if limit is None:
+        limit = max_req_len - len(req.origin_input_ids)
+    return max(0, limit - len(req.output_ids))
 
 
 def _estimate_per_token(model) -> float:
