@@ -7,9 +7,9 @@ free rows, scattered as busy decode leaves them (``--run-tokens`` long). Everyth
 trainer and ``core.memory.ActivationStore``, so this runs on the GPU box too (no SGLang needed).
 
 - **Non-KV memory of a step**: peak bytes of saved activations in ordinary memory over one optimizer
-  step (the store's own accounting, tensor by tensor), with and without lending, and on CUDA the device
-  allocator's peak beside it. LoRA weights, gradients and optimizer state are the same either way and
-  are reported once.
+  step (the store's own accounting, tensor by tensor) plus the LoRA training state (weights, gradients,
+  AdamW moments) less the gradients that lived in lent pages, with and without lending, and on CUDA the
+  device allocator's peak beside it.
 - **Largest micro-batch under a budget**: micro_batch_size doubled, then bisected, until one micro-batch
   raises ``TrainerMemoryError``, with and without the lent pool.
 - **Reclaim cost**: time from ``reclaim()`` to the regions being free, for a micro-batch caught halfway
@@ -89,15 +89,19 @@ def make_trainer(args, served, config, micro_batch: int, store: ActivationStore 
         layers_per_unit=1,
         saved_tensor_hooks=None if store is None else store.hooks,
         on_micro_batch_end=None if store is None else (lambda tokens: store.micro_batch_done()),
+        place_grads=None if store is None else store.place_grads,
     )
     if store is not None:
         store.keep(trainer.model.parameters())
     return trainer
 
 
-def one_step(trainer) -> None:
+def one_step(trainer, store: ActivationStore) -> int:
+    """Run one optimizer step; returns the most gradient bytes that lived in lent regions."""
+    grads = 0
     while trainer.step == 0 and trainer.run_unit():
-        pass
+        grads = max(grads, store.stats().grad_bytes)
+    return grads
 
 
 def step_memory(args, served, config, pool: Pool) -> dict:
@@ -105,18 +109,22 @@ def step_memory(args, served, config, pool: Pool) -> dict:
     for lent in (False, True):
         store = ActivationStore()
         trainer = make_trainer(args, served, config, args.micro_batch, store)
-        if lent:  # what the server lends: the measured demand and 10% slack, in whole rows
-            need = out["alone"]["saved_bytes"] * 1.1
+        if not lent:
+            trainer.place_grads = None
+        if lent:  # what the server lends: the measured demand and 10% slack, plus the gradients
+            grads = sum(p.numel() * p.element_size() for p in trainer.params)
+            need = out["alone"]["saved_bytes"] * 1.1 + grads
             store.lend(pool.regions(-(-int(need) // pool.bytes_per_token), args.run_tokens))
             out["lent_tokens"] = sum(r.numel() for r in store._regions) // pool.bytes_per_token
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        one_step(trainer)
+        grads_lent = one_step(trainer, store)
         stats = store.stats()
         out["lent" if lent else "alone"] = {
             "saved_bytes": stats.last_micro_batch_bytes,
+            "grad_bytes_lent": grads_lent,
             "peak_ordinary_bytes": stats.peak_ordinary_bytes,
             "placed_tensors": stats.placed_total,
             "cuda_peak_above_start_bytes": (torch.cuda.max_memory_allocated() - base)
@@ -127,7 +135,7 @@ def step_memory(args, served, config, pool: Pool) -> dict:
     lora = 4 * sum(p.numel() * p.element_size() for p in trainer.params)  # weights, grads, AdamW m, v
     out["lora_state_bytes"] = lora
     for name in ("alone", "lent"):
-        out[name]["non_kv_bytes"] = out[name]["peak_ordinary_bytes"] + lora
+        out[name]["non_kv_bytes"] = out[name]["peak_ordinary_bytes"] + lora - out[name]["grad_bytes_lent"]
     out["non_kv_ratio"] = out["alone"]["non_kv_bytes"] / out["lent"]["non_kv_bytes"]
     return out
 
