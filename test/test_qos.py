@@ -129,7 +129,7 @@ def test_when_decode_alone_breaks_the_slo_too_often_training_waits_for_idle_time
 
 
 def test_margin_settles_at_the_slo_percentile():
-    """With noisy predictions, violations settle near 1% (p99) while most of the slack is still used."""
+    """With noisy predictions, violations settle near half the 1% p99 allows, using most of the slack."""
     rng = random.Random(1)
     predictor = ScriptedPredictor()
     policy = harli(predictor, percentile=99.0)
@@ -143,7 +143,7 @@ def test_margin_settles_at_the_slo_percentile():
         violations += observed > SLO
         work += predictor.work_seconds(admission.work)
         policy.observe(admission, observed)
-    assert 0.003 < violations / steps < 0.02
+    assert 0.002 < violations / steps < 0.01
     slack = SLO - predictor.solo(decode)
     assert work / steps > 0.75 * slack
 
