@@ -248,15 +248,13 @@ class FinetuneService:
                     break
                 self._fail(job, exc)
             except Exception as exc:  # a failing job must not take decode down with it
-                logger.exception("finetune job %s failed", job.name)
-                self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
-                self._drop_trainer()
+                self._fail(job, exc, traceback=True)
             if deadline is not None and time.perf_counter() >= deadline:
                 break
         return done
 
-    def _fail(self, job: JobStatus, exc: Exception) -> None:
-        logger.error("finetune job %s failed: %s", job.name, exc)
+    def _fail(self, job: JobStatus, exc: Exception, *, traceback: bool = False) -> None:
+        logger.error("finetune job %s failed: %s", job.name, exc, exc_info=traceback)
         self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
         self._drop_trainer()
 

@@ -159,8 +159,7 @@ class KvLending:
         False: the loan was already as large as the pool allows, so no replay would fare better."""
         if not self.enabled or self.allocator.lent_tokens >= self.ceiling_tokens:
             return False
-        self.trainer.abort_micro_batch()
-        self.store.micro_batch_done()
+        self.trainer.abort_micro_batch()  # in flight: the store hears of it through micro_batch_done
         self._replayed += 1
         self._growth *= GROWTH
         return True
@@ -195,17 +194,17 @@ class KvLending:
     def headroom_tokens(self) -> int:
         return int(self.scheduler.max_total_num_tokens * HEADROOM_FRACTION)
 
+    def _free_for_decode(self) -> int:
+        """Free and evictable tokens: the prefix cache counts, as it does for SGLang's admission."""
+        return self.allocator.available_size() + self.scheduler.tree_cache.evictable_size()
+
     def lendable_tokens(self) -> int:
-        """Free and evictable tokens beyond the reserve: a loan may evict prefix cache, as decode may."""
-        free = self.allocator.available_size() + self.scheduler.tree_cache.evictable_size()
-        return max(0, free - self.reserve_tokens())
+        """Tokens beyond the reserve: a loan may evict prefix cache, as decode may."""
+        return max(0, self._free_for_decode() - self.reserve_tokens())
 
     def ensure_reserve(self) -> None:
         """Before SGLang picks its next batch: take the loan back if decode might need it."""
-        if not self.enabled or not self.allocator.lent_tokens:
-            return
-        free = self.allocator.available_size() + self.scheduler.tree_cache.evictable_size()
-        if free < self.reserve_tokens():
+        if self.enabled and self.allocator.lent_tokens and self._free_for_decode() < self.reserve_tokens():
             self.allocator.reclaim()
 
     def _on_reclaim(self) -> None:
