@@ -13,13 +13,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from sglang_harli.core.paths import job_child
+
 
 class AdapterStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
 
     def job_dir(self, name: str) -> Path:
-        return self.root / name
+        return job_child(self.root, name, "adapter directory")
 
     def version_dir(self, name: str, version: int) -> Path:
         return self.job_dir(name) / f"v{version:04d}"

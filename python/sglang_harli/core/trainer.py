@@ -29,6 +29,7 @@ that is where memory lending places activations in borrowed KV-cache pages.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +41,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import get_scheduler
 
+from sglang_harli.core.checkpoint import Progress, TrainerState
 from sglang_harli.core.data import Example
 from sglang_harli.core.jobs import LoraSpec, TrainingSpec
 from sglang_harli.core.work import FinetuneWork
@@ -347,6 +349,11 @@ class LoraTrainer:
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
             loss_sum = F.cross_entropy(logits, batch.targets, reduction="sum")
+        if not torch.isfinite(loss_sum):  # stop before a NaN reaches the gradients, the adapter, the users
+            raise FloatingPointError(
+                f"loss is {float(loss_sum.detach())} at optimizer step {self.step + 1}; "
+                "lower training.learning_rate or check the data"
+            )
         self._before_backward()  # a LoRA on the LM head gets its gradient here
         (loss_sum / max(self._step_targets, 1)).backward()
         flight.loss_sum = float(loss_sum.detach())
@@ -380,7 +387,12 @@ class LoraTrainer:
 
     def _optimizer_step(self) -> None:
         if self.training.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm)
+            if not torch.isfinite(norm):
+                raise FloatingPointError(
+                    f"gradient norm is {float(norm)} at optimizer step {self.step + 1}; "
+                    "lower training.learning_rate or check the data"
+                )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -398,3 +410,41 @@ class LoraTrainer:
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    @property
+    def at_step_boundary(self) -> bool:
+        """No optimizer step is half done: the state is small and a checkpoint is exact."""
+        return self._micro == 0 and self._in_flight is None
+
+    def state(self) -> TrainerState:
+        """A copy of the run's state (see ``core.checkpoint``); only at a step boundary."""
+        if not self.at_step_boundary:
+            raise RuntimeError("a checkpoint is taken between optimizer steps")
+        return TrainerState(
+            weights={name: t.clone() for name, t in self.lora_state().items()},
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            schedule=self.scheduler.state_dict(),
+            progress=Progress(
+                step=self.step,
+                micro_batches=self._micro_index,
+                tokens_trained=self.tokens_trained,
+                loss=self.loss,
+            ),
+        )
+
+    def restore(self, state: TrainerState) -> None:
+        """Continue from ``state`` (from a trainer built with the same arguments) as if never stopped."""
+        if not self.at_step_boundary or self.step:
+            raise RuntimeError("restore a freshly built trainer")
+        named = dict(self.model.named_parameters())
+        if set(state.weights) != {name for name, p in named.items() if p.requires_grad}:
+            raise ValueError("the checkpoint's LoRA weights do not match this job's adapter")
+        with torch.no_grad():
+            for name, tensor in state.weights.items():
+                named[name].copy_(tensor)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.schedule)
+        progress = state.progress
+        self.step, self._micro_index = progress.step, progress.micro_batches
+        self.tokens_trained, self.loss = progress.tokens_trained, progress.loss
