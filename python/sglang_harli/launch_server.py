@@ -139,6 +139,13 @@ def prepare(argv: list[str]):
         if not os.path.isdir(config.data_dir):
             raise UsageError(f"argument --harli-data-dir: {config.data_dir!r} is not a directory")
         config = msgspec.structs.replace(config, data_dir=os.path.abspath(config.data_dir))
+    if config.state_dir:
+        try:
+            os.makedirs(config.state_dir, exist_ok=True)
+        except OSError as exc:
+            detail = f"cannot create {config.state_dir!r}: {exc.strerror}"
+            raise UsageError(f"argument --harli-state-dir: {detail}") from None
+        config = msgspec.structs.replace(config, state_dir=os.path.abspath(config.state_dir))
     harli_dests = {f"harli_{f.name}" for f in fields}
     sglang_argv = _strip(argv, parser, harli_dests | {"model_path"})
 
@@ -179,6 +186,8 @@ def prepare(argv: list[str]):
         raise UsageError(f"invalid arguments (exit {exc.code})") from None
     except (ValueError, TypeError, AssertionError) as exc:
         raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if config.state_dir and server_args.dp_size > 1:  # every rank would resume the same jobs
+        raise UsageError("argument --harli-state-dir: not supported with --dp-size above 1 yet")
     return server_args
 
 

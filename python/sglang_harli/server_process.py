@@ -62,6 +62,12 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
 
+    def kill(self) -> None:
+        """A crash: SIGKILL to the server and everything it spawned, nothing flushed, nothing cleaned."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def post(self, path: str, body: dict, timeout: float = 120, **kwargs) -> requests.Response:
         return requests.post(self.url + path, json=body, timeout=timeout, **kwargs)
 

@@ -55,6 +55,23 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trainer_memory_mb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     """Ordinary memory the trainer's activations may use beyond lent KV pages, in MiB; 0: no limit."""
 
+    state_dir: str = ""
+    """Directory for durable finetune state (jobs, tokenized datasets, checkpoints); with it, unfinished
+    jobs resume after a restart and published adapters are served again. Empty: jobs last one run."""
+
+    checkpoint_every_steps: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 20
+    """With --harli-state-dir, checkpoint a running job every N optimizer steps (and whenever it
+    publishes); 0: only when it publishes."""
+
+    max_jobs: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
+    """Most finetune jobs queued or running at once; more are refused with 429."""
+
+    max_request_mb: Annotated[float, msgspec.Meta(gt=0)] = 64.0
+    """Largest /harli request body (an inline dataset), in MiB; larger ones are refused with 413."""
+
+    max_dataset_mb: Annotated[float, msgspec.Meta(gt=0)] = 1024.0
+    """Largest dataset file under --harli-data-dir a job may read, in MiB."""
+
     kv_poison: bool = False
     """Debugging: fill lent KV pages with a pattern and check, when they come back, that only the
     trainer wrote them (and poison them again for decode)."""
@@ -74,6 +91,11 @@ FIELD_HELP: dict[str, str] = {
     "sm_partitions": "CUDA green-context SM splits for finetune work: auto or off (default %(default)s).",
     "kv_lending": "Lend free KV-cache pages to the trainer's activations: auto or off (default %(default)s).",
     "trainer_memory_mb": "Ordinary memory (MiB) for activations beyond lent KV pages; 0: no limit (default).",
+    "state_dir": "Durable finetune state: jobs resume after a restart (default: off, jobs last one run).",
+    "checkpoint_every_steps": "Checkpoint running jobs every N optimizer steps (default %(default)s).",
+    "max_jobs": "Most finetune jobs queued or running at once (default %(default)s).",
+    "max_request_mb": "Largest /harli request body in MiB (default %(default)s).",
+    "max_dataset_mb": "Largest dataset file a job may read, in MiB (default %(default)s).",
     "kv_poison": "Debug: poison lent KV pages and check on return that only the trainer wrote them.",
 }
 

@@ -16,7 +16,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?!\n)$"
+"""A job's name is a directory name: no separators, no leading dot. ``(?!\n)`` because Python's ``$`` also
+matches before a trailing newline; the pattern is valid ECMAScript too, for the OpenAPI document."""
+MAX_SEED = 2**31 - 1
 PEFT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
@@ -55,7 +58,7 @@ class TrainingSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     micro_batch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
     gradient_accumulation_steps: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
     max_seq_len: Annotated[int, msgspec.Meta(ge=2, le=1 << 20)] = 512
-    seed: int = 0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] = 0
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warmup, as ``transformers.get_scheduler`` names it (constant keeps warmup)."""
     warmup_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -106,6 +109,10 @@ class JobStatus(msgspec.Struct, kw_only=True):
     """The newest published adapter directory (PEFT format)."""
     published: list[PublishedVersion] = msgspec.field(default_factory=list)
     error: str | None = None
+    resumes: int = 0
+    """Times the job was resumed from a checkpoint after the server restarted (``--harli-state-dir``)."""
+    checkpoint_step: int | None = None
+    """Optimizer step of the newest checkpoint written or resumed from."""
     created_at: float = msgspec.field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -130,6 +137,10 @@ def decode_spec(body: bytes) -> FinetuneJobSpec:
         raise SpecError(field, message.split(" - at ")[0], status=422) from None
     except msgspec.DecodeError as exc:
         raise SpecError("body", f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError("body", f"not valid UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise SpecError("body", "nested too deeply") from None
 
 
 def check_servable(spec: FinetuneJobSpec, limits: ServingLimits) -> None:
@@ -140,6 +151,20 @@ def check_servable(spec: FinetuneJobSpec, limits: ServingLimits) -> None:
     if unknown:
         raise SpecError(
             "lora.target_modules", f"unknown modules {unknown}; choose from {list(PEFT_TARGET_MODULES)}"
+        )
+    chosen = set(spec.lora.target_modules)
+    # SGLang serves q/k/v and gate/up as fused modules; its adapter loader stacks q with v (k may be
+    # missing) and gate with up (up may be missing), and would fail or ignore the other combinations.
+    if chosen & {"q_proj", "k_proj", "v_proj"} and not {"q_proj", "v_proj"} <= chosen:
+        raise SpecError(
+            "lora.target_modules",
+            "SGLang serves q_proj, k_proj and v_proj as one fused module and loads a LoRA on it only "
+            "with both q_proj and v_proj (k_proj optional); add the missing ones",
+        )
+    if "up_proj" in chosen and "gate_proj" not in chosen:
+        raise SpecError(
+            "lora.target_modules",
+            "SGLang serves gate_proj and up_proj as one fused module; a LoRA on up_proj needs gate_proj",
         )
     if limits.max_lora_rank is not None and spec.lora.r > limits.max_lora_rank:
         raise SpecError(
@@ -180,6 +205,14 @@ class JobBook:
         )
         self._jobs[spec.name] = status
         return status
+
+    def restore(self, job: JobStatus) -> None:
+        """Take back a job recorded by an earlier run of the server."""
+        self._jobs[job.name] = job
+
+    def active(self) -> int:
+        """Jobs queued or running."""
+        return sum(job.state not in FINISHED_STATES for job in self._jobs.values())
 
     def name_is_free(self, name: str) -> bool:
         job = self._jobs.get(name)

@@ -31,6 +31,7 @@ from sglang_harli.core.adapter_store import AdapterStore
 from sglang_harli.core.colocation import CoLocation
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.data import Example
+from sglang_harli.core.job_store import JobStore, JobStoreError, stage_examples
 from sglang_harli.core.jobs import (
     FINISHED_STATES,
     FinetuneJobSpec,
@@ -70,6 +71,8 @@ class SubmitRequest(msgspec.Struct, kw_only=True):
 
     spec: FinetuneJobSpec
     examples: list[Example]
+    staged: str | None = None
+    """With --harli-state-dir: the examples' file in the state directory's ``incoming/``."""
 
 
 class PublishedAck(msgspec.Struct, kw_only=True):
@@ -80,6 +83,12 @@ class PublishedAck(msgspec.Struct, kw_only=True):
 
 class JobName(msgspec.Struct, kw_only=True):
     name: str
+
+
+class PublishAgain(msgspec.Struct, kw_only=True):
+    name: str
+    version: int
+    path: str
 
 
 # A queued job starts in idle time; under unbroken decode load it starts anyway after this long.
@@ -99,6 +108,8 @@ class FinetuneService:
         self.store = AdapterStore(config.output_dir or cache_root() / "adapters")
         self.trainer: LoraTrainer | None = None
         self.job: JobStatus | None = None
+        self._tokens_at_start = 0  # tokens a resumed job had trained before this run
+        self.durable = JobStore(config.state_dir) if config.state_dir else None
         self.base_weights: dict[str, int] | None = None
         self._examples: dict[str, list[Example]] = {}
         device = getattr(scheduler.tp_worker.model_runner, "device", "cpu")
@@ -128,7 +139,47 @@ class FinetuneService:
             "jobs.get": lambda payload: self.book.get(msgspec.json.decode(payload, type=JobName).name),
             "jobs.cancel": self._cancel,
             "jobs.published": self._published,
+            "jobs.served": self._served,
         }
+        if self.durable is not None:
+            self._restore_jobs()
+
+    # -- durable state -------------------------------------------------------------------------------
+    def _restore_jobs(self) -> None:
+        """Take back the jobs of the previous run: unfinished ones queue again and resume from their
+        newest checkpoint when they start; every published adapter is served again (see ``jobs.served``)."""
+        for job in self.durable.load():
+            for version in job.published:
+                version.loaded, version.error = False, None
+            if job.state == "running":
+                final = job.published and job.published[-1].step >= job.total_steps
+                if final:  # it stopped between writing its final adapter and hearing that it served
+                    self.book.finish(job, "completed")
+                    self.durable.finished(job)
+                else:
+                    job.state, job.resumes = "queued", job.resumes + 1
+            self.book.restore(job)
+            logger.info("finetune job %s restored (%s, step %d)", job.name, job.state, job.step)
+
+    def _served(self, payload: bytes) -> list[PublishAgain]:
+        """The newest adapter version of every job, for the HTTP side to serve again after a restart."""
+        return [
+            PublishAgain(name=job.name, version=job.published[-1].version, path=job.published[-1].path)
+            for job in self.book.all()
+            if job.published and not job.published[-1].loaded
+        ]
+
+    def _save(self, job: JobStatus) -> None:
+        if self.durable is not None:
+            if job.state in FINISHED_STATES:
+                self.durable.finished(job)
+            else:
+                self.durable.save(job)
+
+    def _checkpoint(self, job: JobStatus, trainer: LoraTrainer) -> None:
+        if self.durable is not None:
+            job.checkpoint_step = trainer.step
+            self.durable.checkpoint(job.name, trainer.state(), job)
 
     # -- limits --------------------------------------------------------------------------------------
     def limits(self) -> ServingLimits:
@@ -150,14 +201,28 @@ class FinetuneService:
             raise SpecError("name", "finetuning with --tp-size above 1 is not supported yet", status=501)
         if not request.examples:
             raise SpecError("dataset", "no trainable examples")
+        if self.book.active() >= self.config.max_jobs and self.book.name_is_free(spec.name):
+            raise SpecError(
+                "name",
+                f"{self.book.active()} jobs are queued or running, the most this server takes "
+                "(--harli-max-jobs); retry when one has finished",
+                status=429,
+            )
         stored = msgspec.structs.replace(spec, dataset=msgspec.structs.replace(spec.dataset, records=None))
+        output_dir = str(self.store.job_dir(spec.name))
+        if self.durable is not None:
+            self.durable.job_dir(spec.name)  # a name that cannot be stored is refused before it is taken
         job = self.book.submit(
             stored,
             examples=len(request.examples),
             total_steps=plan_steps(len(request.examples), spec.training),
-            output_dir=str(self.store.job_dir(spec.name)),
+            output_dir=output_dir,
         )
-        self._examples[spec.name] = request.examples
+        if self.durable is not None:
+            staged = request.staged or stage_examples(self.durable.root, request.examples)
+            self.durable.add(job, staged)
+        else:
+            self._examples[spec.name] = request.examples
         logger.info("finetune job %s queued: %d examples, %d steps", job.name, job.examples, job.total_steps)
         return job
 
@@ -167,6 +232,7 @@ class FinetuneService:
         self._examples.pop(name, None)
         if self.job is job:
             self._drop_trainer()
+        self._save(job)
         logger.info("finetune job %s cancelled", name)
         return job
 
@@ -185,6 +251,7 @@ class FinetuneService:
                 self.book.finish(
                     job, "failed", f"the adapter was trained but could not be served: {ack.error}"
                 )
+        self._save(job)
         return {"ok": True}
 
     # -- training ------------------------------------------------------------------------------------
@@ -201,7 +268,11 @@ class FinetuneService:
             waited = time.time() - queued.created_at
             if not (may_start or waited > START_WITHIN_S) or not self._start_next():
                 return []
-        return self.trainer.peek(min(4 * self.trainer.units_per_micro_batch + 1, 256))
+        try:
+            return self.trainer.peek(min(4 * self.trainer.units_per_micro_batch + 1, 256))
+        except Exception as exc:  # planning is the job's code too: it fails the job, never the scheduler
+            self._fail(self.job, exc, traceback=True)
+            return []
 
     def run(
         self,
@@ -235,13 +306,13 @@ class FinetuneService:
                 if self.metrics is not None:
                     self.metrics.unit(when, tokens)
                 self._sync(job, trainer)
-                every = job.spec.publish.every_steps
                 if not more:
+                    self._checkpoint(job, trainer)
                     self._publish(job, trainer)
                     self._drop_trainer()
                     logger.info("finetune job %s trained; publishing", job.name)
-                elif every and trainer.step != step_before and trainer.step % every == 0:
-                    self._publish(job, trainer)
+                elif trainer.step != step_before:
+                    self._step_done(job, trainer)
             except TrainerMemoryError as exc:
                 if trainer.in_flight and self.lending.out_of_memory():
                     logger.info("finetune job %s: %s; replaying it with a larger loan", job.name, exc)
@@ -253,18 +324,30 @@ class FinetuneService:
                 break
         return done
 
+    def _step_done(self, job: JobStatus, trainer: LoraTrainer) -> None:
+        """After an optimizer step: checkpoint (then publish) when one is due."""
+        publish, checkpoint = job.spec.publish.every_steps, self.config.checkpoint_every_steps
+        publish_now = bool(publish) and trainer.step % publish == 0
+        if publish_now or (checkpoint and trainer.step % checkpoint == 0):
+            self._checkpoint(job, trainer)
+        if publish_now:
+            self._publish(job, trainer)
+
     def _fail(self, job: JobStatus, exc: Exception, *, traceback: bool = False) -> None:
         logger.error("finetune job %s failed: %s", job.name, exc, exc_info=traceback)
         self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
         self._drop_trainer()
+        self._save(job)
 
     def _start_next(self) -> bool:
         job = self.book.next_queued()
         if job is None:
             return False
-        examples = self._examples.pop(job.name)
         self.book.start(job)
         try:
+            examples = self._examples.pop(job.name, None)
+            if examples is None and self.durable is not None:
+                examples = self.durable.examples(job.name)
             with training_mode():
                 model, self.base_weights = bind_training_model(
                     self.scheduler.tp_worker.model_runner.model, self.scheduler.server_args.model_path
@@ -279,13 +362,29 @@ class FinetuneService:
                     on_micro_batch_end=self.lending.micro_batch_done,
                     place_grads=self.lending.place_grads,
                 )
+                checkpoint = self.durable.checkpoints(job.name).latest() if self.durable else None
+                if checkpoint is not None:
+                    self.trainer.restore(checkpoint)
                 self.lending.attach(self.trainer)
         except Exception as exc:
-            logger.exception("finetune job %s could not start", job.name)
+            logger.error(
+                "finetune job %s could not start: %s",
+                job.name,
+                exc,
+                exc_info=not isinstance(exc, JobStoreError),
+            )
+            self.trainer = None
             self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
+            self._save(job)
             return self.book.next_queued() is not None and self._start_next()
         self.job = job
         job.total_steps = self.trainer.total_steps
+        self._tokens_at_start = self.trainer.tokens_trained
+        if checkpoint is not None:
+            job.checkpoint_step = checkpoint.progress.step
+            self._sync(job, self.trainer)
+            logger.info("finetune job %s resumed from its checkpoint at step %d", job.name, job.step)
+        self._save(job)
         logger.info("finetune job %s started: base weights %s", job.name, self.base_weights)
         return True
 
@@ -405,13 +504,15 @@ class FinetuneService:
             trainer.loss,
         )
         elapsed = time.time() - (job.started_at or time.time())
-        job.tokens_per_s = trainer.tokens_trained / elapsed if elapsed > 0 else None
+        trained = trainer.tokens_trained - self._tokens_at_start
+        job.tokens_per_s = trained / elapsed if elapsed > 0 else None
 
     def _publish(self, job: JobStatus, trainer: LoraTrainer) -> None:
         version = len(job.published) + 1
         path = self.store.write(job.name, version, trainer.save_adapter)
         job.published.append(PublishedVersion(version=version, step=trainer.step, path=str(path)))
         job.adapter_path = str(path)
+        self._save(job)
         self.scheduler.ipc_channels.send_to_tokenizer.send_output(
             HarliPublishReq(name=job.name, version=version, path=str(path))
         )
@@ -424,6 +525,7 @@ class FinetuneService:
             "training": self.job.name if self.job else None,
             "base_weights": self.base_weights,
             "output_dir": str(Path(self.store.root)),
+            "state_dir": str(self.durable.root) if self.durable else None,
             "profile": self.profile,
             "partitions": self.partitioner.describe(),
             "memory": self.lending.snapshot(),

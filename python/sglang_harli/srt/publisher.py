@@ -39,6 +39,9 @@ async def publish_adapter(tokenizer_manager, name: str, version: int, path: str)
     tm.auto_create_handle_loop()
     registry = tm.lora_registry
     async with tm.lora_update_lock:
+        live = _live_versions.get(name, 0)
+        if version < live:  # a restart's re-publish racing the job's next version: never go back
+            raise RuntimeError(f"version {live} of {name} already serves")
         internal = LoRARef(lora_name=f"{name}@v{version}", lora_path=path)
         load = LoadLoRAAdapterReqInput(lora_name=internal.lora_name, lora_path=path, lora_id=internal.lora_id)
         error = _merged_error(await tm.update_lora_adapter_communicator(load))
@@ -51,6 +54,7 @@ async def publish_adapter(tokenizer_manager, name: str, version: int, path: str)
             registry._counters[public.lora_id] = ConcurrentCounter()
             registry._registry[name] = public
         tm.lora_ref_cache[name] = public
+        _live_versions[name] = version
         logger.info("adapter %s now serves version %d (%s)", name, version, path)
     if old is None:
         return None
@@ -61,6 +65,7 @@ async def publish_adapter(tokenizer_manager, name: str, version: int, path: str)
 
 
 _retiring: set[asyncio.Task] = set()
+_live_versions: dict[str, int] = {}
 
 
 async def _retire(tm, name: str, old: LoRARef) -> None:
