@@ -83,16 +83,20 @@ def resolve_dataset_path(data_dir: str | None, path: str) -> pathlib.Path:
     given = pathlib.PurePath(path)
     if given.is_absolute():
         raise DatasetError("dataset.path", f"{path!r} must be relative to --harli-data-dir, not absolute")
+    if "\x00" in path:
+        raise DatasetError("dataset.path", "must not contain NUL characters")
     try:
         root = pathlib.Path(data_dir).resolve()
         target = (root / given).resolve()
-    except (OSError, RuntimeError):  # the message would show the server's absolute paths
-        raise DatasetError("dataset.path", f"cannot resolve {path!r} (a symlink loop?)") from None
-    if not target.is_relative_to(root):
+        inside = target.is_relative_to(root)
+        is_dir, is_file = inside and target.is_dir(), inside and target.is_file()
+    except (OSError, RuntimeError, ValueError):  # the message would show the server's absolute paths
+        raise DatasetError("dataset.path", f"cannot resolve {path!r} (too long? a symlink loop?)") from None
+    if not inside:
         raise DatasetError("dataset.path", f"{path!r} is outside --harli-data-dir")
-    if target.is_dir():
+    if is_dir:
         raise DatasetError("dataset.path", f"{path!r} is a directory, not a JSONL file")
-    if not target.is_file():
+    if not is_file:
         raise DatasetError("dataset.path", f"{path!r} does not exist under --harli-data-dir")
     return target
 
@@ -124,6 +128,8 @@ def _read_jsonl_numbered(path: pathlib.Path, max_records: int | None) -> list[tu
             record = msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
             raise DatasetError(f"line {lineno}", f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise DatasetError(f"line {lineno}", "nested too deeply") from None
         if not isinstance(record, dict):
             raise DatasetError(f"line {lineno}", f"expected a JSON object, got {_json_type(record)}")
         if max_records is not None and len(records) >= max_records:
@@ -207,12 +213,21 @@ def load_examples(
     data_dir: str | None,
     max_seq_len: int,
     max_inline_records: int = 10_000,
+    max_file_bytes: int | None = None,
 ) -> tuple[list[Example], DatasetSummary]:
     """The examples of a finetune request's dataset: inline ``records`` or a JSONL ``path`` (exactly one)."""
     if (dataset_records is None) == (dataset_path is None):
         raise DatasetError("dataset", "give exactly one of records or path")
     if dataset_path is not None:
-        numbered = _read_jsonl_numbered(resolve_dataset_path(data_dir, dataset_path), None)
+        target = resolve_dataset_path(data_dir, dataset_path)
+        size = target.stat().st_size
+        if max_file_bytes is not None and size > max_file_bytes:
+            raise DatasetError(
+                "dataset.path",
+                f"{dataset_path!r} is {size / 2**20:.1f} MiB, more than the {max_file_bytes / 2**20:.1f} MiB "
+                "the server accepts (--harli-max-dataset-mb)",
+            )
+        numbered = _read_jsonl_numbered(target, None)
         if not numbered:
             raise DatasetError("dataset.path", f"{dataset_path!r} has no records")
         return build_examples(

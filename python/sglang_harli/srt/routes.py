@@ -9,7 +9,9 @@ Read-only routes use SGLang's normal API-key rule; routes that change state are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from pathlib import Path
 
 import msgspec
 from fastapi import APIRouter, Request, Response
@@ -20,9 +22,12 @@ from sglang.utils import TypeBasedDispatcher
 
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.data import DatasetError, load_examples
+from sglang_harli.core.job_store import stage_examples
 from sglang_harli.core.jobs import SpecError, decode_spec
 from sglang_harli.srt.control import HarliControlClient, HarliPublishReq, register_control_types
-from sglang_harli.srt.finetune import JobName, PublishedAck, SubmitRequest
+from sglang_harli.srt.finetune import JobName, PublishAgain, PublishedAck, SubmitRequest
+from sglang_harli.srt.openapi import document_routes
+from sglang_harli.srt.pd_guard import install_pd_guard
 from sglang_harli.srt.publisher import publish_adapter
 
 logger = logging.getLogger(__name__)
@@ -77,6 +82,26 @@ async def _relay(command: str, body=None) -> Response:
     return _json({"dp_ranks": merged}, status=first.status)
 
 
+def _config() -> HarliConfig:
+    return getattr(_tokenizer_manager().server_args, "_harli_config", None) or HarliConfig()
+
+
+async def _body(request: Request, limit_mb: float) -> bytes:
+    """The request body, refused with 413 beyond ``limit_mb`` before more of it is read."""
+    limit = int(limit_mb * 2**20)
+    too_large = SpecError("body", f"larger than {limit_mb:g} MiB (--harli-max-request-mb)", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _refuse(exc: SpecError | DatasetError) -> Response:
     status = getattr(exc, "status", 400)
     return _json({"error": str(exc), "field": exc.field}, status=status)
@@ -94,15 +119,21 @@ async def submit_job(request: Request) -> Response:
     """Queue a LoRA finetune job (``FinetuneJobSpec``); the dataset is read and tokenized here, off the
     scheduler, so a bad file is refused before the scheduler sees anything."""
     tokenizer_manager = _tokenizer_manager()
+    config = _config()
     try:
-        spec = decode_spec(await request.body())
+        spec = decode_spec(await _body(request, config.max_request_mb))
         if spec.name in getattr(tokenizer_manager, "lora_ref_cache", {}):
             raise SpecError("name", f"an adapter named {spec.name!r} is already served; pick another", 409)
         if tokenizer_manager.tokenizer is None:
             raise SpecError(
                 "dataset", "the server runs with --skip-tokenizer-init and cannot tokenize datasets"
             )
-        config: HarliConfig = getattr(tokenizer_manager.server_args, "_harli_config", None) or HarliConfig()
+        context = getattr(tokenizer_manager, "context_len", None)
+        if context and spec.training.max_seq_len > context:
+            raise SpecError(
+                "training.max_seq_len",
+                f"{spec.training.max_seq_len} is longer than the model's context length ({context})",
+            )
         examples, _ = await asyncio.to_thread(
             load_examples,
             spec.dataset.records,
@@ -110,10 +141,18 @@ async def submit_job(request: Request) -> Response:
             tokenizer_manager.tokenizer,
             data_dir=config.data_dir or None,
             max_seq_len=spec.training.max_seq_len,
+            max_file_bytes=int(config.max_dataset_mb * 2**20),
         )
     except (SpecError, DatasetError) as exc:
         return _refuse(exc)
-    response = await _relay("jobs.submit", SubmitRequest(spec=spec, examples=examples))
+    staged = None
+    if config.state_dir and examples:  # on disk before the job is acknowledged (core.job_store)
+        staged = await asyncio.to_thread(stage_examples, config.state_dir, examples)
+    try:
+        response = await _relay("jobs.submit", SubmitRequest(spec=spec, examples=examples, staged=staged))
+    finally:
+        if staged is not None:  # adopted by the scheduler (moved away) unless the job was refused
+            (Path(config.state_dir) / "incoming" / staged).unlink(missing_ok=True)
     if response.status_code == 200:
         response.status_code = 201
     return response
@@ -138,8 +177,39 @@ async def cancel_job(name: str, request: Request) -> Response:
     return await _relay("jobs.cancel", JobName(name=name))
 
 
+async def serve_published_adapters() -> None:
+    """After a restart, serve every job's newest adapter again (``--harli-state-dir``).
+
+    Runs at start-up, before the server reports healthy, so a client never sees an adapter it used
+    before the restart missing."""
+    replies = await _control_client().call("jobs.served")
+    for reply in replies:
+        for again in msgspec.json.decode(reply.payload, type=list[PublishAgain]):
+            logger.info("serving adapter %s version %d again", again.name, again.version)
+            await _publish(HarliPublishReq(name=again.name, version=again.version, path=again.path))
+
+
+def _with_harli_startup(lifespan):
+    """SGLang's app lifespan, preceded by Harli's start-up: our reply types are known to the tokenizer
+    manager before anything can arrive from a scheduler, and published adapters serve again."""
+
+    @contextlib.asynccontextmanager
+    async def harli_lifespan(app):
+        if _config().state_dir:
+            await serve_published_adapters()
+        else:
+            _control_client()
+        async with lifespan(app) as state:
+            yield state
+
+    harli_lifespan.harli = True
+    return harli_lifespan
+
+
 def install_routes(app=None) -> None:
-    """Mount the routes on SGLang's app (idempotent) and register our IPC types in this process.
+    """Mount the routes on SGLang's app (idempotent) and register our IPC types in this process; also
+    document them in the app's OpenAPI schema, run Harli's start-up before SGLang's (``_with_harli_startup``)
+    and guard PD-decode admission (``pd_guard``).
 
     Each route is added to the app itself rather than through ``include_router``: SGLang's API-key
     middleware reads the ``@auth_level`` mark from the endpoint of the app route that matches, and
@@ -153,3 +223,7 @@ def install_routes(app=None) -> None:
         app.add_api_route(
             route.path, route.endpoint, methods=sorted(route.methods), name=route.name, tags=["harli"]
         )
+    if not getattr(app.router.lifespan_context, "harli", False):
+        app.router.lifespan_context = _with_harli_startup(app.router.lifespan_context)
+    document_routes(app)
+    install_pd_guard()
