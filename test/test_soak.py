@@ -1,0 +1,29 @@
+"""A short soak (``benchmark.soak``) on its own server: sustained streaming decode, jobs submitted,
+published, cancelled and completed, adapters requested while new versions swap in. Zero failed requests,
+no memory growth from cycle to cycle, and every KV page back in the pool at the end."""
+
+import pytest
+from benchmark.soak import SERVER_FLAGS, run_soak
+
+from sglang_harli.server_process import ServerProcess
+
+pytestmark = pytest.mark.server
+
+
+def test_soak_loses_nothing_and_leaks_nothing(tmp_path, tiny_model_dir):
+    with ServerProcess(SERVER_FLAGS, tmp_path / "server.log") as server:
+        report = run_soak(server, cycles=4)
+    assert report.failures == 0, report.failure_samples
+    assert report.requests > 50 and report.adapter_requests > 0
+    assert report.job_states == {
+        "soak-0": "completed",
+        "soak-1": "cancelled",
+        "soak-2": "completed",
+        "soak-3": "cancelled",
+    }
+    assert report.versions_published >= 6
+    # Memory after the first cycle (everything warmed up) bounds every later cycle's.
+    assert max(report.rss_mib[1:]) - report.rss_mib[0] < 0.02 * report.rss_mib[0], report.rss_mib
+    assert report.lent_tokens_end == 0 and report.poison_violations == 0
+    assert report.free_tokens_end + report.cached_tokens_end == report.pool_tokens
+    assert report.ordinary_activation_bytes_end == 0
