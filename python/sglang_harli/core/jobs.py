@@ -206,6 +206,10 @@ class JobBook:
         self._jobs[spec.name] = status
         return status
 
+    def forget(self, name: str) -> None:
+        """Drop a job that was never acknowledged (recording it failed)."""
+        self._jobs.pop(name, None)
+
     def restore(self, job: JobStatus) -> None:
         """Take back a job recorded by an earlier run of the server."""
         self._jobs[job.name] = job

@@ -219,8 +219,14 @@ class FinetuneService:
             output_dir=output_dir,
         )
         if self.durable is not None:
-            staged = request.staged or stage_examples(self.durable.root, request.examples)
-            self.durable.add(job, staged)
+            try:
+                staged = request.staged or stage_examples(self.durable.root, request.examples)
+                self.durable.add(job, staged)
+            except OSError as exc:  # a job that is not on disk is not acknowledged
+                self.book.forget(spec.name)
+                raise SpecError(
+                    "name", f"could not record the job under --harli-state-dir: {exc}", 507
+                ) from None
         else:
             self._examples[spec.name] = request.examples
         logger.info("finetune job %s queued: %d examples, %d steps", job.name, job.examples, job.total_steps)

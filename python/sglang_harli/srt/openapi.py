@@ -116,6 +116,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "422": _refusal("The body does not match FinetuneJobSpec; `field` is the JSON path."),
                 "429": _refusal("--harli-max-jobs jobs are already queued or running."),
                 "501": _refusal("Finetuning is not supported in this server configuration (--tp-size > 1)."),
+                "507": _refusal("The job could not be recorded under --harli-state-dir (disk full?)."),
             },
         },
         ("GET", "/harli/jobs"): {

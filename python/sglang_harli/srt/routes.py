@@ -195,10 +195,12 @@ def _with_harli_startup(lifespan):
 
     @contextlib.asynccontextmanager
     async def harli_lifespan(app):
+        _control_client()
         if _config().state_dir:
-            await serve_published_adapters()
-        else:
-            _control_client()
+            try:
+                await serve_published_adapters()
+            except Exception:  # serving without them beats not serving; each job shows what failed
+                logger.exception("re-publishing adapters at start-up failed")
         async with lifespan(app) as state:
             yield state
 
