@@ -9,9 +9,10 @@ Layout under ``--harli-state-dir``::
 
 The tokenized examples are stored rather than the request's dataset so that a resumed job trains on
 exactly the tokens the first run trained on, whatever happened to the data file or the tokenizer since.
-The HTTP process writes them (it tokenized them, and it is not the decode loop) to ``incoming/``; the
-scheduler adopts the file with a rename once it accepts the job, so an accepted job is on disk before its
-201, and a refused one never touches the job's directory.
+The HTTP process writes them (it tokenized them, and it is not the decode loop) to ``incoming/`` and
+hashes them as it does; the scheduler adopts the file with a rename once it accepts the job, so an
+accepted job is on disk before its 201, a refused one never touches the job's directory, and the decode
+loop neither receives the examples over IPC nor reads them back.
 
 Writes that can wait (status updates, checkpoints) go through one background thread in order, so the
 decode loop never waits for a disk; ``flush()`` waits for them.
@@ -50,13 +51,25 @@ class JobStoreError(Exception):
     """Stored state that cannot be used; the message says which and why."""
 
 
-def stage_examples(state_dir: str | os.PathLike, examples: list[Example]) -> str:
-    """Write a submitted job's examples to ``incoming/`` (HTTP process); returns the staged file's name."""
+class StagedExamples(msgspec.Struct, kw_only=True):
+    """A submitted job's examples, written to ``incoming/`` by the HTTP process."""
+
+    file: str
+    sha256: str
+
+
+def stage_examples(state_dir: str | os.PathLike, examples: list[Example]) -> StagedExamples:
     incoming = Path(state_dir) / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     name = f"{uuid.uuid4().hex}.msgpack"
-    fsync_write(incoming / name, msgspec.msgpack.encode(examples))
-    return name
+    data = msgspec.msgpack.encode(examples)
+    fsync_write(incoming / name, data)
+    return StagedExamples(file=name, sha256=hashlib.sha256(data).hexdigest())
+
+
+def discard_staged(state_dir: str | os.PathLike, staged: StagedExamples) -> None:
+    """Remove a staged file the scheduler did not adopt (a refused job); a no-op once it was adopted."""
+    (Path(state_dir) / "incoming" / Path(staged.file).name).unlink(missing_ok=True)
 
 
 class JobStore:
@@ -76,17 +89,15 @@ class JobStore:
         return CheckpointDir(self.job_dir(name) / "checkpoints")
 
     # -- writes --------------------------------------------------------------------------------------
-    def add(self, status: JobStatus, staged: str) -> None:
+    def add(self, status: JobStatus, staged: StagedExamples) -> None:
         """Adopt a staged dataset as job ``status.name``'s and record the job, before it is acknowledged."""
         directory = self.job_dir(status.name)
         self.flush()  # nothing of an earlier job of this name is still being written
         if directory.exists():  # a failed or cancelled job of the same name gives way
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        source = self.incoming / Path(staged).name
-        examples = directory / EXAMPLES_FILE
-        os.replace(source, examples)
-        self._digests[status.name] = hashlib.sha256(examples.read_bytes()).hexdigest()
+        os.replace(self.incoming / Path(staged.file).name, directory / EXAMPLES_FILE)
+        self._digests[status.name] = staged.sha256
         self._write_status(status.name, self._encode(status))
 
     def save(self, status: JobStatus) -> None:
@@ -114,9 +125,6 @@ class JobStore:
             (directory / EXAMPLES_FILE).unlink(missing_ok=True)
 
         self._submit(write)
-
-    def discard_staged(self, staged: str) -> None:
-        (self.incoming / Path(staged).name).unlink(missing_ok=True)
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []

@@ -31,7 +31,7 @@ from sglang_harli.core.adapter_store import AdapterStore
 from sglang_harli.core.colocation import CoLocation
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.data import Example
-from sglang_harli.core.job_store import JobStore, JobStoreError, stage_examples
+from sglang_harli.core.job_store import JobStore, JobStoreError, StagedExamples
 from sglang_harli.core.jobs import (
     FINISHED_STATES,
     FinetuneJobSpec,
@@ -70,9 +70,12 @@ class SubmitRequest(msgspec.Struct, kw_only=True):
     """What the HTTP side sends once it has validated the spec and tokenized the dataset."""
 
     spec: FinetuneJobSpec
-    examples: list[Example]
-    staged: str | None = None
-    """With --harli-state-dir: the examples' file in the state directory's ``incoming/``."""
+    count: int
+    """Trainable examples in the dataset."""
+    examples: list[Example] = msgspec.field(default_factory=list)
+    """The examples themselves, without --harli-state-dir."""
+    staged: StagedExamples | None = None
+    """With --harli-state-dir: where the HTTP process wrote them instead (``core.job_store``)."""
 
 
 class PublishedAck(msgspec.Struct, kw_only=True):
@@ -199,7 +202,7 @@ class FinetuneService:
         check_servable(spec, self.limits())
         if self.scheduler.tp_size > 1:
             raise SpecError("name", "finetuning with --tp-size above 1 is not supported yet", status=501)
-        if not request.examples:
+        if not request.count:
             raise SpecError("dataset", "no trainable examples")
         if self.book.active() >= self.config.max_jobs and self.book.name_is_free(spec.name):
             raise SpecError(
@@ -214,14 +217,13 @@ class FinetuneService:
             self.durable.job_dir(spec.name)  # a name that cannot be stored is refused before it is taken
         job = self.book.submit(
             stored,
-            examples=len(request.examples),
-            total_steps=plan_steps(len(request.examples), spec.training),
+            examples=request.count,
+            total_steps=plan_steps(request.count, spec.training),
             output_dir=output_dir,
         )
         if self.durable is not None:
             try:
-                staged = request.staged or stage_examples(self.durable.root, request.examples)
-                self.durable.add(job, staged)
+                self.durable.add(job, request.staged)
             except OSError as exc:  # a job that is not on disk is not acknowledged
                 self.book.forget(spec.name)
                 raise SpecError(
@@ -373,15 +375,7 @@ class FinetuneService:
                     self.trainer.restore(checkpoint)
                 self.lending.attach(self.trainer)
         except Exception as exc:
-            logger.error(
-                "finetune job %s could not start: %s",
-                job.name,
-                exc,
-                exc_info=not isinstance(exc, JobStoreError),
-            )
-            self.trainer = None
-            self.book.finish(job, "failed", f"{type(exc).__name__}: {exc}")
-            self._save(job)
+            self._fail(job, exc, traceback=not isinstance(exc, JobStoreError))
             return self.book.next_queued() is not None and self._start_next()
         self.job = job
         job.total_steps = self.trainer.total_steps

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
 
 import msgspec
 from fastapi import APIRouter, Request, Response
@@ -22,7 +21,7 @@ from sglang.utils import TypeBasedDispatcher
 
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.data import DatasetError, load_examples
-from sglang_harli.core.job_store import stage_examples
+from sglang_harli.core.job_store import discard_staged, stage_examples
 from sglang_harli.core.jobs import SpecError, decode_spec
 from sglang_harli.srt.control import HarliControlClient, HarliPublishReq, register_control_types
 from sglang_harli.srt.finetune import JobName, PublishAgain, PublishedAck, SubmitRequest
@@ -145,14 +144,16 @@ async def submit_job(request: Request) -> Response:
         )
     except (SpecError, DatasetError) as exc:
         return _refuse(exc)
-    staged = None
     if config.state_dir and examples:  # on disk before the job is acknowledged (core.job_store)
         staged = await asyncio.to_thread(stage_examples, config.state_dir, examples)
+        submit = SubmitRequest(spec=spec, count=len(examples), staged=staged)
+    else:
+        staged, submit = None, SubmitRequest(spec=spec, count=len(examples), examples=examples)
     try:
-        response = await _relay("jobs.submit", SubmitRequest(spec=spec, examples=examples, staged=staged))
+        response = await _relay("jobs.submit", submit)
     finally:
-        if staged is not None:  # adopted by the scheduler (moved away) unless the job was refused
-            (Path(config.state_dir) / "incoming" / staged).unlink(missing_ok=True)
+        if staged is not None:
+            discard_staged(config.state_dir, staged)
     if response.status_code == 200:
         response.status_code = 201
     return response
