@@ -188,6 +188,8 @@ def prepare(argv: list[str]):
         raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if config.state_dir and server_args.dp_size > 1:  # every rank would resume the same jobs
         raise UsageError("argument --harli-state-dir: not supported with --dp-size above 1 yet")
+    if config.state_dir and server_args.tp_size > 1:  # checkpoints would need every rank's optimizer slice
+        raise UsageError("argument --harli-state-dir: not supported with --tp-size above 1 yet")
     return server_args
 
 

@@ -44,6 +44,7 @@ from transformers import get_scheduler
 from sglang_harli.core.checkpoint import Progress, TrainerState
 from sglang_harli.core.data import Example
 from sglang_harli.core.jobs import LoraSpec, TrainingSpec
+from sglang_harli.core.tensor_parallel import TensorParallel
 from sglang_harli.core.work import FinetuneWork
 
 SavedTensorHooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
@@ -137,6 +138,7 @@ class LoraTrainer:
         saved_tensor_hooks: SavedTensorHooks | None = None,
         on_micro_batch_end: Callable[[int], None] | None = None,
         place_grads: Callable[[list[nn.Parameter]], None] | None = None,
+        tensor_parallel: TensorParallel | None = None,
     ):
         if not examples:
             raise ValueError("no examples to train on")
@@ -152,11 +154,18 @@ class LoraTrainer:
         # Asked to give the LoRA parameters their gradient buffers when a step's first backward starts.
         self.place_grads = place_grads
         self.device = next(base_model.parameters()).device
+        # With tensor parallelism, ``base_model`` is this rank's slice (``core.tensor_parallel``).
+        self.tensor_parallel = tp = tensor_parallel
         with training_mode(), torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(training.seed)  # LoRA A init, as `torch.manual_seed(seed); get_peft_model` does
             self.model: PeftModel = get_peft_model(base_model, lora_config(lora))
+            if tp is not None:  # the slices of what one rank would have drawn
+                dtype = next(base_model.parameters()).dtype
+                tp.load_slices(self.model, tp.initial_adapter(lora_config(lora), training.seed, dtype))
+                tp.install(self.model)
             self.model.train()
-            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self._named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.params = [p for _, p in self._named_params]
             self.optimizer = torch.optim.AdamW(
                 self.params, lr=training.learning_rate, weight_decay=training.weight_decay
             )
@@ -386,8 +395,14 @@ class LoraTrainer:
             self.on_micro_batch_end(tokens)
 
     def _optimizer_step(self) -> None:
+        tp = self.tensor_parallel
+        if tp is not None:
+            tp.reduce_grads(self._named_params)
         if self.training.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm)
+            if tp is not None:
+                norm = tp.clip_grad_norm_(self._named_params, self.training.max_grad_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm)
             if not torch.isfinite(norm):
                 raise FloatingPointError(
                     f"gradient norm is {float(norm)} at optimizer step {self.step + 1}; "
@@ -404,12 +419,23 @@ class LoraTrainer:
         return [self.device] if self.device.type == "cuda" else []
 
     # -- results -------------------------------------------------------------------------------------
-    def save_adapter(self, directory: str) -> None:
-        """Write the adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        self.model.save_pretrained(directory, safe_serialization=True)
+    def save_adapter(self, directory: str | None) -> None:
+        """Write the adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        With tensor parallelism every rank must call this (the adapter is gathered); one of them passes
+        the ``directory``, the others ``None``."""
+        if self.tensor_parallel is None:
+            self.model.save_pretrained(directory, safe_serialization=True)
+            return
+        full = self.tensor_parallel.gathered(self.model)
+        if directory is not None:
+            self.model.save_pretrained(
+                directory, safe_serialization=True, state_dict=full, save_embedding_layers=False
+            )
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        """This rank's LoRA weights (with tensor parallelism, its slices)."""
+        return {n: p.detach() for n, p in self._named_params}
 
     # -- checkpoints ---------------------------------------------------------------------------------
     @property

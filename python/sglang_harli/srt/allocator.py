@@ -56,6 +56,7 @@ class LendingAllocator(BaseTokenToKVPoolAllocator):
         self.reclaim_seconds = 0.0
         self.last_reclaim_s = 0.0
         self.poison_violations = 0
+        self.lent_allocations = 0  # with poison: allocations that returned a lent page (must stay 0)
         self._lent_runs: list[tuple[int, int]] = []
 
     # -- lending -------------------------------------------------------------------------------------
@@ -173,18 +174,27 @@ class LendingAllocator(BaseTokenToKVPoolAllocator):
         out = super().alloc(need_size)
         if out is None and self.reclaim():
             out = super().alloc(need_size)
-        return out
+        return self._checked(out)
 
     def alloc_extend(self, *args, **kwargs):
         out = super().alloc_extend(*args, **kwargs)
         if out is None and self.reclaim():
             out = super().alloc_extend(*args, **kwargs)
-        return out
+        return self._checked(out)
 
     def alloc_decode(self, *args, **kwargs):
         out = super().alloc_decode(*args, **kwargs)
         if out is None and self.reclaim():
             out = super().alloc_decode(*args, **kwargs)
+        return self._checked(out)
+
+    def _checked(self, out):
+        """With ``poison`` on: no allocation (a request's KV, a PD transfer's target) gets a lent page."""
+        if self.poison and out is not None and self.lent_pages.numel():
+            pages = torch.unique(out // self.page_size)
+            if bool(torch.isin(pages, self.lent_pages).any()):
+                self.lent_allocations += 1
+                logger.error("an allocation returned KV pages that are lent to the trainer")
         return out
 
     def clear(self):

@@ -48,11 +48,13 @@ from sglang_harli.core.memory import TrainerMemoryError
 from sglang_harli.core.partition import make_partitioner
 from sglang_harli.core.predictor import LatencyPredictor
 from sglang_harli.core.qos import make_policy
+from sglang_harli.core.tensor_parallel import TensorParallelError
 from sglang_harli.core.trainer import LoraTrainer, plan_steps, training_mode
 from sglang_harli.core.work import WORK_KINDS, FinetuneWork
 from sglang_harli.models.builtin import cache_root
 from sglang_harli.srt.control import HarliPublishReq
 from sglang_harli.srt.lending import KvLending
+from sglang_harli.srt.tensor_parallel import RankAgreement, training_group
 from sglang_harli.srt.weights import bind_training_model
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,14 @@ class FinetuneService:
         self.metrics = metrics
         self.book = JobBook()
         self.store = AdapterStore(config.output_dir or cache_root() / "adapters")
+        # With --tp-size N every rank trains its slice; rank 0 decides when (``srt.tensor_parallel``).
+        self.agreement = RankAgreement(scheduler)
+        self.tensor_parallel, self.unsupported = None, None
+        try:
+            self.tensor_parallel = training_group(scheduler)
+        except TensorParallelError as exc:  # the server serves; jobs get this reason
+            self.unsupported = str(exc)
+            logger.warning("finetuning is off: %s", exc)
         self.trainer: LoraTrainer | None = None
         self.job: JobStatus | None = None
         self._tokens_at_start = 0  # tokens a resumed job had trained before this run
@@ -200,8 +210,8 @@ class FinetuneService:
         request = msgspec.json.decode(payload, type=SubmitRequest)
         spec = request.spec
         check_servable(spec, self.limits())
-        if self.scheduler.tp_size > 1:
-            raise SpecError("name", "finetuning with --tp-size above 1 is not supported yet", status=501)
+        if self.unsupported:
+            raise SpecError("name", f"finetuning is not available on this server: {self.unsupported}", 501)
         if not request.count:
             raise SpecError("dataset", "no trainable examples")
         if self.book.active() >= self.config.max_jobs and self.book.name_is_free(spec.name):
@@ -296,7 +306,10 @@ class FinetuneService:
         deadline = None if budget_s is None else time.perf_counter() + budget_s
         done = 0
         while done < units and self.trainer is not None:
-            if should_yield is not None and should_yield():
+            stop = (should_yield is not None and should_yield()) or (
+                deadline is not None and time.perf_counter() >= deadline
+            )
+            if self.agreement.flag(stop):
                 break
             job, trainer = self.job, self.trainer
             step_before, tokens_before = trainer.step, trainer.tokens_trained
@@ -328,8 +341,6 @@ class FinetuneService:
                 self._fail(job, exc)
             except Exception as exc:  # a failing job must not take decode down with it
                 self._fail(job, exc, traceback=True)
-            if deadline is not None and time.perf_counter() >= deadline:
-                break
         return done
 
     def _step_done(self, job: JobStatus, trainer: LoraTrainer) -> None:
@@ -347,6 +358,10 @@ class FinetuneService:
         self._drop_trainer()
         self._save(job)
 
+    def start_next(self) -> bool:
+        """Start the next queued job, if any; True if one is training now."""
+        return self._start_next()
+
     def _start_next(self) -> bool:
         job = self.book.next_queued()
         if job is None:
@@ -358,7 +373,9 @@ class FinetuneService:
                 examples = self.durable.examples(job.name)
             with training_mode():
                 model, self.base_weights = bind_training_model(
-                    self.scheduler.tp_worker.model_runner.model, self.scheduler.server_args.model_path
+                    self.scheduler.tp_worker.model_runner.model,
+                    self.scheduler.server_args.model_path,
+                    self.tensor_parallel,
                 )
                 self.trainer = LoraTrainer(
                     model,
@@ -369,6 +386,7 @@ class FinetuneService:
                     saved_tensor_hooks=self.lending.hooks,
                     on_micro_batch_end=self.lending.micro_batch_done,
                     place_grads=self.lending.place_grads,
+                    tensor_parallel=self.tensor_parallel,
                 )
                 checkpoint = self.durable.checkpoints(job.name).latest() if self.durable else None
                 if checkpoint is not None:
@@ -411,13 +429,14 @@ class FinetuneService:
                 str(getattr(runner, "dtype", "")),
                 self.config.layers_per_unit,
                 torch.__version__,
+                self.scheduler.tp_size,
             ]
         )
         return cache_root() / "predictor" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
     def _cached_predictor(self) -> LatencyPredictor | None:
-        if self.config.profile == "refresh":
-            return None
+        if self.config.profile == "refresh" or self.tensor_parallel is not None:
+            return None  # with TP every rank profiles, in step (rank 0 alone could have a cache entry)
         try:
             state = json.loads(self._predictor_path.read_text())
             predictor = LatencyPredictor.from_state(state, forgetting=PREDICTOR_FORGETTING)
@@ -427,6 +446,8 @@ class FinetuneService:
         return predictor
 
     def _save_predictor(self) -> None:
+        if not self.agreement.leader:
+            return
         path = self._predictor_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -443,7 +464,8 @@ class FinetuneService:
         skipped with ``--harli-profile skip``, when LoRA serving is off, or when the cache has an entry.
         """
         if (
-            self.config.profile == "skip"
+            self.unsupported
+            or self.config.profile == "skip"
             or self.profile["state"] == "cached"
             or not self.limits().enable_lora
         ):
@@ -455,7 +477,9 @@ class FinetuneService:
         predictor = self.colocation.predictor
         try:
             with training_mode():
-                model, _ = bind_training_model(runner.model, self.scheduler.server_args.model_path)
+                model, _ = bind_training_model(
+                    runner.model, self.scheduler.server_args.model_path, self.tensor_parallel
+                )
                 vocab = model.config.vocab_size
                 generator = torch.Generator().manual_seed(0)
                 examples = [
@@ -469,9 +493,14 @@ class FinetuneService:
                     LoraSpec(r=16, target_modules=["q_proj", "v_proj"]),
                     TrainingSpec(epochs=1, micro_batch_size=1, gradient_accumulation_steps=2),
                     layers_per_unit=self.config.layers_per_unit,
+                    tensor_parallel=self.tensor_parallel,
                 )
                 units = 0
-                while time.perf_counter() - started < PROFILE_BUDGET_S:
+                # With TP the ranks' clocks differ, so they agree on a unit count instead of a deadline.
+                fixed = 4 * trainer.units_per_micro_batch if self.tensor_parallel is not None else None
+                while (
+                    units < fixed if fixed is not None else time.perf_counter() - started < PROFILE_BUDGET_S
+                ):
                     upcoming = trainer.peek(1)
                     if not upcoming:
                         break
@@ -509,7 +538,11 @@ class FinetuneService:
 
     def _publish(self, job: JobStatus, trainer: LoraTrainer) -> None:
         version = len(job.published) + 1
-        path = self.store.write(job.name, version, trainer.save_adapter)
+        if self.agreement.leader:
+            path = self.store.write(job.name, version, trainer.save_adapter)
+        else:  # with TP: this rank's slices join the gathered adapter that rank 0 writes
+            trainer.save_adapter(None)
+            path = self.store.version_dir(job.name, version)
         job.published.append(PublishedVersion(version=version, step=trainer.step, path=str(path)))
         job.adapter_path = str(path)
         self._save(job)

@@ -64,6 +64,8 @@ class LendingStats(msgspec.Struct, kw_only=True):
     waits: int
     """Times training was held back because the pool could not lend enough under the budget."""
     poison_violations: int
+    lent_allocations: int
+    """With --harli-kv-poison: allocations that returned a lent page; always 0 unless something is wrong."""
     activations: MemoryStats
 
 
@@ -76,8 +78,11 @@ class KvLending:
         self.trainer: LoraTrainer | None = None
         self.allocator = scheduler.token_to_kv_pool_allocator
         self.reason = "--harli-kv-lending off" if config.kv_lending == "off" else None
-        if getattr(scheduler.server_args, "disaggregation_mode", "null") != "null":
-            self.reason = self.reason or "PD disaggregation: its pre-allocation queue is not in the reserve"
+        mode = getattr(scheduler.server_args, "disaggregation_mode", "null")
+        if mode == "prefill":
+            self.reason = self.reason or "PD prefill instance: finetuning belongs on decode instances"
+        if scheduler.tp_size > 1:  # each rank's pool would have to lend the same pages at the same step
+            self.reason = self.reason or "tensor parallelism: loans are not agreed across ranks yet"
         self.reason = self.reason or lending_unsupported(self.allocator)
         if self.reason is None:
             install_lending(self.allocator, on_reclaim=self._on_reclaim, poison=config.kv_poison)
@@ -188,7 +193,19 @@ class KvLending:
         limit = scheduler.max_req_len
         growth = sum(_remaining(r, limit) for r in reqs.values() if not r.finished())
         queued = sum(len(r.origin_input_ids) + _remaining(r, limit) for r in scheduler.waiting_queue)
-        return growth + queued + self.headroom_tokens
+        return growth + queued + self._disaggregated_tokens(limit) + self.headroom_tokens
+
+    def _disaggregated_tokens(self, limit: int) -> int:
+        """PD decode: what the requests still on their way need. Those in the pre-allocation queue (and
+        retracted ones) need all their KV; those already transferring hold their prompt's and will grow."""
+        prealloc = getattr(self.scheduler, "disagg_decode_prealloc_queue", None)
+        if prealloc is None:
+            return 0
+        waiting = [d.req for d in prealloc.queue] + list(prealloc.retracted_queue)
+        transferring = [d.req for d in self.scheduler.disagg_decode_transfer_queue.queue]
+        return sum(len(r.origin_input_ids) + _remaining(r, limit) for r in waiting) + sum(
+            _remaining(r, limit) for r in transferring
+        )
 
     @property
     def headroom_tokens(self) -> int:
@@ -244,6 +261,7 @@ class KvLending:
             replayed_micro_batches=self._replayed,
             waits=self._waits,
             poison_violations=getattr(a, "poison_violations", 0),
+            lent_allocations=getattr(a, "lent_allocations", 0),
             activations=self.store.stats(),
         )
 

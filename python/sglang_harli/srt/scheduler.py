@@ -17,7 +17,9 @@ import logging
 import time
 
 import msgspec
+import torch
 import zmq
+from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.managers import scheduler as sglang_scheduler
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.utils import TypeBasedDispatcher
@@ -71,6 +73,11 @@ class HarliScheduler(Scheduler):
         self.harli_finetune.lending.ensure_reserve()
         return super().get_next_batch_to_run(*args, **kwargs)
 
+    def process_decode_queue(self, *args, **kwargs):
+        """PD decode: lent pages come back before SGLang pre-allocates KV for arriving transfers."""
+        self.harli_finetune.lending.ensure_reserve()
+        return super().process_decode_queue(*args, **kwargs)
+
     def run_batch(self, batch, *args, **kwargs):
         """On CPU the forward runs inside this call, so its duration is the step's solo latency."""
         started = time.perf_counter()
@@ -115,48 +122,101 @@ class HarliScheduler(Scheduler):
 
     def after_batch(self, batch) -> None:
         """Called after every batch's results are processed: where finetune work joins decode."""
-        finetune = self.harli_finetune
-        if not finetune.has_work:
-            return
-        running = [req for req in batch.reqs if not req.finished()]
-        if not batch.forward_mode.is_decode() and running:
-            return  # a prefill already spent this token interval of the running requests
-        if self.waiting_queue or self._harli_request_pending():
-            return  # the next forward is a prefill: it, not training, gets the rest of the interval
-        started = time.perf_counter()
-        upcoming = finetune.upcoming(may_start=not running)
-        if not upcoming:
-            return
-        context = sum(len(req.origin_input_ids) + len(req.output_ids) for req in running)
-        self._harli_train(_shape(running, context) if running else None, upcoming, started)
+        if self.harli_finetune.has_work:
+            self._harli_train(self._harli_plan_after_batch, batch)
 
     def when_idle(self) -> None:
         """Called whenever the scheduler has no batch to run: where finetune work runs flat out."""
         finetune = self.harli_finetune
         if finetune.has_work:
-            started = time.perf_counter()
-            upcoming = finetune.upcoming(may_start=True)
-            if upcoming:
-                self._harli_train(None, upcoming, started)
+            self._harli_train(self._harli_plan_idle)
         if self.harli_metrics is not None:
             self.harli_metrics.refresh(finetune.colocation, finetune.lending)
 
-    def _harli_train(self, next_step: DecodeShape | None, upcoming, started: float) -> None:
-        """Run what the policy admits before ``next_step`` (``None``: no decode work, a time slice)."""
+    def _harli_plan_after_batch(self, batch) -> _Plan | None:
         finetune = self.harli_finetune
-        admission = finetune.colocation.admit(next_step, upcoming, started=started)
+        running = [req for req in batch.reqs if not req.finished()]
+        if not batch.forward_mode.is_decode() and running:
+            return None  # a prefill already spent this token interval of the running requests
+        if self._harli_prefill_next() or self._harli_request_pending():
+            return None  # the next forward is a prefill: it, not training, gets the rest of the interval
+        started = time.perf_counter()
+        upcoming = finetune.upcoming(may_start=not running)
+        if not upcoming:
+            return None
+        joining = self._harli_joining()  # PD decode: requests whose KV arrived join the next step
+        context = sum(len(req.origin_input_ids) + len(req.output_ids) for req in (*running, *joining))
+        next_step = _shape([*running, *joining], context) if running or joining else None
+        return self._harli_admit(next_step, upcoming, started)
+
+    def _harli_plan_idle(self) -> _Plan | None:
+        started = time.perf_counter()
+        upcoming = self.harli_finetune.upcoming(may_start=True)
+        return self._harli_admit(None, upcoming, started) if upcoming else None
+
+    def _harli_admit(self, next_step: DecodeShape | None, upcoming, started: float) -> _Plan:
+        """What the policy admits before ``next_step`` (``None``: no decode work, a time slice)."""
+        admission = self.harli_finetune.colocation.admit(next_step, upcoming, started=started)
         if next_step is None:  # flat out for the slice, beyond the units listed
-            units, budget_s, when = 1_000_000, admission.budget_s, "idle"
-        else:
-            units, budget_s, when = admission.units, None, "decode"
-        if units:
+            return _Plan(units=1_000_000, budget_s=admission.budget_s, split=admission.split, when="idle")
+        return _Plan(units=admission.units, budget_s=None, split=admission.split, when="decode")
+
+    def _harli_train(self, plan_fn, *args) -> None:
+        """Run the finetune work ``plan_fn`` admits. With --tp-size N, rank 0 plans (it alone sees the
+        request socket, and the ranks' clocks differ) and every rank starts the same job and runs the
+        same units (``srt.tensor_parallel``)."""
+        finetune = self.harli_finetune
+        agreement = finetune.agreement
+        idle_before = finetune.trainer is None
+        plan = plan_fn(*args) if agreement.leader else None
+        if agreement.group is not None:
+            plan = self._harli_agree(plan, started=idle_before and finetune.trainer is not None)
+        if plan is not None and plan.units:
             finetune.run(
-                units=units,
-                budget_s=budget_s,
-                split=admission.split,
-                when=when,
+                units=plan.units,
+                budget_s=plan.budget_s,
+                split=plan.split,
+                when=plan.when,
                 should_yield=self._harli_request_pending,
             )
+
+    def _harli_agree(self, plan: _Plan | None, *, started: bool) -> _Plan | None:
+        finetune = self.harli_finetune
+        splits = [split.name for split in finetune.partitioner.splits]
+        values = None
+        if finetune.agreement.leader:
+            values = [float(started), 0.0, -1.0, 0.0, 0.0]
+            if plan is not None:
+                budget = -1.0 if plan.budget_s is None else plan.budget_s
+                split = splits.index(plan.split) if plan.split in splits else 0
+                values = [float(started), float(plan.units), budget, float(split), float(plan.when == "idle")]
+        start, units, budget, split, idle = finetune.agreement.agree(values, 5)
+        if not finetune.agreement.leader:
+            if start and finetune.trainer is None:
+                finetune.start_next()
+            if units:
+                when = "idle" if idle else "decode"
+                plan = _Plan(
+                    units=int(units),
+                    budget_s=None if budget < 0 else budget,
+                    split=splits[int(split)],
+                    when=when,
+                )
+            else:
+                plan = None
+        return plan
+
+    def _harli_prefill_next(self) -> bool:
+        """The next forward is a prefill (an extend) rather than the next decode step."""
+        if self.disaggregation_mode == DisaggregationMode.DECODE:
+            return False  # a PD decode instance never prefills: its waiting requests join decode
+        return bool(self.waiting_queue)
+
+    def _harli_joining(self) -> list:
+        """PD decode: the requests whose KV has arrived, merged into the next decode step."""
+        if self.disaggregation_mode != DisaggregationMode.DECODE:
+            return []
+        return list(self.waiting_queue)
 
     def _harli_request_pending(self) -> bool:
         """A request (or any message) is waiting on the tokenizer socket: decode wins, training yields."""
@@ -189,6 +249,15 @@ class HarliScheduler(Scheduler):
         }
 
 
+class _Plan(msgspec.Struct, frozen=True):
+    """The finetune work of one token interval (or one idle slice)."""
+
+    units: int
+    budget_s: float | None
+    split: str
+    when: str
+
+
 def _shape(reqs, context_tokens: int) -> DecodeShape:
     adapters = {req.lora_id for req in reqs if getattr(req, "lora_id", None)}
     return DecodeShape(batch_size=len(reqs), context_tokens=int(context_tokens), adapters=len(adapters))
@@ -197,5 +266,11 @@ def _shape(reqs, context_tokens: int) -> DecodeShape:
 def run_harli_scheduler_process(*args, **kwargs):
     """Scheduler process entry point handed to ``launch_server``; module-level so it can be spawned."""
     register_control_types()
+    if not torch.cuda.is_available():
+        # x86 computes on subnormal floats through a microcode path up to ~100x slower. KV rows no prefill
+        # wrote (a PD decode instance with the fake transfer backend attends over whatever bytes a page
+        # held, a lent page's trainer data included) are full of them, and no LLM result depends on values
+        # below 1e-38. Set here, in the thread that runs decode and training, before its thread pool starts.
+        torch.set_flush_denormal(True)
     sglang_scheduler.Scheduler = HarliScheduler
     return sglang_scheduler.run_scheduler_process(*args, **kwargs)

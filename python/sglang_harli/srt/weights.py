@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from sglang_harli.core.base_model import build_bound_model
+from sglang_harli.core.tensor_parallel import TensorParallel
 
 _FUSED = {
     "q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
@@ -77,9 +78,15 @@ class ServedWeightResolver:
         raise LookupError(f"cannot place {name} in its fused tensor of shape {tuple(fused.shape)}")
 
 
-def bind_training_model(served_model: nn.Module, model_path: str) -> tuple[nn.Module, dict[str, int]]:
-    """A frozen transformers model over ``served_model``'s storage, and a count proving nothing was copied."""
+def bind_training_model(
+    served_model: nn.Module, model_path: str, tensor_parallel: TensorParallel | None = None
+) -> tuple[nn.Module, dict[str, int]]:
+    """A frozen transformers model over ``served_model``'s storage, and a count proving nothing was copied.
+
+    With ``tensor_parallel``, the served model is this rank's slice and so is the training model."""
     config = AutoConfig.from_pretrained(model_path)
+    if tensor_parallel is not None:
+        config = tensor_parallel.local_config(config)
     served = served_parameters(served_model)
     model = build_bound_model(
         config, ServedWeightResolver(served, bool(getattr(config, "tie_word_embeddings", False)))

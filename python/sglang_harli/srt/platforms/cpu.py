@@ -76,6 +76,17 @@ def disable_pinned_memory() -> None:
         torch.Tensor.pin_memory = pin_memory
 
 
+def cores_per_rank(ranks: int) -> str:
+    """SGLang's CPU thread binding for ``ranks`` ranks: this process's cores split into equal blocks.
+
+    Unset, SGLang binds one rank per NUMA node and refuses more ranks than nodes, so ``--tp-size 2`` on a
+    one-node laptop would not start. With fewer cores than ranks, ranks share cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // ranks)
+    blocks = [cores[(i * per) % len(cores) : (i * per) % len(cores) + per] for i in range(ranks)]
+    return "|".join(",".join(map(str, block)) for block in blocks)
+
+
 class HarliCpuPlatform(CpuDeviceMixin, SRTPlatform):
     """Out-of-tree CPU platform: psutil/cgroup memory, torch-native kernels, no pinned memory."""
 
@@ -122,6 +133,9 @@ class HarliCpuPlatform(CpuDeviceMixin, SRTPlatform):
             server_args.sampling_backend = "pytorch"
         if getattr(server_args, "max_total_tokens", None) is None:
             server_args.max_total_tokens = DEFAULT_CPU_MAX_TOTAL_TOKENS
+        ranks = getattr(server_args, "tp_size", 1) * getattr(server_args, "pp_size", 1)
+        if ranks > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cores_per_rank(ranks)
 
     def init_backend(self) -> None:
         disable_pinned_memory()
