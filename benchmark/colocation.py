@@ -1,9 +1,14 @@
-"""Co-location on CPU: every ``--harli-policy`` on the same seeded bursty decode trace, side by side.
+"""Co-location on CPU: every ``--harli-policy`` on the same seeded bursty decode traces, side by side.
 
 Each policy gets a fresh server (built-in ``small`` model, LoRA on) with a long finetune job running,
-and the same open-loop trace of streaming ``/generate`` requests: bursts of arrivals, then quiet. The
-client measures every request's time per output token from the streamed chunks themselves (not server
-counters). Finetune throughput is the job's trained tokens over the trace, read from its status.
+and the same open-loop traces of streaming ``/generate`` requests: bursts of arrivals, then quiet, at one
+or more load levels (``--loads`` multiplies both arrival rates), replayed light to heavy in that one
+server. The client measures every request's time per output token from the streamed chunks themselves
+(not server counters). Finetune throughput is the job's trained tokens over each level's window, read
+from its status. While a level runs, a client thread polls ``GET /harli/stats`` every ``--poll-s``
+seconds; its recent token intervals (batch size, predicted and observed interval, units admitted) and
+the KV tokens lent at each poll make the timeline plot and the lent-memory column. Server timestamps are
+``perf_counter`` readings, which on Linux share the client's monotonic clock.
 
 The slack ceiling is what a perfect scheduler could train in the same run: the finetune-alone rate
 (measured in the ``harli`` server before the trace, with no decode) times the fraction of the trace's
@@ -11,8 +16,13 @@ wall time not spent in forward passes (``forward_s`` from ``/harli/stats``). The
 tuned from the ``harli`` run's own measurements so the SLO holds at peak: as many units per step as fit
 between the p99 decode step and the SLO at the p99 unit time.
 
+``--max-drain-s`` bounds each level: requests still streaming that long after the window are cut (the
+client closes the stream, SGLang aborts them) and count as truncated, not failed; their token intervals up
+to the cut are kept. Without it every request runs to completion, as in the figures of issue 4.
+
     python -m benchmark.colocation                       # figures in RESULTS.md (about 8 minutes)
     python -m benchmark.colocation --duration 20 --policies harli idle-only   # a quick look
+    python -m benchmark.colocation --loads 0.5 1 1.5 --duration 30 --max-drain-s 3
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ import json
 import math
 import platform
 import random
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,6 +52,15 @@ WORDS = (
     "amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lumen maple nectar onyx".split()
 )
 
+# What a run costs besides its traces, for the time budget of ``benchmark.run`` (measured on the 2-core
+# CPU machine of RESULTS.md: a ``small`` server is ready about 30 s after launch, profile cached).
+SERVER_START_S = 35.0
+JOB_START_S = 5.0
+"""Submitting the job until its first optimizer step."""
+WARMUP_DRAIN_S = 6.0
+"""The warm-up trace's requests still streaming after its window."""
+SERVER_STOP_S = 3.0
+
 
 class Arrival(msgspec.Struct, array_like=True):
     at_s: float
@@ -51,13 +72,18 @@ class RequestResult(msgspec.Struct, kw_only=True):
     ok: bool
     tokens: int
     gaps_s: list[float]
+    truncated: bool = False
+    """Cut at the level's deadline while still streaming: not a failure."""
     error: str | None = None
 
 
-class PolicyResult(msgspec.Struct, kw_only=True):
+class LevelResult(msgspec.Struct, kw_only=True):
     policy: str
+    load: float
+    """Multiplier of the burst and quiet arrival rates."""
     requests: int
     failed: int
+    truncated: int
     tpot_p50_ms: float
     tpot_p99_ms: float
     slo_attainment: float
@@ -65,9 +91,13 @@ class PolicyResult(msgspec.Struct, kw_only=True):
     finetune_tokens: int
     trace_s: float
     forward_fraction: float
+    lent_mib_mean: float
+    lent_mib_max: float
+    """KV-cache memory lent to the trainer, over the polls of this level."""
     predictor_solo_mape: float | None
     predictor_corun_mape: float | None
     admitted_units: int
+    """Units admitted beside decode steps during this level."""
     margin_ms: float | None
     server_tpot_p99_ms: float | None
     """The same intervals as the server saw them (decode result to decode result), for comparison."""
@@ -75,9 +105,62 @@ class PolicyResult(msgspec.Struct, kw_only=True):
     static_units: int | None = None
 
 
+class StepSample(msgspec.Struct, array_like=True):
+    """One token interval as the server recorded it: [s since level start, batch, predicted ms, observed
+    ms, units admitted in it]."""
+
+    t_s: float
+    batch_size: int
+    predicted_ms: float | None
+    observed_ms: float
+    units: int
+
+
+class PollSample(msgspec.Struct, array_like=True):
+    """One poll of ``/harli/stats``: [s since level start, lent MiB, margin ms, admitted units so far]."""
+
+    t_s: float
+    lent_mib: float
+    margin_ms: float | None
+    admitted_units: int
+
+
+class Timeline(msgspec.Struct, kw_only=True):
+    policy: str
+    load: float
+    slo_ms: float
+    steps: list[StepSample]
+    polls: list[PollSample]
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    model: str = "small"
+    policies: list[str] = msgspec.field(default_factory=lambda: list(POLICIES))
+    slo_ms: float = 250.0
+    duration_s: float = 60.0
+    """Each level's arrival window."""
+    loads: list[float] = msgspec.field(default_factory=lambda: [1.0])
+    burst_rate: float = 1.5
+    quiet_rate: float = 0.2
+    period_s: float = 12.0
+    alone_s: float = 10.0
+    warmup_s: float = 4.0
+    max_drain_s: float | None = None
+    poll_s: float = 0.5
+    seed: int = 0
+
+
+class Report(msgspec.Struct, kw_only=True):
+    settings: Settings
+    levels: list[LevelResult]
+    measured: dict
+    """Per policy: finetune-alone rate (harli), p99 decode step and unit, decision time."""
+    timelines: list[Timeline]
+
+
 def bursty_trace(
     seed: int, duration_s: float, *, burst_rate: float, quiet_rate: float, period_s: float = 12.0
-):
+) -> list[Arrival]:
     """Poisson arrivals whose rate switches between a burst (first third of each period) and quiet."""
     rng = random.Random(seed)
     arrivals, now = [], 0.0
@@ -90,7 +173,18 @@ def bursty_trace(
         arrivals.append(Arrival(at_s=now, prompt=prompt, max_new_tokens=rng.randint(24, 96)))
 
 
-def stream(url: str, arrival: Arrival) -> RequestResult:
+def level_trace(settings: Settings, load: float) -> list[Arrival]:
+    return bursty_trace(
+        settings.seed,
+        settings.duration_s,
+        burst_rate=settings.burst_rate * load,
+        quiet_rate=settings.quiet_rate * load,
+        period_s=settings.period_s,
+    )
+
+
+def stream(url: str, arrival: Arrival, deadline: float | None = None) -> RequestResult:
+    """Stream one request; past ``deadline`` (a ``perf_counter`` reading) close it and call it truncated."""
     body = {
         "text": arrival.prompt,
         "stream": True,
@@ -102,6 +196,8 @@ def stream(url: str, arrival: Arrival) -> RequestResult:
             if resp.status_code != 200:
                 return RequestResult(ok=False, tokens=0, gaps_s=[], error=f"HTTP {resp.status_code}")
             for line in resp.iter_lines():
+                if deadline is not None and time.perf_counter() > deadline:
+                    return RequestResult(ok=False, tokens=tokens, gaps_s=gaps, truncated=True)
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
                     continue
                 now = time.perf_counter()
@@ -116,12 +212,16 @@ def stream(url: str, arrival: Arrival) -> RequestResult:
     return RequestResult(ok=tokens == arrival.max_new_tokens, tokens=tokens, gaps_s=gaps)
 
 
-def replay(url: str, trace: list[Arrival]) -> list[RequestResult]:
+def replay(url: str, trace: list[Arrival], *, deadline_s: float | None = None) -> list[RequestResult]:
+    """Open loop: each request is sent at its arrival time, whatever the server's state.
+
+    ``deadline_s`` (seconds after the start) cuts requests still streaming then."""
     results: list[RequestResult | None] = [None] * len(trace)
     start = time.perf_counter()
+    deadline = None if deadline_s is None else start + deadline_s
 
     def run(index: int) -> None:
-        results[index] = stream(url, trace[index])
+        results[index] = stream(url, trace[index], deadline)
 
     with ThreadPoolExecutor(max_workers=64) as pool:
         for index, arrival in enumerate(trace):
@@ -130,6 +230,57 @@ def replay(url: str, trace: list[Arrival]) -> list[RequestResult]:
                 time.sleep(delay)
             pool.submit(run, index)
     return results  # type: ignore[return-value]
+
+
+class StatsPoller:
+    """Polls ``/harli/stats`` from a thread while a level runs; the step window holds the last 64
+    intervals, several polls' worth, so deduplicating by timestamp recovers every interval."""
+
+    def __init__(self, server: ServerProcess, period_s: float):
+        self.server, self.period_s = server, period_s
+        self.started = time.perf_counter()
+        self.steps: dict[float, StepSample] = {}
+        self.polls: list[PollSample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StatsPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            stats = self.server.get("/harli/stats", timeout=10).json()
+        except (requests.RequestException, ValueError):
+            return
+        now = time.perf_counter() - self.started
+        colocation = stats["colocation"]
+        memory = stats["finetune"]["memory"]
+        self.polls.append(
+            PollSample(
+                t_s=now,
+                lent_mib=memory["lent_tokens"] * memory["bytes_per_token"] / 2**20,
+                margin_ms=colocation["policy"]["margin_ms"],
+                admitted_units=colocation["policy"]["admitted_units"],
+            )
+        )
+        for at_s, batch, predicted_ms, observed_ms, units, _split in colocation["recent_steps"]:
+            t_s = at_s - self.started
+            if t_s >= 0:
+                self.steps[at_s] = StepSample(t_s, batch, predicted_ms, observed_ms, units)
+
+    def timeline(self, policy: str, load: float, slo_ms: float) -> Timeline:
+        steps = sorted(self.steps.values(), key=lambda s: s.t_s)
+        return Timeline(policy=policy, load=load, slo_ms=slo_ms, steps=steps, polls=self.polls)
 
 
 def job_spec(seed: int) -> dict:
@@ -153,67 +304,177 @@ def job_tokens(server: ServerProcess) -> int:
     return int(server.get("/harli/jobs/bench").json()["tokens_trained"])
 
 
-def run_policy(policy: str, args, trace: list[Arrival], log_dir: Path, *, static_units: int | None = None):
+def server_flags(settings: Settings, policy: str, static_units: int | None) -> list[str]:
     flags = [
-        "--model-path", f"{PRESET_SCHEME}{args.model}",
+        "--model-path", f"{PRESET_SCHEME}{settings.model}",
         "--enable-lora", "--max-lora-rank", "16", "--lora-target-modules", "all",
-        "--harli-policy", policy, "--harli-tpot-slo-ms", str(args.slo_ms),
+        "--harli-policy", policy, "--harli-tpot-slo-ms", str(settings.slo_ms),
     ]  # fmt: skip
     if static_units is not None:
         flags += ["--harli-static-units", str(static_units)]
-    extra: dict = {}
-    with ServerProcess(flags, log_dir / f"{policy}.log") as server:
-        resp = server.post("/harli/jobs", job_spec(args.seed))
-        assert resp.status_code == 201, resp.text
-        while server.get("/harli/jobs/bench").json()["step"] < 1:
-            time.sleep(0.2)
-        if policy == "harli":  # finetune alone: the job with no decode at all
-            tokens, started = job_tokens(server), time.perf_counter()
-            time.sleep(args.alone_s)
-            extra["alone_tokens_per_s"] = (job_tokens(server) - tokens) / (time.perf_counter() - started)
-        # warm the decode path (and stage 1 of the predictor) outside the measured window
-        replay(
-            server.url,
-            bursty_trace(args.seed + 1, 4.0, burst_rate=args.burst_rate, quiet_rate=args.burst_rate),
-        )
-        time.sleep(1.0)
-        before_stats, tokens, started = (
-            server.get("/harli/stats").json(),
-            job_tokens(server),
-            time.perf_counter(),
-        )
-        results = replay(server.url, trace)
+    return flags
+
+
+def run_level(server: ServerProcess, settings: Settings, policy: str, load: float, static_units):
+    """One load level in a running server: the trace, the job's progress over it, the stats polled."""
+    trace = level_trace(settings, load)
+    deadline = None if settings.max_drain_s is None else settings.duration_s + settings.max_drain_s
+    before, tokens = server.get("/harli/stats").json(), job_tokens(server)
+    started = time.perf_counter()
+    with StatsPoller(server, settings.poll_s) as poller:
+        results = replay(server.url, trace, deadline_s=deadline)
         trace_s = time.perf_counter() - started
         trained = job_tokens(server) - tokens
-        stats = server.get("/harli/stats").json()
-        server.post("/harli/jobs/bench/cancel", {})
+    stats = server.get("/harli/stats").json()
     gaps = np.array([g for r in results for g in r.gaps_s]) * 1e3
     colocation = stats["colocation"]
     predictor = colocation["predictor"]
     corun = predictor["corun"].get("shared") or {}
-    result = PolicyResult(
+    lent = np.array([p.lent_mib for p in poller.polls] or [0.0])
+    result = LevelResult(
         policy=policy,
+        load=load,
         requests=len(results),
-        failed=sum(not r.ok for r in results),
-        tpot_p50_ms=float(np.percentile(gaps, 50)),
-        tpot_p99_ms=float(np.percentile(gaps, 99)),
-        slo_attainment=float(np.mean(gaps <= args.slo_ms)),
+        failed=sum(not r.ok and not r.truncated for r in results),
+        truncated=sum(r.truncated for r in results),
+        tpot_p50_ms=float(np.percentile(gaps, 50)) if gaps.size else math.nan,
+        tpot_p99_ms=float(np.percentile(gaps, 99)) if gaps.size else math.nan,
+        slo_attainment=float(np.mean(gaps <= settings.slo_ms)) if gaps.size else math.nan,
         finetune_tokens_per_s=trained / trace_s,
         finetune_tokens=trained,
         trace_s=trace_s,
-        forward_fraction=(stats["forward_s"] - before_stats["forward_s"]) / trace_s,
+        forward_fraction=(stats["forward_s"] - before["forward_s"]) / trace_s,
+        lent_mib_mean=float(lent.mean()),
+        lent_mib_max=float(lent.max()),
         predictor_solo_mape=predictor["solo"]["mape_overall"],
         predictor_corun_mape=corun.get("mape_overall"),
-        admitted_units=colocation["policy"]["admitted_units"],
+        admitted_units=colocation["policy"]["admitted_units"]
+        - before["colocation"]["policy"]["admitted_units"],
         margin_ms=colocation["policy"]["margin_ms"],
         server_tpot_p99_ms=colocation["token_intervals"]["p99_ms"],
         server_slo_attainment=colocation["token_intervals"]["slo_attainment"],
         static_units=static_units,
     )
+    return result, poller.timeline(policy, load, settings.slo_ms), stats
+
+
+def run_policy(
+    policy: str,
+    settings: Settings,
+    log_dir: Path,
+    *,
+    static_units: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[LevelResult], dict, list[Timeline]]:
+    """One fresh server for the policy; every load level in it, light to heavy."""
+    extra: dict = {}
+    levels, timelines = [], []
+    with ServerProcess(server_flags(settings, policy, static_units), log_dir / f"{policy}.log") as server:
+        resp = server.post("/harli/jobs", job_spec(settings.seed))
+        assert resp.status_code == 201, resp.text
+        while server.get("/harli/jobs/bench").json()["step"] < 1:
+            time.sleep(0.2)
+        if policy == "harli" and settings.alone_s > 0:  # finetune alone: the job with no decode at all
+            tokens, started = job_tokens(server), time.perf_counter()
+            time.sleep(settings.alone_s)
+            extra["alone_tokens_per_s"] = (job_tokens(server) - tokens) / (time.perf_counter() - started)
+        # warm the decode path (and stage 1 of the predictor) outside the measured window
+        rate = settings.burst_rate
+        warmup = bursty_trace(settings.seed + 1, settings.warmup_s, burst_rate=rate, quiet_rate=rate)
+        replay(server.url, warmup, deadline_s=settings.warmup_s + WARMUP_DRAIN_S)
+        time.sleep(1.0)
+        stats = {}
+        for load in sorted(settings.loads):
+            result, timeline, stats = run_level(server, settings, policy, load, static_units)
+            levels.append(result)
+            timelines.append(timeline)
+            log(json.dumps(msgspec.to_builtins(result)))
+            time.sleep(1.0)  # cut requests are aborted; let the server settle before the next level
+        server.post("/harli/jobs/bench/cancel", {})
     extra["decode_step_p99_ms"] = stats["decode_step_latency"]["p99_ms"]
-    extra["unit_p99_ms"] = colocation["unit_ms"]["p99"]
-    extra["decision_us"] = colocation["decision_us"]
-    return result, extra
+    extra["unit_p99_ms"] = stats["colocation"]["unit_ms"]["p99"]
+    extra["decision_us"] = stats["colocation"]["decision_us"]
+    return levels, extra, timelines
+
+
+def tuned_static_units(settings: Settings, harli: dict | None) -> int:
+    """As many units per step as fit between the harli run's p99 decode step and 90% of the SLO."""
+    if not harli or not harli.get("unit_p99_ms"):
+        return 2
+    slack = 0.9 * settings.slo_ms - harli["decode_step_p99_ms"]
+    return max(1, math.floor(slack / harli["unit_p99_ms"]))
+
+
+def run(settings: Settings, log_dir: Path, log: Callable[[str], None] = print) -> Report:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    levels, measured, timelines = [], {}, []
+    for policy in [p for p in POLICIES if p in settings.policies]:
+        static_units = tuned_static_units(settings, measured.get("harli")) if policy == "static" else None
+        result, extra, timeline = run_policy(policy, settings, log_dir, static_units=static_units, log=log)
+        levels += result
+        timelines += timeline
+        measured[policy] = extra
+    return Report(settings=settings, levels=levels, measured=measured, timelines=timelines)
+
+
+def estimate_s(settings: Settings) -> float:
+    """Wall time of ``run`` by construction: servers, job starts, warm-ups and every level's bound."""
+    if settings.max_drain_s is None:
+        raise ValueError("without --max-drain-s a level has no time bound")
+    per_level = settings.duration_s + settings.max_drain_s + 1.0 + settings.poll_s
+    per_policy = (
+        SERVER_START_S
+        + JOB_START_S
+        + settings.warmup_s
+        + WARMUP_DRAIN_S
+        + 1.0
+        + len(settings.loads) * per_level
+        + SERVER_STOP_S
+    )
+    alone = settings.alone_s if "harli" in settings.policies else 0.0
+    return len(settings.policies) * per_policy + alone
+
+
+def harli_gain(levels: list[LevelResult], load: float) -> tuple[float | None, str | None]:
+    """harli's finetune rate over the best baseline that holds the SLO at this load, and which one."""
+    at_load = [r for r in levels if r.load == load]
+    holding = [r for r in at_load if r.policy != "harli" and r.slo_attainment >= ATTAINMENT_TARGET]
+    harli = next((r for r in at_load if r.policy == "harli"), None)
+    if harli is None or not holding:
+        return None, None
+    best = max(holding, key=lambda r: r.finetune_tokens_per_s)
+    if best.finetune_tokens_per_s <= 0:
+        return None, best.policy
+    return harli.finetune_tokens_per_s / best.finetune_tokens_per_s, best.policy
+
+
+def print_report(report: Report) -> None:
+    settings = report.settings
+    alone = report.measured.get("harli", {}).get("alone_tokens_per_s")
+    print(f"\nfinetune alone: {alone:.0f} tokens/s" if alone else "")
+    header = (
+        "load  policy      req  fail  cut  TPOT p50  TPOT p99  SLO att.  finetune tok/s  lent MiB  vs best"
+    )
+    print(header + "\n" + "-" * len(header))
+    for load in sorted(settings.loads):
+        gain, _ = harli_gain(report.levels, load)
+        for r in (r for r in report.levels if r.load == load):
+            ratio = f"{gain:.2f}x" if gain is not None and r.policy == "harli" else "-"
+            print(
+                f"{load:<5g} {r.policy:<10} {r.requests:>4} {r.failed:>5} {r.truncated:>4} "
+                f"{r.tpot_p50_ms:>8.1f}  {r.tpot_p99_ms:>8.1f}  {r.slo_attainment:>8.3f}  "
+                f"{r.finetune_tokens_per_s:>14.0f}  {r.lent_mib_mean:>8.1f}  {ratio:>7}"
+            )
+    harli = [r for r in report.levels if r.policy == "harli"]
+    if harli and alone:
+        h = harli[-1]
+        free = 1 - h.forward_fraction
+        ceiling = alone * free
+        print(
+            f"\nat load {h.load:g}: slack ceiling {ceiling:.0f} tokens/s (alone {alone:.0f} x free "
+            f"{free:.3f}); harli reaches {h.finetune_tokens_per_s / ceiling:.2f} of it; predictor MAPE solo "
+            f"{h.predictor_solo_mape}, co-run {h.predictor_corun_mape}"
+        )
 
 
 def main() -> None:
@@ -221,69 +482,41 @@ def main() -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--slo-ms", type=float, default=250.0)
-    parser.add_argument("--duration", type=float, default=60.0, help="trace length in seconds")
+    parser.add_argument("--duration", type=float, default=60.0, help="each level's trace, seconds")
+    parser.add_argument("--loads", type=float, nargs="+", default=[1.0], help="arrival-rate multipliers")
     parser.add_argument("--burst-rate", type=float, default=1.5, help="arrivals/s during bursts")
     parser.add_argument("--quiet-rate", type=float, default=0.2, help="arrivals/s between bursts")
+    parser.add_argument("--period", type=float, default=12.0, help="burst period, seconds")
     parser.add_argument("--alone-s", type=float, default=10.0, help="finetune-alone measurement, seconds")
+    parser.add_argument("--max-drain-s", type=float, help="cut requests this long after each window")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/harli-colocation"))
     args = parser.parse_args()
-    args.log_dir.mkdir(parents=True, exist_ok=True)
-
-    trace = bursty_trace(args.seed, args.duration, burst_rate=args.burst_rate, quiet_rate=args.quiet_rate)
+    settings = Settings(
+        model=args.model,
+        policies=list(args.policies),
+        slo_ms=args.slo_ms,
+        duration_s=args.duration,
+        loads=list(args.loads),
+        burst_rate=args.burst_rate,
+        quiet_rate=args.quiet_rate,
+        period_s=args.period,
+        alone_s=args.alone_s,
+        max_drain_s=args.max_drain_s,
+        seed=args.seed,
+    )
+    counts = {load: len(level_trace(settings, load)) for load in settings.loads}
     print(
-        f"{platform.processor() or platform.machine()}, {len(trace)} requests over {args.duration:.0f} s "
-        f"(bursts {args.burst_rate}/s, quiet {args.quiet_rate}/s, seed {args.seed}), SLO {args.slo_ms} ms",
+        f"{platform.processor() or platform.machine()}, requests per level {counts} over "
+        f"{args.duration:.0f} s (bursts {args.burst_rate}/s, quiet {args.quiet_rate}/s, x load; seed "
+        f"{args.seed}), SLO {args.slo_ms} ms",
         flush=True,
     )
-    results: dict[str, PolicyResult] = {}
-    measured: dict = {}
-    order = [p for p in POLICIES if p in args.policies]
-    for policy in order:
-        static_units = None
-        if policy == "static":
-            if "harli" in measured:  # tuned so the SLO holds at peak, from the harli run's own figures
-                slack = 0.9 * args.slo_ms - measured["harli"]["decode_step_p99_ms"]
-                static_units = max(1, math.floor(slack / measured["harli"]["unit_p99_ms"]))
-            else:
-                static_units = 2
-        result, extra = run_policy(policy, args, trace, args.log_dir, static_units=static_units)
-        results[policy], measured[policy] = result, extra
-        print(json.dumps(msgspec.to_builtins(result)), flush=True)
-
-    alone = measured.get("harli", {}).get("alone_tokens_per_s")
-    print(f"\nfinetune alone: {alone:.0f} tokens/s" if alone else "")
-    header = "policy      req  fail  TPOT p50  TPOT p99  SLO att.  finetune tok/s  vs best baseline"
-    print(header + "\n" + "-" * len(header))
-    holding = [r for r in results.values() if r.policy != "harli" and r.slo_attainment >= ATTAINMENT_TARGET]
-    best = max((r.finetune_tokens_per_s for r in holding), default=None)
-    for r in results.values():
-        ratio = f"{r.finetune_tokens_per_s / best:.2f}x" if best else "-"
-        print(
-            f"{r.policy:<10} {r.requests:>4} {r.failed:>5} {r.tpot_p50_ms:>8.1f}  {r.tpot_p99_ms:>8.1f}  "
-            f"{r.slo_attainment:>8.3f}  {r.finetune_tokens_per_s:>14.0f}  {ratio:>8}"
-        )
-    if "harli" in results and alone:
-        h = results["harli"]
-        ceiling = alone * (1 - h.forward_fraction)
-        free = 1 - h.forward_fraction
-        print(
-            f"\nslack ceiling {ceiling:.0f} tokens/s (alone {alone:.0f} x free {free:.3f}); "
-            f"harli reaches {h.finetune_tokens_per_s / ceiling:.2f} of it; predictor MAPE solo "
-            f"{h.predictor_solo_mape:.3f}, co-run {h.predictor_corun_mape:.3f}"
-        )
+    report = run(settings, args.log_dir, log=lambda line: print(line, flush=True))
+    print_report(report)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                    "results": {k: msgspec.to_builtins(v) for k, v in results.items()},
-                    "measured": measured,
-                },
-                indent=1,
-            )
-        )
+        args.json.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,449 @@
+"""The generated part of ``RESULTS.md``: every figure of ``benchmark.run`` with its verdicts.
+
+Each part's record (``PartRecord``) carries what a reader needs to trust or redo a figure: the command,
+the machine, the seed, when it ran and for how long, and per target "met" or "missed" beside the value
+measured. Records live in ``results/run.json`` and are merged across runs, so ``--only simulate`` updates
+the simulation and leaves the co-location figures of an earlier run in place, each still dated and
+attributed. The section is rewritten between two markers; everything else in ``RESULTS.md`` is left as
+written by hand.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import msgspec
+
+from benchmark import colocation, overhead, simulate
+
+BEGIN = "<!-- benchmark.run:begin -->"
+END = "<!-- benchmark.run:end -->"
+TRAIN_TARGET = 1.0
+MFU_TARGET = 0.40
+CPU_GAIN_TARGET = 1.46
+SLACK_TARGET = 0.80
+SOLO_MAPE_TARGET = 0.10
+CORUN_MAPE_TARGET = 0.15
+PART_TITLES = {
+    "colocation": "Co-location on CPU (real server, all policies, several loads)",
+    "overhead": "Overhead of Harli with no job (vanilla SGLang vs sglang_harli)",
+    "train": "Trainer vs plain transformers + PEFT",
+    "gpu": "GPU co-location and trainer MFU",
+    "simulate": "SIMULATED: paper-scale decode instance (LLaMA3-8B shape on an H100)",
+}
+
+
+class Machine(msgspec.Struct, kw_only=True):
+    cpu: str
+    cores: int
+    memory_gib: float
+    gpu: str
+    python: str
+    torch: str
+    sglang: str
+    transformers: str
+    peft: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.cpu}, {self.cores} cores, {self.memory_gib:.0f} GiB, GPU: {self.gpu}; "
+            f"Python {self.python}, "
+            f"torch {self.torch}, sglang {self.sglang}, transformers {self.transformers}, peft {self.peft}"
+        )
+
+
+class Target(msgspec.Struct, kw_only=True):
+    target: str
+    measured: str
+    verdict: str
+    """``met``, ``missed``, or ``not measured: <why>`` / ``not run: <why>``."""
+
+
+class PartRecord(msgspec.Struct, kw_only=True):
+    part: str
+    status: str
+    """``ok``, ``failed: <error>`` or ``not run: <why>``."""
+    command: str
+    mode: str
+    seed: int
+    started_utc: str
+    seconds: float
+    estimated_s: float
+    machine: Machine
+    result_json: str | None = None
+    plots: list[str] = msgspec.field(default_factory=list)
+    targets: list[Target] = msgspec.field(default_factory=list)
+    table: str = ""
+    """Markdown: the part's figures."""
+    notes: list[str] = msgspec.field(default_factory=list)
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    parts: dict[str, PartRecord] = msgspec.field(default_factory=dict)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> Machine:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory = math.nan
+    return Machine(
+        cpu=f"{_cpu_model()} ({platform.machine()})",
+        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+        memory_gib=memory,
+        gpu=gpu,
+        python=platform.python_version(),
+        torch=_version("torch"),
+        sglang=_version("sglang"),
+        transformers=_version("transformers"),
+        peft=_version("peft"),
+    )
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _f(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+# -- per part: targets and tables -------------------------------------------------------------------------
+
+
+def colocation_summary(report: colocation.Report) -> tuple[list[Target], str, list[str]]:
+    settings, targets, notes = report.settings, [], []
+    alone = report.measured.get("harli", {}).get("alone_tokens_per_s")
+    rows = []
+    for load in sorted(settings.loads):
+        gain, best = colocation.harli_gain(report.levels, load)
+        for r in (r for r in report.levels if r.load == load):
+            rows.append(
+                [
+                    f"x{load:g}",
+                    f"`{r.policy}`" + (f" ({r.static_units}/step)" if r.static_units else ""),
+                    f"{r.requests - r.failed - r.truncated}/{r.requests} ({r.truncated} cut)",
+                    _f(r.tpot_p50_ms, ".1f"),
+                    _f(r.tpot_p99_ms, ".1f"),
+                    _f(r.slo_attainment),
+                    _f(r.finetune_tokens_per_s, ".0f"),
+                    _f(r.lent_mib_mean, ".1f") + " / " + _f(r.lent_mib_max, ".1f"),
+                    f"{gain:.2f}x vs `{best}`" if gain is not None and r.policy == "harli" else "",
+                ]
+            )
+        harli = next((r for r in report.levels if r.load == load and r.policy == "harli"), None)
+        if harli is None:
+            continue
+        holds = harli.slo_attainment >= colocation.ATTAINMENT_TARGET
+        targets.append(
+            Target(
+                target=f"`harli` holds the SLO at load x{load:g} (attainment >= 0.99)",
+                measured=_f(harli.slo_attainment),
+                verdict=verdict(holds),
+            )
+        )
+        if gain is not None:
+            measured = f"{gain:.2f}x over `{best}`"
+            targets.append(
+                Target(
+                    target=f"`harli` >= {CPU_GAIN_TARGET}x the best SLO-holding baseline at load x{load:g}",
+                    measured=measured + ("" if holds else " (harli itself misses the SLO)"),
+                    verdict=verdict(holds and gain >= CPU_GAIN_TARGET),
+                )
+            )
+        else:
+            ran = any(r.load == load and r.policy != "harli" for r in report.levels)
+            targets.append(
+                Target(
+                    target=f"`harli` >= {CPU_GAIN_TARGET}x the best SLO-holding baseline at load x{load:g}",
+                    measured="no baseline holds the SLO" if ran else "-",
+                    verdict=("met" if holds else "missed") if ran else "not measured: no baseline ran",
+                )
+            )
+        if alone:
+            ceiling = alone * (1 - harli.forward_fraction)
+            share = harli.finetune_tokens_per_s / ceiling if ceiling > 0 else math.nan
+            targets.append(
+                Target(
+                    target=f"`harli` >= 80% of the slack ceiling at load x{load:g}",
+                    measured=f"{share:.2f} ({harli.finetune_tokens_per_s:.0f} of {ceiling:.0f} tokens/s)",
+                    verdict=verdict(share >= SLACK_TARGET),
+                )
+            )
+    harli_rows = [r for r in report.levels if r.policy == "harli"]
+    if harli_rows:
+        last = max(harli_rows, key=lambda r: r.load)
+        for stage, value, limit in (
+            ("solo", last.predictor_solo_mape, SOLO_MAPE_TARGET),
+            ("co-run", last.predictor_corun_mape, CORUN_MAPE_TARGET),
+        ):
+            targets.append(
+                Target(
+                    target=f"predictor MAPE {stage} <= {limit:.0%} (`harli` run, overall)",
+                    measured=_f(None if value is None else 100 * value, ".1f") + "%",
+                    verdict="not measured: no samples" if value is None else verdict(value <= limit),
+                )
+            )
+    table = _table(
+        ["load", "policy", "complete", "TPOT p50 ms", "TPOT p99 ms", "SLO att.", "finetune tok/s",
+         "lent MiB mean / max", "harli vs best"],
+        rows,
+    )  # fmt: skip
+    if alone:
+        notes.append(
+            f"Finetune alone (harli server, no decode, {settings.alone_s:g} s): {alone:.0f} tokens/s."
+        )
+    drain = (
+        "every request ran to completion"
+        if settings.max_drain_s is None
+        else f"requests still streaming {settings.max_drain_s:g} s after it were cut"
+    )
+    notes.append(
+        f"Model `harli:{settings.model}`, SLO {settings.slo_ms:g} ms; each level a {settings.duration_s:g} s "
+        f"window of Poisson arrivals (x load: {settings.burst_rate}/s in the first third of every "
+        f"{settings.period_s:g} s, {settings.quiet_rate}/s otherwise); {drain}. One fresh server per policy "
+        "with a finetune job running, levels light to heavy."
+    )
+    return targets, table, notes
+
+
+def overhead_summary(report: overhead.Report) -> tuple[list[Target], str, list[str]]:
+    rows = [
+        [str(r.index), r.side, f"{r.requests - r.failed}/{r.requests}", _f(r.tpot_p50_ms, ".1f"),
+         _f(r.tpot_mean_ms, ".1f"), _f(r.tpot_p99_ms, ".1f"), _f(r.output_tokens_per_s, ".1f")]
+        for r in report.runs
+    ]  # fmt: skip
+    table = _table(
+        ["run", "server", "complete", "TPOT p50 ms", "TPOT mean ms", "TPOT p99 ms", "tokens/s"], rows
+    )
+    pairs = "; ".join(
+        f"runs {p.runs}: TPOT x{p.tpot_p50:.3f}, throughput x{p.throughput:.3f}" for p in report.pairs
+    )
+    measured = (
+        f"TPOT p50 x{report.median_tpot_ratio:.3f}, throughput x{report.median_throughput_ratio:.3f} "
+        f"(harli/vanilla, median of {len(report.pairs)} pairs): {report.slowdown:+.1%}"
+    )
+    target = Target(
+        target="Harli with no job <= 2% slower than vanilla SGLang",
+        measured=measured,
+        verdict=verdict(report.met),
+    )
+    notes = [
+        f"Order {' '.join(r.side for r in report.runs)}; pair ratios: {pairs}.",
+        f"Vanilla: `python -m sglang.launch_server {' '.join(report.flags['vanilla'])}`; Harli: "
+        f"`python -m sglang_harli.launch_server {' '.join(report.flags['harli'])}`.",
+    ]
+    return [target], table, notes
+
+
+def train_summary(result: dict, gpu: str) -> tuple[list[Target], str, list[str]]:
+    rows = [
+        [str(r["repeat"]), r["first"], str(r["tokens"]), f"{r['ours_tokens_per_s']:.1f}",
+         f"{r['reference_tokens_per_s']:.1f}", f"{r['ratio']:.3f}"]
+        for r in result["repeats"]
+    ]  # fmt: skip
+    table = _table(["repeat", "first", "tokens", "ours tok/s", "reference tok/s", "ours/reference"], rows)
+    ratio = result["median_ratio"]
+    targets = [
+        Target(
+            target=f"trainer tokens/s >= {TRAIN_TARGET:g}x plain transformers + PEFT (`{result['model']}`)",
+            measured=f"{ratio:.3f} (median of {len(result['repeats'])})",
+            verdict=verdict(ratio >= TRAIN_TARGET),
+        ),
+        Target(
+            target=f"trainer MFU >= {MFU_TARGET:.0%} of measured bf16 matmul peak (8B shape, GPU)",
+            measured="-",
+            verdict="not measured: no GPU lent"
+            if gpu == "none"
+            else "not measured: MFU benchmark not written",
+        ),
+    ]
+    notes = [
+        f"{result['examples']} examples, max_seq_len {result['max_seq_len']}, micro-batch "
+        f"{result['micro_batch_size']}, {result['dtype']} on {result['device']}, torch threads "
+        f"{result['torch_threads']}; load average after "
+        + ", ".join(f"{x:.2f}" for x in result["load_average_after"])
+        + "."
+    ]
+    return targets, table, notes
+
+
+def gpu_summary(gpu: str) -> tuple[list[Target], str, list[str]]:
+    reason = (
+        "no GPU lent"
+        if gpu == "none"
+        else f"GPU present ({gpu}) but the GPU co-location benchmark is not written"
+    )
+    target = Target(
+        target="GPU co-location: decode step latency, finetune tokens/s and predictor error per SM split",
+        measured="-",
+        verdict=f"not run: {reason}",
+    )
+    return [target], "", []
+
+
+def simulate_summary(report: simulate.Report) -> tuple[list[Target], str, list[str]]:
+    rows = []
+    for result in report.loads:
+        for r in result.runs:
+            rows.append(
+                [
+                    f"{result.load:g}",
+                    str(result.seed),
+                    f"`{r.policy}`" + (f" ({r.static_units}/step)" if r.static_units is not None else ""),
+                    _f(r.finetune_tokens_per_s, ".0f"),
+                    _f(r.slo_attainment, ".4f"),
+                    _f(r.tpot_p99_ms, ".1f"),
+                    _f(r.mean_batch, ".0f"),
+                    f"{result.gain:+.1%} vs `{result.best_baseline}`"
+                    if r.policy == "harli" and result.gain is not None
+                    else (result.note if r.policy == "harli" else ""),
+                ]
+            )
+    table = _table(
+        ["load", "seed", "policy", "finetune tok/s", "SLO att.", "TPOT p99 ms", "mean batch", "harli gain"],
+        rows,
+    )
+    harli = [r for lr in report.loads for r in lr.runs if r.policy == "harli"]
+    worst = min((r.slo_attainment for r in harli), default=math.nan)
+    average = report.average_gain
+    by_load = simulate.gains_by_load(report)
+    per_load = ", ".join(f"{load:g}: {100 * sum(g) / len(g):+.1f}%" for load, g in by_load.items())
+    targets = [
+        Target(
+            target="SIMULATED: `harli` holds the SLO (>= 0.99) at every load",
+            measured=f"lowest {worst:.4f}",
+            verdict=verdict(worst >= simulate.ATTAINMENT_TARGET),
+        ),
+        Target(
+            target=f"SIMULATED: average gain over the best SLO-holding baseline >= the paper's "
+            f"+{simulate.PAPER_AVERAGE_GAIN:.1%} (up to +{simulate.PAPER_MAX_GAIN:.1%})",
+            measured=(
+                "-"
+                if average is None
+                else f"{average:+.1%} average, {report.max_gain:+.1%} max (per load: {per_load})"
+            ),
+            verdict="missed" if average is None else verdict(average >= simulate.PAPER_AVERAGE_GAIN),
+        ),
+    ]
+    steps = ", ".join(f"batch {b}: {ms:.1f} ms" for b, ms in report.solo_step_ms.items())
+    notes = [
+        f"SIMULATED, not measured: {report.gpu.name}, LLaMA3-8B shape, roofline step model and interference "
+        f"model documented in `benchmark/simulate.py`. Decode step alone at 1k-token contexts: {steps}. "
+        f"KV pool {report.kv_pool_tokens} tokens; finetune alone {report.finetune_alone_tokens_per_s:.0f} "
+        f"tokens/s; load 1.0 = {report.saturation_rate:.1f} requests/s; SLO {report.settings.slo_ms:g} ms; "
+        f"{report.settings.duration_s:g} simulated s per run, seeds {report.settings.seeds}; "
+        f"{report.seconds:.0f} s of wall time.",
+        "`static` is tuned per load on the very trace it is scored on (the largest units/step that holds the "
+        "SLO): the strongest static baseline there can be. `harli/shared` is harli without SM partitions "
+        "(time-sharing only), shown to separate what the splits add from what adaptivity adds.",
+    ]
+    return targets, table, notes
+
+
+# -- rendering --------------------------------------------------------------------------------------------
+
+
+def render(manifest: Manifest, results_md: Path) -> str:
+    lines = [
+        "## Generated by `python -m benchmark.run`",
+        "",
+        "Written by `benchmark/report.py` from `benchmark/results/run.json`; edits here are overwritten. "
+        "Each part says when and where it ran; parts not re-run keep their last figures.",
+        "",
+        "### Targets",
+        "",
+    ]
+    rows = []
+    for name in PART_TITLES:
+        part = manifest.parts.get(name)
+        if part is None:
+            continue
+        if part.status != "ok" and not part.targets:
+            rows.append([name, PART_TITLES[name], "-", part.status])
+        for target in part.targets:
+            rows.append([name, target.target, target.measured, f"**{target.verdict}**"])
+    lines += [_table(["part", "target", "measured", "verdict"], rows), ""]
+    for name, title in PART_TITLES.items():
+        part = manifest.parts.get(name)
+        if part is None:
+            continue
+        lines += [f"### {title}", ""]
+        lines += [
+            f"- Command: `{part.command}` ({part.mode} mode, seed {part.seed})",
+            f"- Ran: {part.started_utc}, {part.seconds:.0f} s (estimated {part.estimated_s:.0f} s); "
+            f"status: {part.status}",
+            f"- Machine: {part.machine.describe()}",
+        ]
+        if part.result_json:
+            lines.append(f"- Raw figures: `{part.result_json}`")
+        lines += [f"- {note}" for note in part.notes]
+        lines.append("")
+        if part.table:
+            lines += [part.table, ""]
+        for plot in part.plots:
+            relative = os.path.relpath(plot, results_md.parent)
+            lines += [f"![{Path(plot).stem}]({relative})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_results_md(path: Path, body: str) -> None:
+    """Replace what lies between the markers (appending them at the end the first time)."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    block = f"{BEGIN}\n{body}{END}"
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def load_manifest(path: Path) -> Manifest:
+    if not path.exists():
+        return Manifest()
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Manifest)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return Manifest()  # an older or broken manifest: start over rather than fail the run
+
+
+def save_manifest(path: Path, manifest: Manifest) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=1))

@@ -1,0 +1,289 @@
+"""``python -m benchmark.run``: every figure behind the claim, one part after another, into ``RESULTS.md``.
+
+Parts, run strictly in sequence (never two servers at once: the benchmark machine may have two cores):
+
+- ``colocation``: every policy on the real CPU server at several load levels (``benchmark.colocation``);
+  plots throughput against SLO attainment, and the ``harli`` timeline.
+- ``overhead``: vanilla SGLang against Harli with no job, A B B A (``benchmark.overhead``).
+- ``train``: the trainer against plain transformers + PEFT (``benchmark.train_throughput``, in its own
+  process so its threads and memory start clean).
+- ``gpu``: GPU co-location and trainer MFU; recorded as not run when no GPU is lent.
+- ``simulate``: the SIMULATED paper-scale decode instance (``benchmark.simulate``), gain against load.
+
+Raw results go to ``--out`` (``benchmark/results``) as JSON, plots to ``<out>/plots``, and each part's
+record (command, machine, seed, timing, targets met or missed) to ``<out>/run.json``, from which the
+section of ``RESULTS.md`` between its markers is regenerated after every part. ``--quick`` is sized to
+finish within 15 minutes on a 2-core CPU; its budget is computed from the parts' own settings (trace
+windows, drains, server start-ups) and printed before anything starts (``--plan`` prints only that).
+
+    python -m benchmark.run --quick
+    python -m benchmark.run                                   # full: more loads, longer, more repeats
+    python -m benchmark.run --quick --only simulate,overhead --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from benchmark import colocation, overhead, report, simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("colocation", "overhead", "train", "gpu", "simulate")
+DEFAULT_OUT = ROOT / "benchmark" / "results"
+DEFAULT_RESULTS_MD = ROOT / "benchmark" / "RESULTS.md"
+REPORT_S = 10.0
+"""Plots and RESULTS.md, for the whole run."""
+
+
+class Plan(msgspec.Struct, kw_only=True):
+    """Every part's settings for one mode, and what each costs by construction."""
+
+    mode: str
+    colocation: colocation.Settings
+    overhead: overhead.Settings
+    train_args: list[str]
+    train_estimate_s: float
+    """Measured on the 2-core machine while quiet: model set-up plus 3 repeats x 2 sides of one epoch."""
+    simulate: simulate.Settings
+    simulate_estimate_s: float
+    """Measured here: about 3 s of CPU per load level and seed for each 90 simulated seconds."""
+
+    def estimates(self) -> dict[str, float]:
+        return {
+            "colocation": colocation.estimate_s(self.colocation),
+            "overhead": overhead.estimate_s(self.overhead),
+            "train": self.train_estimate_s,
+            "gpu": 1.0,
+            "simulate": self.simulate_estimate_s,
+        }
+
+
+def make_plan(quick: bool, seed: int) -> Plan:
+    if quick:
+        sim = msgspec.structs.replace(simulate.QUICK, seeds=[seed, seed + 1])
+        return Plan(
+            mode="quick",
+            colocation=colocation.Settings(
+                loads=[0.5, 1.0, 1.5], duration_s=12.0, max_drain_s=3.0, warmup_s=3.0, alone_s=4.0, seed=seed
+            ),
+            overhead=overhead.Settings(rounds=1, duration_s=8.0, batch=8, batch_tokens=32, seed=seed),
+            train_args=["--model", "small", "--examples", "24", "--max-seq-len", "128", "--repeats", "3"],
+            train_estimate_s=70.0,
+            simulate=sim,
+            simulate_estimate_s=_simulate_estimate(sim),
+        )
+    sim = msgspec.structs.replace(simulate.FULL, seeds=[seed, seed + 1, seed + 2])
+    return Plan(
+        mode="full",
+        colocation=colocation.Settings(
+            loads=[0.25, 0.5, 0.75, 1.0, 1.25, 1.5], duration_s=60.0, max_drain_s=10.0, seed=seed
+        ),
+        overhead=overhead.Settings(rounds=2, duration_s=30.0, seed=seed),
+        train_args=["--model", "small", "--repeats", "3"],
+        train_estimate_s=240.0,
+        simulate=sim,
+        simulate_estimate_s=_simulate_estimate(sim),
+    )
+
+
+def _simulate_estimate(settings: simulate.Settings) -> float:
+    return 3.5 * len(settings.loads) * len(settings.seeds) * settings.duration_s / 90.0 + 3.0
+
+
+class Context(msgspec.Struct, kw_only=True):
+    plan: Plan
+    command: str
+    seed: int
+    out: Path
+    plots: Path
+    log_dir: Path
+
+
+PartOutcome = tuple[str | None, list[str], list[report.Target], str, list[str]]
+"""(raw JSON path, plot paths, targets, markdown table, notes)."""
+
+
+def _write(path: Path, value) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(value), indent=1))
+    return str(path)
+
+
+def run_colocation(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
+    from benchmark import plots
+
+    result = colocation.run(ctx.plan.colocation, ctx.log_dir, log=log)
+    raw = _write(ctx.out / "colocation.json", result)
+    figures = [
+        str(plots.colocation_tradeoff(result, ctx.plots / "colocation_tradeoff.png")),
+        str(plots.colocation_timeline(result, ctx.plots / "colocation_timeline.png")),
+    ]
+    targets, table, notes = report.colocation_summary(result)
+    return raw, figures, targets, table, notes
+
+
+def run_overhead(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
+    from benchmark import plots
+
+    result = overhead.run(ctx.plan.overhead, ctx.log_dir, log=log)
+    raw = _write(ctx.out / "overhead.json", result)
+    figures = [str(plots.overhead_runs(result, ctx.plots / "overhead.png"))]
+    targets, table, notes = report.overhead_summary(result)
+    return raw, figures, targets, table, notes
+
+
+def run_train(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
+    from benchmark import plots
+
+    raw = ctx.out / "train_throughput.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "benchmark.train_throughput", *ctx.plan.train_args]
+    command += ["--seed", str(ctx.seed), "--json", str(raw)]
+    log(" ".join(command))
+    subprocess.run(command, cwd=ROOT, check=True, timeout=max(600.0, 4 * ctx.plan.train_estimate_s))
+    result = json.loads(raw.read_text())
+    figures = [str(plots.train_throughput(result, ctx.plots / "train_throughput.png"))]
+    targets, table, notes = report.train_summary(result, report.machine().gpu)
+    return str(raw), figures, targets, table, notes
+
+
+def run_gpu(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
+    gpu = report.machine().gpu
+    log(f"GPU: {gpu}")
+    targets, table, notes = report.gpu_summary(gpu)
+    return None, [], targets, table, notes
+
+
+def run_simulate(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
+    from benchmark import plots
+
+    result = simulate.run(ctx.plan.simulate, log=log)
+    raw = _write(ctx.out / "simulate.json", result)
+    figures = [str(plots.simulate_gain(result, ctx.plots / "simulate_gain.png"))]
+    targets, table, notes = report.simulate_summary(result)
+    return raw, figures, targets, table, notes
+
+
+RUNNERS: dict[str, Callable[[Context, Callable[[str], None]], PartOutcome]] = {
+    "colocation": run_colocation,
+    "overhead": run_overhead,
+    "train": run_train,
+    "gpu": run_gpu,
+    "simulate": run_simulate,
+}
+
+
+def run_part(name: str, ctx: Context, machine: report.Machine, estimate_s: float, log) -> report.PartRecord:
+    started, started_utc = time.perf_counter(), report.now_utc()
+    log(f"== {name} (estimated {estimate_s:.0f} s) ==")
+    raw, figures, targets, table, notes, status = None, [], [], "", [], "ok"
+    try:
+        raw, figures, targets, table, notes = RUNNERS[name](ctx, log)
+        if name == "gpu" and targets and targets[0].verdict.startswith("not run"):
+            status = targets[0].verdict
+    except Exception as exc:  # one broken part must not cost the others their figures
+        traceback.print_exc()
+        status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    seconds = time.perf_counter() - started
+    log(f"== {name}: {status}, {seconds:.0f} s ==")
+    return report.PartRecord(
+        part=name,
+        status=status,
+        command=ctx.command,
+        mode=ctx.plan.mode,
+        seed=ctx.seed,
+        started_utc=started_utc,
+        seconds=seconds,
+        estimated_s=estimate_s,
+        machine=machine,
+        result_json=_relative(raw),
+        plots=[_relative(f) for f in figures],
+        targets=targets,
+        table=table,
+        notes=notes,
+    )
+
+
+def _relative(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def parse_parts(value: str | None) -> list[str]:
+    if not value:
+        return list(PARTS)
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    return [p for p in PARTS if p in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the short suite (under 15 minutes on 2 cores)")
+    parser.add_argument("--only", type=parse_parts, help=f"comma-separated parts of {','.join(PARTS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="raw JSON here, plots under <out>/plots"
+    )
+    parser.add_argument("--results-md", type=Path, default=DEFAULT_RESULTS_MD)
+    parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/harli-benchmark"), help="server logs")
+    parser.add_argument("--plan", action="store_true", help="print the time budget and exit")
+    args = parser.parse_args(argv)
+    parts = args.only or list(PARTS)
+    plan = make_plan(args.quick, args.seed)
+    estimates = plan.estimates()
+    total = sum(estimates[p] for p in parts) + REPORT_S
+    breakdown = ", ".join(f"{p} {estimates[p]:.0f} s" for p in parts)
+    print(
+        f"{plan.mode} run of {', '.join(parts)}: estimated {total / 60:.1f} min "
+        f"({breakdown}, report {REPORT_S:.0f} s)"
+    )
+    if args.plan:
+        return 0
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    command = "python -m benchmark.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    ctx = Context(
+        plan=plan,
+        command=command.strip(),
+        seed=args.seed,
+        out=args.out,
+        plots=args.out / "plots",
+        log_dir=args.log_dir,
+    )
+    manifest_path = args.out / "run.json"
+    manifest = report.load_manifest(manifest_path)
+    machine = report.machine()
+    log(f"machine: {machine.describe()}")
+    started = time.perf_counter()
+    for name in parts:
+        manifest.parts[name] = run_part(name, ctx, machine, estimates[name], log)
+        report.save_manifest(manifest_path, manifest)
+        if not args.no_results_md:
+            report.update_results_md(args.results_md, report.render(manifest, args.results_md))
+    elapsed = time.perf_counter() - started
+    log(f"done in {elapsed / 60:.1f} min (estimated {total / 60:.1f}); records in {manifest_path}")
+    failed = [n for n in parts if manifest.parts[n].status.startswith("failed")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

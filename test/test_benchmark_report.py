@@ -1,0 +1,127 @@
+"""``benchmark.run``'s outputs on small real and synthetic results: PNGs written, RESULTS.md regenerated
+between its markers only, and the quick budget computed from the parts' own settings."""
+
+import msgspec
+from benchmark import colocation, overhead, plots, report, run, simulate
+
+HAND_WRITTEN = "# Results\n\nA hand-written section.\n\n"
+
+
+def machine() -> report.Machine:
+    return report.Machine(
+        cpu="test cpu", cores=2, memory_gib=24, gpu="none", python="3.11", torch="t", sglang="s",
+        transformers="tr", peft="p",
+    )  # fmt: skip
+
+
+def colocation_report() -> colocation.Report:
+    settings = colocation.Settings(
+        loads=[0.5, 1.0], duration_s=12, max_drain_s=3, policies=["harli", "static"]
+    )
+    levels, timelines = [], []
+    for policy, rate, attainment in (("harli", 200.0, 0.995), ("static", 150.0, 0.992)):
+        for load in settings.loads:
+            levels.append(
+                colocation.LevelResult(
+                    policy=policy, load=load, requests=5, failed=0, truncated=1, tpot_p50_ms=100.0,
+                    tpot_p99_ms=240.0, slo_attainment=attainment, finetune_tokens_per_s=rate / load,
+                    finetune_tokens=1000, trace_s=12.0, forward_fraction=0.4, lent_mib_mean=3.0,
+                    lent_mib_max=6.0,
+                    predictor_solo_mape=0.12, predictor_corun_mape=0.08, admitted_units=40, margin_ms=30.0,
+                    server_tpot_p99_ms=230.0, server_slo_attainment=0.99,
+                    static_units=2 if policy == "static" else None,
+                )
+            )  # fmt: skip
+            steps = [colocation.StepSample(0.1 * i, 3, 90.0, 95.0 + i, i % 3) for i in range(20)]
+            polls = [colocation.PollSample(0.5 * i, float(i), 30.0, 4 * i) for i in range(5)]
+            timelines.append(
+                colocation.Timeline(policy=policy, load=load, slo_ms=250.0, steps=steps, polls=polls)
+            )
+    measured = {"harli": {"alone_tokens_per_s": 400.0}}
+    return colocation.Report(settings=settings, levels=levels, measured=measured, timelines=timelines)
+
+
+def test_plots_and_results_section(tmp_path):
+    coloc = colocation_report()
+    sim = simulate.run(simulate.Settings(loads=[0.5], duration_s=10.0, seeds=[0]), log=lambda line: None)
+    pngs = [
+        plots.colocation_tradeoff(coloc, tmp_path / "plots" / "tradeoff.png"),
+        plots.colocation_timeline(coloc, tmp_path / "plots" / "timeline.png"),
+        plots.simulate_gain(sim, tmp_path / "plots" / "gain.png"),
+    ]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    targets, table, _ = report.colocation_summary(coloc)
+    verdicts = {t.target: t.verdict for t in targets}
+    assert verdicts["`harli` holds the SLO at load x0.5 (attainment >= 0.99)"] == "met"
+    gain = next(t for t in targets if t.target.startswith("`harli` >= 1.46x") and "x0.5" in t.target)
+    assert gain.measured.startswith("1.33x over `static`") and gain.verdict == "missed"
+    assert any("MAPE solo" in t.target and t.verdict == "missed" for t in targets)  # 12% > 10%
+
+    sim_targets, sim_table, _ = report.simulate_summary(sim)
+    assert all(t.verdict in ("met", "missed") for t in sim_targets) and "SIMULATED" in sim_targets[1].target
+    record = report.PartRecord(
+        part="colocation", status="ok", command="python -m benchmark.run --quick", mode="quick", seed=0,
+        started_utc="now", seconds=1.0, estimated_s=2.0, machine=machine(), plots=[str(pngs[0])],
+        targets=targets, table=table,
+    )  # fmt: skip
+    manifest = report.Manifest(parts={"colocation": record})
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(HAND_WRITTEN)
+    report.update_results_md(results_md, report.render(manifest, results_md))
+    first = results_md.read_text()
+    assert first.startswith(HAND_WRITTEN) and first.count(report.BEGIN) == 1 and "plots/tradeoff.png" in first
+
+    manifest.parts["simulate"] = msgspec.structs.replace(
+        record, part="simulate", targets=sim_targets, table=sim_table
+    )
+    results_md.write_text(results_md.read_text() + "\n## After the markers\n")
+    report.update_results_md(results_md, report.render(manifest, results_md))
+    second = results_md.read_text()
+    assert second.startswith(HAND_WRITTEN) and second.endswith("## After the markers\n")
+    assert second.count(report.BEGIN) == 1 and second.count(report.END) == 1
+    assert "SIMULATED" in second and "**missed**" in second
+
+    report.save_manifest(tmp_path / "run.json", manifest)
+    assert report.load_manifest(tmp_path / "run.json") == manifest
+
+
+def test_quick_budget_by_construction():
+    plan = run.make_plan(quick=True, seed=0)
+    estimates = plan.estimates()
+    assert sum(estimates.values()) + run.REPORT_S < 13 * 60  # 15 minutes with two to spare
+    assert estimates["colocation"] == colocation.estimate_s(plan.colocation)
+    assert set(estimates) == set(run.PARTS)
+    full = run.make_plan(quick=False, seed=0)
+    assert len(full.colocation.loads) > len(plan.colocation.loads)
+    assert full.overhead.rounds > plan.overhead.rounds
+
+
+def test_overhead_pairs_alternate_and_take_the_median(tmp_path):
+    sides = overhead.order(2)
+    assert sides == ["vanilla", "harli", "harli", "vanilla"] * 2
+    harli = [side == "harli" for side in sides]
+    runs = [
+        overhead.RunResult(
+            side=side,
+            index=i,
+            requests=4,
+            failed=0,
+            tpot_p50_ms=100.0 + harli[i] + 0.1 * i,  # harli 1 ms slower, both drifting
+            tpot_mean_ms=100.0,
+            tpot_p99_ms=150.0,
+            output_tokens_per_s=50.0 - 0.5 * harli[i],
+        )
+        for i, side in enumerate(sides)
+    ]
+    summary = overhead.summarize(overhead.Settings(rounds=2), {"vanilla": ["a"], "harli": ["b"]}, runs)
+    assert [p.runs for p in summary.pairs] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert all(p.tpot_p50 > 1.0 and p.throughput < 1.0 for p in summary.pairs)
+    assert summary.median_throughput_ratio == 49.5 / 50
+    assert summary.slowdown == max(summary.median_tpot_ratio - 1, 1 - 49.5 / 50) < 0.011
+    assert summary.met  # 1% slower by throughput, TPOT within 1.1%
+    png = plots.overhead_runs(summary, tmp_path / "overhead.png")
+    assert png.stat().st_size > 1000
+    targets, table, notes = report.overhead_summary(summary)
+    assert targets[0].verdict == "met" and "| 7 | vanilla |" in table
