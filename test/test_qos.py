@@ -202,6 +202,8 @@ def test_colocation_pairs_each_admission_with_the_interval_it_lands_in():
     admission = colocation.admit(shape, [unit] * 20)
     assert admission.units == 7  # 11 ms + 7 x 5 ms = 46 ms <= 50 ms - 2.5 ms margin; 8 would be 51 ms
     assert admission.predicted_s == pytest.approx(0.046, rel=0.02)
+    for _ in range(admission.units):
+        colocation.unit_done(unit, 0.005)
     clock.now += 0.011 + 7 * 0.005 + 0.008  # the interval overran by 8 ms
     record = colocation.decode_done(shape, 0.010)
     assert record.units == 7 and record.observed_ms == pytest.approx(54.0)
@@ -214,6 +216,8 @@ def test_colocation_pairs_each_admission_with_the_interval_it_lands_in():
 
     margin = policy.margin_s
     admission = colocation.admit(shape, [unit] * 20)
+    for _ in range(admission.units):
+        colocation.unit_done(unit, 0.005)
     colocation.other_batch()  # a prefill ran in the interval too: clients and the policy feel it ...
     clock.now += 0.3
     assert colocation.decode_done(shape, 0.010).observed_ms == pytest.approx(300.0)
@@ -224,3 +228,35 @@ def test_colocation_pairs_each_admission_with_the_interval_it_lands_in():
     colocation.idle()  # nothing to run: the chain of token intervals ends
     clock.now += 5.0
     assert colocation.decode_done(shape, 0.010) is None
+
+
+def test_an_interval_is_paired_with_the_units_that_ran_not_those_admitted():
+    """A request arrived (or the job ended, or no memory could be lent) after two of seven units: the
+    interval is evidence about two units, and the seven-unit prediction says nothing about it."""
+    clock = FakeClock()
+    predictor = LatencyPredictor(min_samples=2)
+    colocation = CoLocation(predictor, harli(predictor), slo_s=SLO, clock=clock)
+    shape = DecodeShape(batch_size=4, context_tokens=400)
+    unit = FinetuneWork(kind="forward", tokens=100, layers=1)
+    for _ in range(20):
+        clock.now += 0.011
+        colocation.decode_done(shape, 0.010)
+    for _ in range(10):
+        colocation.unit_done(unit, 0.005)
+    for _ in range(5):  # intervals that ran all their admitted units teach stage 2 the true cost
+        admission = colocation.admit(shape, [unit] * 20)
+        for _ in range(admission.units):
+            colocation.unit_done(unit, 0.005)
+        clock.now += 0.011 + admission.units * 0.005
+        colocation.decode_done(shape, 0.010)
+    admission = colocation.admit(shape, [unit] * 20)
+    assert admission.units == 7
+    colocation.unit_done(unit, 0.005)
+    colocation.unit_done(unit, 0.005)
+    clock.now += 0.011 + 2 * 0.005
+    record = colocation.decode_done(shape, 0.010)
+    assert record.units == 2 and record.predicted_ms is None
+    assert record.observed_ms == pytest.approx(21.0)
+    # Stage 2 was told about two units in 21 ms, so its estimate for seven is unchanged (46 ms): had it been
+    # told seven, it would now think units nearly free.
+    assert colocation.admit(shape, [unit] * 20).predicted_s == pytest.approx(0.046, rel=0.02)

@@ -105,6 +105,7 @@ class CoLocation:
         self._recent: deque[StepRecord] = deque(maxlen=recent)
         self._last_decode_done: float | None = None
         self._pending: Admission | None = None  # admitted after the last decode step, not yet observed
+        self._ran = 0  # units of the pending admission that actually ran
         self._interrupted = False  # another batch ran since the last decode result
         self._decode_tokens = _Rate(rate_window_s, clock)
         self._finetune_tokens = _Rate(rate_window_s, clock)
@@ -121,6 +122,12 @@ class CoLocation:
         if self._last_decode_done is not None:
             interval = now - self._last_decode_done
             admission = self._pending or Admission(units=0)
+            if self._ran < admission.units:
+                # Fewer ran than were admitted (a request arrived, the job ended, no memory to lend): the
+                # interval is evidence about the work that ran, and the prediction was for other work.
+                admission = msgspec.structs.replace(
+                    admission, units=self._ran, work=admission.work[: self._ran], predicted_s=None
+                )
             if not self._interrupted:
                 predicted = admission.predicted_s if admission.units else None
                 self.predictor.observe_corun(
@@ -140,7 +147,7 @@ class CoLocation:
         if solo:
             self.predictor.observe_solo(shape, step_s)
         self._last_decode_done = now
-        self._pending = None
+        self._pending, self._ran = None, 0
         self._interrupted = False
         return record
 
@@ -151,7 +158,7 @@ class CoLocation:
     def idle(self) -> None:
         """Nothing to run: no request is waiting for a next token, so the chain of intervals ends."""
         self._last_decode_done = None
-        self._pending = None
+        self._pending, self._ran = None, 0
         self._interrupted = False
 
     # -- admission -----------------------------------------------------------------------------------
@@ -168,12 +175,14 @@ class CoLocation:
         admission = self.policy.admit(next_decode, upcoming)
         self._decisions.append(time.perf_counter() - started)
         if next_decode is not None:
-            self._pending = admission
+            self._pending, self._ran = admission, 0
         return admission
 
     def unit_done(self, work: FinetuneWork, seconds: float, *, micro_batch_tokens: int = 0) -> None:
         """A unit ran for ``seconds``; ``micro_batch_tokens`` when it completed a micro-batch."""
         self.predictor.observe_unit(work, seconds)
+        if self._pending is not None:
+            self._ran += 1
         self._units.append(seconds)
         self._finetune_busy.add(seconds)
         if micro_batch_tokens:
