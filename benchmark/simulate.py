@@ -69,9 +69,9 @@ Constants (H100 SXM 80GB, LLaMA3-8B, bf16):
 Where the simulator has to play the engine, it does what the server does: a unit's observed time is its
 run time on the split it ran in (``CoLocation.unit_done``, as ``srt.finetune`` reports it), the policy's
 idle slices and the start-up unit profile are the server's, and a decode step that ran beside finetune work
-does not train stage 1. One choice differs from ``srt`` today: only units that can start are offered to the
-policy (a new micro-batch with no pages to lend is not), because admitted units that then do not run teach
-stage 2 intervals shorter than the work it was told about (``--offer-blocked`` reproduces ``srt``'s way).
+does not train stage 1, and units are offered as ``srt`` offers them: even the first unit of a micro-batch
+that cannot start for want of lendable pages (``--runnable-only`` offers only units that can start). Such
+admitted units do not run, and ``CoLocation`` pairs the interval with the units that ran.
 The baselines never consult the predictor, so under them it is not fed (that only saves time).
 
 The ``static`` baseline is tuned offline the strongest way: for every load level, the largest number of
@@ -468,7 +468,7 @@ class Instance:
         static_units: int = 0,
         seed: int = 0,
         partitions: bool = True,
-        offer_blocked: bool = False,
+        offer_blocked: bool = True,
     ):
         self.roofline, self.slo_s, self.offer_blocked = roofline, slo_s, offer_blocked
         config, gpu = HarliConfig(), roofline.gpu
@@ -644,7 +644,7 @@ def simulate(
     static_units: int = 0,
     seed: int = 0,
     partitions: bool = True,
-    offer_blocked: bool = False,
+    offer_blocked: bool = True,
 ) -> RunResult:
     instance = Instance(
         roofline,
@@ -700,8 +700,8 @@ class Settings(msgspec.Struct, kw_only=True):
     slo_ms: float = 50.0
     max_static_units: int = 2 * 32 + 1
     """Upper end of the static search: one micro-batch's units."""
-    offer_blocked: bool = False
-    """Offer the policy units that cannot start for want of lendable pages (what ``srt`` does today)."""
+    offer_blocked: bool = True
+    """Offer the policy units that cannot start for want of lendable pages, as ``srt`` does."""
 
 
 class LoadResult(msgspec.Struct, kw_only=True):
@@ -869,7 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="simulated seconds per run")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--slo-ms", type=float)
-    parser.add_argument("--offer-blocked", action="store_true", help="offer units that cannot start (srt)")
+    parser.add_argument(
+        "--runnable-only", action="store_true", help="offer only units that can start (srt offers all)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     overrides = {
@@ -877,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "seeds": args.seeds,
         "slo_ms": args.slo_ms,
-        "offer_blocked": args.offer_blocked or None,
+        "offer_blocked": False if args.runnable_only else None,
     }
     settings = msgspec.structs.replace(
         QUICK if args.quick else FULL, **{k: v for k, v in overrides.items() if v is not None}
