@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,7 @@ import numpy as np
 
 from benchmark.colocation import SERVER_START_S, SERVER_STOP_S, Arrival, bursty_trace, replay, stream
 from sglang_harli.models.builtin import PRESET_SCHEME, materialize
-from sglang_harli.server_process import ServerProcess, free_port
+from sglang_harli.server_process import ServerProcess
 
 SIDES = ("vanilla", "harli")
 TARGET_SLOWDOWN = 0.02
@@ -45,16 +43,7 @@ class VanillaServer(ServerProcess):
     """``ServerProcess`` started as plain ``python -m sglang.launch_server`` (same lifecycle and helpers)."""
 
     def __init__(self, args: list[str], log_path: Path | str, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sglang.launch_server", "--port", str(self.port), *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__(args, log_path, port, module="sglang.launch_server")
 
 
 class Settings(msgspec.Struct, kw_only=True):

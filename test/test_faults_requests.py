@@ -9,12 +9,11 @@ import time
 import pytest
 import requests
 
-from conftest import SERVER_ARGS
+from conftest import FAKE_BOOTSTRAP, PD_DECODE_ARGS, SERVER_ARGS
 from sglang_harli.server_process import ServerProcess
 
 pytestmark = pytest.mark.server
 
-FAKE = {"bootstrap_host": "2.2.2.2", "bootstrap_port": 8998}  # SGLang's FAKE_BOOTSTRAP_HOST
 SAMPLING = {"max_new_tokens": 4, "temperature": 0}
 
 
@@ -23,12 +22,7 @@ def decode_server(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pd_decode")
     args = [
         *SERVER_ARGS,
-        "--disaggregation-mode",
-        "decode",
-        "--disaggregation-transfer-backend",
-        "fake",
-        "--disaggregation-decode-retraction-backup",
-        "cpu_tensor",
+        *PD_DECODE_ARGS,
     ]
     with ServerProcess(args, run_dir / "server.log") as srv:
         yield srv
@@ -89,17 +83,25 @@ def test_pd_decode_request_without_bootstrap_fields_is_a_400(decode_server):
 
 def test_pd_decode_request_with_fake_bootstrap_fields_generates(decode_server):
     srv = decode_server
-    one = srv.post("/generate", {"text": "Hello", "sampling_params": SAMPLING, **FAKE, "bootstrap_room": 7})
+    one = srv.post(
+        "/generate", {"text": "Hello", "sampling_params": SAMPLING, **FAKE_BOOTSTRAP, "bootstrap_room": 7}
+    )
     assert one.status_code == 200, one.text
     assert len(one.json()["output_ids"]) == 4
 
     # A scalar room is spread over the batch (room, room + 1, ...) by SGLang.
-    batch = {"text": ["Hello", "World"], "sampling_params": SAMPLING, **FAKE, "bootstrap_room": 100}
+    batch = {"text": ["Hello", "World"], "sampling_params": SAMPLING, **FAKE_BOOTSTRAP, "bootstrap_room": 100}
     out = srv.post("/generate", batch)
     assert out.status_code == 200, out.text
     assert [len(item["output_ids"]) for item in out.json()] == [4, 4]
 
-    completion = {"model": "harli-tiny", "prompt": "Hello", "max_tokens": 4, **FAKE, "bootstrap_room": 9}
+    completion = {
+        "model": "harli-tiny",
+        "prompt": "Hello",
+        "max_tokens": 4,
+        **FAKE_BOOTSTRAP,
+        "bootstrap_room": 9,
+    }
     resp = srv.post("/v1/completions", completion)
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] == 4

@@ -15,14 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import SERVER_ARGS
+from conftest import FAKE_BOOTSTRAP, PD_DECODE_ARGS, SERVER_ARGS
 from sglang_harli.server_process import ServerProcess
 from test_jobs import RECORDS, finished, job_spec, wait_for
 from test_lending import BUDGET_MB, POOL, memory, metric
 
 pytestmark = pytest.mark.server
 
-FAKE = {"bootstrap_host": "2.2.2.2", "bootstrap_port": 8998}  # SGLang's FAKE_BOOTSTRAP_HOST
 BURST, BURST_NEW = 12, 560  # with the instance's per-request decode reserve, most of the pool
 
 
@@ -32,12 +31,7 @@ def decode_server(tmp_path_factory):
     args = [
         *SERVER_ARGS,
         "--enable-metrics",
-        "--disaggregation-mode",
-        "decode",
-        "--disaggregation-transfer-backend",
-        "fake",
-        "--disaggregation-decode-retraction-backup",
-        "cpu_tensor",
+        *PD_DECODE_ARGS,
         "--max-total-tokens",
         str(POOL),
         "--harli-trainer-memory-mb",
@@ -63,7 +57,7 @@ def _burst(server, count: int = BURST, new_tokens: int = BURST_NEW, room: int = 
         body = {
             "text": f"Burst {index:02d}:",
             "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True},
-            **FAKE,
+            **FAKE_BOOTSTRAP,
             "bootstrap_room": room + index,
         }
         resp = requests.post(server.url + "/generate", json=body, timeout=600)
@@ -95,7 +89,8 @@ def test_a_decode_instance_lends_trains_and_takes_its_pages_back(decode_server):
     status = wait_for(srv, "pd", finished)
     assert status["state"] == "completed", status
     out = srv.post(
-        "/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 4}, **FAKE, "bootstrap_room": 7}
+        "/generate",
+        {"text": "Hi", "sampling_params": {"max_new_tokens": 4}, **FAKE_BOOTSTRAP, "bootstrap_room": 7},
     )
     assert out.status_code == 200 and len(out.json()["output_ids"]) == 4
 

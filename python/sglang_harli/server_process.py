@@ -24,13 +24,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path | str, port: int | None = None):
+    """A server started by ``module``: ``sglang_harli.launch_server``, or plain ``sglang.launch_server``
+    to compare with."""
+
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path | str,
+        port: int | None = None,
+        module: str = "sglang_harli.launch_server",
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sglang_harli.launch_server", "--port", str(self.port), *args],
+            [sys.executable, "-m", module, "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so stop() reaches every child
