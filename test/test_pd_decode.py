@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import FAKE_BOOTSTRAP, PD_DECODE_ARGS, SERVER_ARGS
-from sglang_harli.server_process import ServerProcess
+from conftest import FAKE_BOOTSTRAP, PD_DECODE_ARGS
 from test_jobs import RECORDS, finished, job_spec, wait_for
-from test_lending import BUDGET_MB, POOL, memory, metric
+from test_lending import POOL, lending_server, memory, metric
 
 pytestmark = pytest.mark.server
 
@@ -27,20 +26,8 @@ BURST, BURST_NEW = 12, 560  # with the instance's per-request decode reserve, mo
 
 @pytest.fixture(scope="module")
 def decode_server(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("pd_lending")
-    args = [
-        *SERVER_ARGS,
-        "--enable-metrics",
-        *PD_DECODE_ARGS,
-        "--max-total-tokens",
-        str(POOL),
-        "--harli-trainer-memory-mb",
-        str(BUDGET_MB),
-        "--harli-kv-poison",
-        "--harli-output-dir",
-        str(run_dir / "adapters"),
-    ]
-    with ServerProcess(args, run_dir / "server.log") as srv:
+    """test_lending's small-pool, small-budget, poisoned server, as a PD decode instance."""
+    with lending_server(tmp_path_factory.mktemp("pd_lending"), *PD_DECODE_ARGS) as srv:
         yield srv
 
 

@@ -284,7 +284,7 @@ class FinetuneService:
             if queued is None:
                 return []
             waited = time.time() - queued.created_at
-            if not (may_start or waited > START_WITHIN_S) or not self._start_next():
+            if not (may_start or waited > START_WITHIN_S) or not self.start_next():
                 return []
         try:
             return self.trainer.peek(min(4 * self.trainer.units_per_micro_batch + 1, 256))
@@ -360,9 +360,6 @@ class FinetuneService:
 
     def start_next(self) -> bool:
         """Start the next queued job, if any; True if one is training now."""
-        return self._start_next()
-
-    def _start_next(self) -> bool:
         job = self.book.next_queued()
         if job is None:
             return False
@@ -394,7 +391,7 @@ class FinetuneService:
                 self.lending.attach(self.trainer)
         except Exception as exc:
             self._fail(job, exc, traceback=not isinstance(exc, JobStoreError))
-            return self.book.next_queued() is not None and self._start_next()
+            return self.book.next_queued() is not None and self.start_next()
         self.job = job
         job.total_steps = self.trainer.total_steps
         self._tokens_at_start = self.trainer.tokens_trained
@@ -429,14 +426,13 @@ class FinetuneService:
                 str(getattr(runner, "dtype", "")),
                 self.config.layers_per_unit,
                 torch.__version__,
-                self.scheduler.tp_size,
             ]
         )
         return cache_root() / "predictor" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
     def _cached_predictor(self) -> LatencyPredictor | None:
         if self.config.profile == "refresh" or self.tensor_parallel is not None:
-            return None  # with TP every rank profiles, in step (rank 0 alone could have a cache entry)
+            return None  # with TP every rank profiles, in step: no cache is read or written
         try:
             state = json.loads(self._predictor_path.read_text())
             predictor = LatencyPredictor.from_state(state, forgetting=PREDICTOR_FORGETTING)
@@ -446,7 +442,7 @@ class FinetuneService:
         return predictor
 
     def _save_predictor(self) -> None:
-        if not self.agreement.leader:
+        if self.tensor_parallel is not None:
             return
         path = self._predictor_path
         try:

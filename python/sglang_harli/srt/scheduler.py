@@ -138,13 +138,15 @@ class HarliScheduler(Scheduler):
         running = [req for req in batch.reqs if not req.finished()]
         if not batch.forward_mode.is_decode() and running:
             return None  # a prefill already spent this token interval of the running requests
-        if self._harli_prefill_next() or self._harli_request_pending():
+        # A PD decode instance never prefills: requests whose KV has arrived join the next decode step.
+        pd_decode = self.disaggregation_mode == DisaggregationMode.DECODE
+        if (self.waiting_queue and not pd_decode) or self._harli_request_pending():
             return None  # the next forward is a prefill: it, not training, gets the rest of the interval
         started = time.perf_counter()
         upcoming = finetune.upcoming(may_start=not running)
         if not upcoming:
             return None
-        joining = self._harli_joining()  # PD decode: requests whose KV arrived join the next step
+        joining = list(self.waiting_queue) if pd_decode else []
         context = sum(len(req.origin_input_ids) + len(req.output_ids) for req in (*running, *joining))
         next_step = _shape([*running, *joining], context) if running or joining else None
         return self._harli_admit(next_step, upcoming, started)
@@ -205,18 +207,6 @@ class HarliScheduler(Scheduler):
             else:
                 plan = None
         return plan
-
-    def _harli_prefill_next(self) -> bool:
-        """The next forward is a prefill (an extend) rather than the next decode step."""
-        if self.disaggregation_mode == DisaggregationMode.DECODE:
-            return False  # a PD decode instance never prefills: its waiting requests join decode
-        return bool(self.waiting_queue)
-
-    def _harli_joining(self) -> list:
-        """PD decode: the requests whose KV has arrived, merged into the next decode step."""
-        if self.disaggregation_mode != DisaggregationMode.DECODE:
-            return []
-        return list(self.waiting_queue)
 
     def _harli_request_pending(self) -> bool:
         """A request (or any message) is waiting on the tokenizer socket: decode wins, training yields."""
