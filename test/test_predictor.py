@@ -122,6 +122,30 @@ def test_stage1_follows_a_step_change():
     assert after.coefficients["intercept"] == pytest.approx(1.5 * SOLO["intercept"], rel=0.1)
 
 
+def test_stage1_learns_batch_sizes_a_line_cannot_fit():
+    """Step latency as measured on the 2-core CPU (``benchmark/RESULTS.md``): a batch of 3 is slower than
+    one of 4, and a single request much faster than the line through the others."""
+    measured_ms = {1: 34.7, 2: 60.2, 3: 78.2, 4: 64.2, 5: 64.0, 6: 67.1}
+    rng = np.random.default_rng(5)
+    predictor = LatencyPredictor()
+    line = OnlineLinearModel(["intercept", "batch_size"], forgetting=predictor.forgetting)
+    line_errors = ErrorStats()
+    for _ in range(400):
+        batch = int(rng.integers(1, 7))
+        shape = DecodeShape(batch_size=batch, context_tokens=batch * int(rng.integers(50, 150)))
+        seconds = noisy(rng, measured_ms[batch] / 1e3)
+        if line.samples >= predictor.min_samples:
+            line_errors.add(line.predict((1.0, batch)), seconds)
+        predictor.observe_solo(shape, seconds)
+        line.update((1.0, batch), seconds)
+
+    assert line_errors.summary().mape_recent > 0.1  # the stage 1 of before
+    assert predictor.snapshot().solo.mape_recent < 0.02
+    for batch, ms in measured_ms.items():
+        shape = DecodeShape(batch_size=batch, context_tokens=batch * 100)
+        assert predictor.solo(shape) == pytest.approx(ms / 1e3, rel=0.03), batch
+
+
 def test_unit_costs_recover_each_kind():
     rng = np.random.default_rng(3)
     predictor = LatencyPredictor(window=64)

@@ -15,6 +15,7 @@ msgspec so that the server, the GPU benchmark and the trace simulator share one 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -25,12 +26,32 @@ import numpy as np
 
 from sglang_harli.core.work import WORK_KINDS, FinetuneWork
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+
+BATCH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+"""Lower edges of the batch sizes that get an offset of their own in stage 1.
+
+Decode latency is not linear in batch size: GEMM kernels change tiling and code path at some sizes, and
+CUDA graphs pad a batch up to the next captured size. On the 2-core CPU of ``benchmark/RESULTS.md`` a
+``small`` step with 3 requests takes 78 ms, with 4 only 64 ms; the linear terms alone left 17% error
+there, an offset per bucket 5%. Exact up to 8, where a small server spends its time, then about
+geometric, so the feature vector stays short at any ``--max-running-requests``."""
 
 # Scales bring every feature to order one at typical sizes, so that the solver sees a well-conditioned
-# system and one prior variance suits every coefficient. Powers of two make the scaling exact.
-_SOLO_FEATURES = ("intercept", "batch_size", "context_tokens", "adapters")
-_SOLO_SCALES = (1.0, 2.0**6, 2.0**16, 2.0**3)
+# system and one prior variance suits every linear coefficient. Powers of two make the scaling exact.
+_LINEAR_SOLO_FEATURES = ("intercept", "batch_size", "context_tokens", "adapters")
+_SOLO_FEATURES = _LINEAR_SOLO_FEATURES + tuple(
+    f"batch_size>={low}" if high is None else f"batch_size={low}" if high == low + 1 else
+    f"batch_size={low}-{high - 1}"
+    for low, high in zip(BATCH_BUCKETS, (*BATCH_BUCKETS[1:], None), strict=True)
+)  # fmt: skip
+_SOLO_SCALES = (1.0, 2.0**6, 2.0**16, 2.0**3) + (1.0,) * len(BATCH_BUCKETS)
+_SOLO_PRIOR_VARIANCE = (1e2,) * len(_LINEAR_SOLO_FEATURES) + (3.0,) * len(BATCH_BUCKETS)
+"""The bucket offsets sum to the intercept, so alone they would not be identifiable. A prior thirty times
+tighter than the linear terms' leaves to the line whatever a line explains and to the offsets only what
+it cannot, so the linear coefficients keep their meaning; at a third of a sample's weight it still lets a
+bucket seen a few times carry its own offset. Tighter priors cost accuracy on the measured CPU trace,
+looser ones slow the fit's recovery after a drift that moves every bucket at once."""
 _UNIT_FEATURES = ("intercept", "size")
 _UNIT_SIZE_SCALES = {"forward": 2.0**16, "backward": 2.0**16, "loss": 2.0**12, "optimizer": 2.0**24}
 _CORUN_FEATURES = ("alpha", "beta", "c")
@@ -79,14 +100,15 @@ class OnlineLinearModel:
 
     Each update discounts the past by ``forgetting``, so the fit follows drift within roughly
     ``1 / (1 - forgetting)`` samples. The Gaussian prior (mean ``prior``, covariance
-    ``prior_variance * I``) is kept in information form and is not forgotten, only the data is. Classic
-    forgetting RLS divides the covariance by ``forgetting`` every step, so in any direction the features
-    stop exciting (a batch shape held for minutes, an adapter count stuck at zero) the covariance grows
-    without bound and the next informative sample throws the fit around. Here the posterior precision is
+    ``diag(prior_variance)``, one figure or one per feature) is kept in information form and is not
+    forgotten, only the data is. Classic forgetting RLS divides the covariance by ``forgetting`` every
+    step, so in any direction the features stop exciting (a batch shape held for minutes, an adapter
+    count stuck at zero) the covariance grows without bound and the next informative sample throws the
+    fit around. Here the posterior precision is
     the prior's precision plus the discounted Gram matrix: the covariance never exceeds the prior's, a
     direction without recent evidence relaxes to the prior instead of winding up, and the matrices stay
-    exactly symmetric because they are sums of symmetric terms. While data is present the prior weighs
-    as little as one sample in ``prior_variance``, so the fit is ordinary weighted least squares.
+    exactly symmetric because they are sums of symmetric terms. A coefficient's prior weighs as much as
+    ``1 / prior_variance`` samples: at the default of 1e2 the fit is ordinary weighted least squares.
 
     Features are divided by ``scales`` before fitting, so that token counts near 1e5 and an intercept of
     1 reach the solver at comparable magnitude. ``prior``, ``predict``, ``update`` and ``coefficients``
@@ -100,7 +122,7 @@ class OnlineLinearModel:
         *,
         forgetting: float = 0.98,
         prior: Sequence[float] | None = None,
-        prior_variance: float = 1e2,
+        prior_variance: float | Sequence[float] = 1e2,
         scales: Sequence[float] | None = None,
     ):
         self.names = tuple(names)
@@ -109,16 +131,17 @@ class OnlineLinearModel:
             raise ValueError("a linear model needs at least one feature")
         if not 0.0 < forgetting <= 1.0:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
-        if not (math.isfinite(prior_variance) and prior_variance > 0):
+        variance = np.broadcast_to(np.asarray(prior_variance, dtype=np.float64), (n,)).copy()
+        if not (np.isfinite(variance).all() and (variance > 0).all()):
             raise ValueError(f"prior_variance must be positive and finite, got {prior_variance}")
         self.forgetting = float(forgetting)
-        self.prior_variance = float(prior_variance)
+        self.prior_variance = variance
         self._scales = _vector(scales if scales is not None else [1.0] * n, n, "scales")
         if np.any(self._scales <= 0):
             raise ValueError(f"scales must be positive, got {self._scales.tolist()}")
         self._prior = _vector(prior if prior is not None else [0.0] * n, n, "prior")
-        self._ridge = np.eye(n) / self.prior_variance
-        self._prior_moment = self._prior * self._scales / self.prior_variance
+        self._ridge = np.diag(1.0 / variance)
+        self._prior_moment = self._prior * self._scales / variance
         self._gram = np.zeros((n, n))
         self._moment = np.zeros(n)
         self.samples = 0
@@ -152,7 +175,7 @@ class OnlineLinearModel:
             "scales": self._scales.tolist(),
             "forgetting": self.forgetting,
             "prior": self._prior.tolist(),
-            "prior_variance": self.prior_variance,
+            "prior_variance": self.prior_variance.tolist(),
             "samples": self.samples,
             "gram": self._gram.tolist(),
             "moment": self._moment.tolist(),
@@ -238,7 +261,7 @@ class LatencyPredictor:
         self.forgetting = forgetting
         self.window = window
         self.min_samples = min_samples
-        self._solo = self._model(_SOLO_FEATURES, scales=_SOLO_SCALES)
+        self._solo = self._model(_SOLO_FEATURES, scales=_SOLO_SCALES, prior_variance=_SOLO_PRIOR_VARIANCE)
         self._solo_errors = ErrorStats(window)
         self._units: dict[str, OnlineLinearModel] = {}
         self._unit_errors: dict[str, ErrorStats] = {}
@@ -409,8 +432,11 @@ class LatencyPredictor:
         *,
         scales: Sequence[float],
         prior: Sequence[float] | None = None,
+        prior_variance: float | Sequence[float] = 1e2,
     ) -> OnlineLinearModel:
-        return OnlineLinearModel(names, forgetting=self.forgetting, prior=prior, scales=scales)
+        return OnlineLinearModel(
+            names, forgetting=self.forgetting, prior=prior, prior_variance=prior_variance, scales=scales
+        )
 
     def _restore(self, state: dict[str, Any], names: Sequence[str]) -> OnlineLinearModel:
         model = OnlineLinearModel.from_state(state)
@@ -436,8 +462,12 @@ class LatencyPredictor:
         return table[key]
 
 
-def _solo_features(shape: DecodeShape) -> tuple[float, float, float, float]:
-    return (1.0, float(shape.batch_size), float(shape.context_tokens), float(shape.adapters))
+def _solo_features(shape: DecodeShape) -> np.ndarray:
+    features = np.zeros(len(_SOLO_FEATURES))
+    features[:4] = (1.0, shape.batch_size, shape.context_tokens, shape.adapters)
+    bucket = max(bisect.bisect_right(BATCH_BUCKETS, shape.batch_size) - 1, 0)
+    features[len(_LINEAR_SOLO_FEATURES) + bucket] = 1.0
+    return features
 
 
 def _valid(seconds: float) -> bool:
