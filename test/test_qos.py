@@ -229,6 +229,15 @@ def test_colocation_pairs_each_admission_with_the_interval_it_lands_in():
     clock.now += 5.0
     assert colocation.decode_done(shape, 0.010) is None
 
+    # The last request finished and a new one was prefilled with nothing else decoding: no client waited
+    # through that prefill for a next token, so its first decode interval counts from the prefill.
+    clock.now += 0.4
+    colocation.chain_restarts()
+    clock.now += 0.012
+    record = colocation.decode_done(shape, 0.010)
+    assert record.observed_ms == pytest.approx(12.0) and record.units == 0
+    assert colocation.snapshot().token_intervals.slo_attainment == pytest.approx(20 / 22)
+
 
 def test_an_interval_is_paired_with_the_units_that_ran_not_those_admitted():
     """A request arrived (or the job ended, or no memory could be lent) after two of seven units: the

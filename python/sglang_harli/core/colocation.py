@@ -155,6 +155,14 @@ class CoLocation:
         """A prefill (or any non-decode batch) ran inside the current token interval."""
         self._interrupted = True
 
+    def chain_restarts(self) -> None:
+        """A batch whose requests were all new (a prefill while nothing was decoding) gave them their
+        first tokens: the next decode result closes an interval counted from here. Counted from the last
+        decode result instead, it would hold that prefill and look to no client like a token interval,
+        yet count as a violation against the SLO and the margin."""
+        self.idle()
+        self._last_decode_done = self.clock()
+
     def idle(self) -> None:
         """Nothing to run: no request is waiting for a next token, so the chain of intervals ends."""
         self._last_decode_done = None

@@ -52,6 +52,8 @@ class HarliScheduler(Scheduler):
         # forward runs: that step's own in the normal loop, the next step's in the overlap loop.
         self._harli_forward: tuple[DecodeShape, float] | None = None
         self._harli_chain_broken = True
+        # The latest non-decode batch ran while no request was waiting for a next token.
+        self._harli_fresh_batch = False
         self.harli_metrics = None
         if self.server_args.enable_metrics:
             labels = dict(getattr(self.metrics_collector, "labels", None) or {})
@@ -88,6 +90,7 @@ class HarliScheduler(Scheduler):
             self._harli_forward = (_shape(batch.reqs, batch.seq_lens_sum or 0), elapsed)
         else:
             self._harli_chain_broken = True
+            self._harli_fresh_batch = not any(not req.finished() for req in self.running_batch.reqs)
         return result
 
     def process_batch_result(self, batch, result):
@@ -96,6 +99,9 @@ class HarliScheduler(Scheduler):
         if not batch.forward_mode.is_decode():
             if batch.forward_mode.is_extend():
                 self.harli_steps.record_prefill(int(batch.extend_num_tokens or 0))
+            if self._harli_fresh_batch:
+                colocation.chain_restarts()  # only new requests: their first tokens start the chain
+                self._harli_chain_broken = self._harli_fresh_batch = False
         elif self._harli_forward is not None:
             shape, step_s = self._harli_forward
             self.harli_steps.record_decode(step_s, shape.batch_size)
