@@ -13,8 +13,9 @@ the KV tokens lent at each poll make the timeline plot and the lent-memory colum
 The slack ceiling is what a perfect scheduler could train in the same run: the finetune-alone rate
 (measured in the ``harli`` server before the trace, with no decode) times the fraction of the trace's
 wall time not spent in forward passes (``forward_s`` from ``/harli/stats``). The ``static`` baseline is
-tuned from the ``harli`` run's own measurements so the SLO holds at peak: as many units per step as fit
-between the p99 decode step and the SLO at the p99 unit time.
+tuned so the SLO holds at peak, as the issue defines it: starting from as many units per step as fit
+between the ``harli`` run's p99 decode step and 90% of the SLO at its p99 unit time, the peak level is
+probed alone in a server of its own and the units stepped down until it holds (or one is left).
 
 ``--max-drain-s`` bounds each level: requests still streaming that long after the window are cut (the
 client closes the stream, SGLang aborts them) and count as truncated, not failed; their token intervals up
@@ -131,6 +132,14 @@ class Timeline(msgspec.Struct, kw_only=True):
     slo_ms: float
     steps: list[StepSample]
     polls: list[PollSample]
+
+
+class StaticProbe(msgspec.Struct, kw_only=True):
+    """One try while tuning ``static``: its units per step and the SLO attainment at peak load."""
+
+    units: int
+    load: float
+    slo_attainment: float
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -397,7 +406,7 @@ def run_policy(
     return levels, extra, timelines
 
 
-def tuned_static_units(settings: Settings, harli: dict | None) -> int:
+def estimated_static_units(settings: Settings, harli: dict | None) -> int:
     """As many units per step as fit between the harli run's p99 decode step and 90% of the SLO."""
     if not harli or not harli.get("unit_p99_ms"):
         return 2
@@ -405,12 +414,36 @@ def tuned_static_units(settings: Settings, harli: dict | None) -> int:
     return max(1, math.floor(slack / harli["unit_p99_ms"]))
 
 
+def tune_static(
+    settings: Settings, harli: dict | None, log_dir: Path, log: Callable[[str], None]
+) -> tuple[int, list[StaticProbe]]:
+    """Units per step for ``static``, tuned so the SLO holds at peak load, as token-budget co-serving
+    systems are tuned: from the estimate, probe the peak level alone and step down until it holds (or
+    one unit is left). An estimate is not enough: it cannot see arrivals landing in a step's finetune
+    work, which is what breaks the SLO at peak."""
+    units = estimated_static_units(settings, harli)
+    probe_settings = msgspec.structs.replace(settings, loads=[max(settings.loads)], alone_s=0.0)
+    probes = []
+    while True:
+        (peak, *_), _, _ = run_policy(
+            "static", probe_settings, log_dir / "static-probe", static_units=units, log=log
+        )
+        probes.append(StaticProbe(units=units, load=peak.load, slo_attainment=peak.slo_attainment))
+        if peak.slo_attainment >= ATTAINMENT_TARGET or units == 1:
+            return units, probes
+        units -= 1
+
+
 def run(settings: Settings, log_dir: Path, log: Callable[[str], None] = print) -> Report:
     log_dir.mkdir(parents=True, exist_ok=True)
     levels, measured, timelines = [], {}, []
     for policy in [p for p in POLICIES if p in settings.policies]:
-        static_units = tuned_static_units(settings, measured.get("harli")) if policy == "static" else None
+        static_units, probes = None, None
+        if policy == "static":
+            static_units, probes = tune_static(settings, measured.get("harli"), log_dir, log)
         result, extra, timeline = run_policy(policy, settings, log_dir, static_units=static_units, log=log)
+        if probes is not None:
+            extra["tuning"] = msgspec.to_builtins(probes)
         levels += result
         timelines += timeline
         measured[policy] = extra
@@ -432,7 +465,9 @@ def estimate_s(settings: Settings) -> float:
         + SERVER_STOP_S
     )
     alone = settings.alone_s if "harli" in settings.policies else 0.0
-    return len(settings.policies) * per_policy + alone
+    # tuning static probes the peak level at least once, in a server of its own
+    probe = per_policy - (len(settings.loads) - 1) * per_level if "static" in settings.policies else 0.0
+    return len(settings.policies) * per_policy + alone + probe
 
 
 def harli_gain(levels: list[LevelResult], load: float) -> tuple[float | None, str | None]:

