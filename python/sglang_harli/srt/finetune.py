@@ -411,9 +411,12 @@ class FinetuneService:
 
     # -- profiling -----------------------------------------------------------------------------------
     def _cache_path(self) -> Path:
-        """One cache entry per model shape, hardware and unit granularity."""
+        """One cache entry per model shape, hardware, unit granularity and deployment: a PD decode
+        instance's steps (prebuilt batches, transfers in flight) are not a co-located server's, and one
+        role's fit restored in the other admits by the wrong costs until it has relearnt them."""
         runner = self.scheduler.tp_worker.model_runner
-        config_file = Path(self.scheduler.server_args.model_path) / "config.json"
+        server_args = self.scheduler.server_args
+        config_file = Path(server_args.model_path) / "config.json"
         device = getattr(runner, "device", "cpu")
         if str(device).startswith("cuda"):
             hardware = torch.cuda.get_device_name()
@@ -421,11 +424,13 @@ class FinetuneService:
             hardware = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()}"
         key = json.dumps(
             [
-                config_file.read_text() if config_file.is_file() else self.scheduler.server_args.model_path,
+                config_file.read_text() if config_file.is_file() else server_args.model_path,
                 hardware,
                 str(getattr(runner, "dtype", "")),
                 self.config.layers_per_unit,
                 torch.__version__,
+                str(server_args.disaggregation_mode),
+                str(server_args.attention_backend),
             ]
         )
         return cache_root() / "predictor" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
