@@ -133,7 +133,7 @@ class CoLocation:
                 self.predictor.observe_corun(
                     shape, admission.work, interval, split=admission.split, predicted=predicted
                 )
-            self.policy.observe(admission, interval)
+            self.policy.observe(admission, interval, tokens=shape.batch_size)
             self._intervals.append(interval)
             record = StepRecord(
                 at_s=now,

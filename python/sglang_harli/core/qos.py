@@ -10,15 +10,16 @@ so what the benchmark measures is the policy that serves.
 SLO minus a safety margin. The margin tracks the SLO percentile by stochastic approximation: each
 violation widens it by ``step * (1 - r)`` of the SLO, each interval that holds narrows it by
 ``step * r``, so it settles where a fraction ``r`` of intervals violate, and it widens at once after a
-burst of violations. ``r`` is half the violation rate the SLO allows (0.5% for p99): aiming exactly at
-the percentile would miss it in about half of all measurement windows, since the count of violations in
-a window is itself random. Intervals without finetune work count too:
-the percentile is over every token interval, so the violations decode causes on its own (a long prefill)
-leave training only what remains of the budget, and when decode alone uses all of it the margin grows to
-the whole SLO and ``harli`` trains only when idle. The baselines, kept here so they run in the
-same server, are ``idle-only`` (train only with no decode work), ``naive`` (a whole micro-batch after
-every step, no latency control) and ``static`` (a fixed number of units per step, tuned offline, which is
-how token-budget co-serving systems behave).
+burst of violations. Each interval weighs as much as the tokens that waited through it (its batch,
+relative to the recent mean), so ``r`` is a share of tokens, as clients measure TPOT. ``r`` is half the
+violation rate the SLO allows (0.5% for p99): aiming exactly at the percentile would miss it in about
+half of all measurement windows, since the count of violations in a window is itself random. Intervals
+without finetune work count too: the percentile is over every token interval, so the violations decode
+causes on its own (a long prefill) leave training only what remains of the budget, and when decode
+alone uses all of it the margin grows to the whole SLO and ``harli`` trains only when idle. The
+baselines, kept here so they run in the same server, are ``idle-only`` (train only with no decode
+work), ``naive`` (a whole micro-batch after every step, no latency control) and ``static`` (a fixed
+number of units per step, tuned offline, which is how token-budget co-serving systems behave).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class QosPolicy(Protocol):
 
     def admit(self, decode: DecodeShape | None, upcoming: Sequence[FinetuneWork]) -> Admission: ...
 
-    def observe(self, admission: Admission, interval_s: float) -> None: ...
+    def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None: ...
 
     def snapshot(self) -> PolicyStats: ...
 
@@ -94,7 +95,9 @@ class _Policy:
     def _admit_with_decode(self, decode: DecodeShape, upcoming: Sequence[FinetuneWork]) -> Admission:
         raise NotImplementedError
 
-    def observe(self, admission: Admission, interval_s: float) -> None:
+    def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None:
+        """The interval that ``admission`` landed in took ``interval_s``; ``tokens`` requests waited
+        through it (the batch of the decode step that closed it)."""
         if admission.units:
             self.steps_with_work += 1
             self.violations_with_work += interval_s > self.slo_s
@@ -115,6 +118,10 @@ class _Policy:
 
 TARGET_SHARE = 0.5
 """Of the violations the SLO percentile allows, the share the margin aims for."""
+TOKENS_SMOOTHING = 0.01
+"""Per interval, how fast the mean batch that weighs each interval's vote follows the load."""
+MAX_WEIGHT = 8.0
+"""One interval of a large batch after a quiet spell moves the margin at most this many steps."""
 
 
 class HarliPolicy(_Policy):
@@ -139,6 +146,7 @@ class HarliPolicy(_Policy):
         self.margin_s = initial_margin * slo_s
         self.margin_step_s = margin_step * slo_s
         self.max_margin_s = max_margin * slo_s
+        self._mean_tokens: float | None = None
 
     @property
     def budget_s(self) -> float:
@@ -188,12 +196,19 @@ class HarliPolicy(_Policy):
                 high = middle - 1
         return low, predicted
 
-    def observe(self, admission: Admission, interval_s: float) -> None:
-        super().observe(admission, interval_s)
+    def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None:
+        super().observe(admission, interval_s, tokens=tokens)
         # Every interval counts, with work or without: the SLO percentile is over all of them, so when
         # decode alone already uses part of the violation budget, training gets only the rest of it.
+        # Each counts by the tokens that waited through it, relative to the recent mean: clients measure
+        # TPOT per token, and violations cluster in bursts, where batches are large.
+        tokens = max(tokens, 1)
+        if self._mean_tokens is None:
+            self._mean_tokens = float(tokens)
+        self._mean_tokens += TOKENS_SMOOTHING * (tokens - self._mean_tokens)
+        weight = min(tokens / self._mean_tokens, MAX_WEIGHT)
         violated = 1.0 if interval_s > self.slo_s else 0.0
-        self.margin_s += self.margin_step_s * (violated - self.target_violation_rate)
+        self.margin_s += self.margin_step_s * weight * (violated - self.target_violation_rate)
         self.margin_s = min(max(self.margin_s, 0.0), self.max_margin_s)
 
     def _margin_ms(self) -> float | None:
