@@ -66,6 +66,9 @@ def test_training_beside_decode_changes_no_token(server):
     assert colocation["policy"]["admitted_units"] > before["admitted_units"]
     assert colocation["token_intervals"]["count"] > 0
     assert any(step[4] > 0 for step in colocation["recent_steps"])  # [at, batch, pred, obs, units, split]
+    # clients sent their next prompt as one finished, while units ran: those prefills came after a
+    # decode step (and the outputs above are still token for token the reference)
+    assert stats["prefills_deferred"] > 0
     predictor = colocation["predictor"]
     assert predictor["solo"]["samples"] > 0 and predictor["solo"]["mape_overall"] is not None
     assert predictor["corun"]["shared"]["mape_overall"] is not None

@@ -33,6 +33,9 @@ class HarliStats(msgspec.Struct, kw_only=True):
     decode_tokens: int
     prefill_steps: int
     prefill_tokens: int
+    prefills_deferred: int
+    """Prefills run one decode step late because their request arrived while finetune work was running
+    in the running requests' token interval: decode first, so that interval stays within the SLO."""
     forward_s: float
     """Seconds spent in forward passes (decode and prefill): the time decode itself needs."""
     decode_step_latency: LatencySummary
@@ -49,6 +52,7 @@ class StepRecorder:
         self.decode_tokens = 0
         self.prefill_steps = 0
         self.prefill_tokens = 0
+        self.prefills_deferred = 0
         self.forward_s = 0.0
         self._decode_latencies: deque[float] = deque(maxlen=config.stats_window)
 
@@ -87,6 +91,7 @@ class StepRecorder:
             decode_tokens=self.decode_tokens,
             prefill_steps=self.prefill_steps,
             prefill_tokens=self.prefill_tokens,
+            prefills_deferred=self.prefills_deferred,
             forward_s=self.forward_s,
             decode_step_latency=self.summary(),
             config=self.config,

@@ -54,6 +54,8 @@ class HarliScheduler(Scheduler):
         self._harli_chain_broken = True
         # The latest non-decode batch ran while no request was waiting for a next token.
         self._harli_fresh_batch = False
+        # A request arrived while finetune work ran beside decode: the next batch is decode, then prefill.
+        self._harli_decode_first = False
         self.harli_metrics = None
         if self.server_args.enable_metrics:
             labels = dict(getattr(self.metrics_collector, "labels", None) or {})
@@ -79,6 +81,22 @@ class HarliScheduler(Scheduler):
         """PD decode: lent pages come back before SGLang pre-allocates KV for arriving transfers."""
         self.harli_finetune.lending.ensure_reserve()
         return super().process_decode_queue(*args, **kwargs)
+
+    def _should_defer_prefill(self, running_batch) -> bool:
+        """Decode first when a request arrived during finetune work admitted beside decode.
+
+        The work has already spent part of the running requests' token interval; a prefill on top
+        of it is what pushes an interval over the SLO (the unit in flight cannot be recalled). The
+        decode step goes first, closing the interval the policy budgeted, and the prefill follows in
+        the next one, as it would with no training. The newcomer's first token comes one decode step
+        later. Not with --tp-size > 1, where only rank 0 sees the arrival and every rank must choose
+        the same batch."""
+        if self._harli_decode_first:
+            self._harli_decode_first = False
+            if not running_batch.is_empty() and not running_batch.is_prefill_only:
+                self.harli_steps.prefills_deferred += 1
+                return True
+        return super()._should_defer_prefill(running_batch)
 
     def run_batch(self, batch, *args, **kwargs):
         """On CPU the forward runs inside this call, so its duration is the step's solo latency."""
@@ -180,13 +198,15 @@ class HarliScheduler(Scheduler):
         if agreement.group is not None:
             plan = self._harli_agree(plan, started=idle_before and finetune.trainer is not None)
         if plan is not None and plan.units:
-            finetune.run(
+            ran = finetune.run(
                 units=plan.units,
                 budget_s=plan.budget_s,
                 split=plan.split,
                 when=plan.when,
                 should_yield=self._harli_request_pending,
             )
+            if ran and plan.when == "decode" and agreement.group is None:
+                self._harli_decode_first = self._harli_request_pending()
 
     def _harli_agree(self, plan: _Plan | None, *, started: bool) -> _Plan | None:
         finetune = self.harli_finetune
