@@ -423,11 +423,11 @@ def tune_static(
     work, which is what breaks the SLO at peak."""
     units = estimated_static_units(settings, harli)
     probe_settings = msgspec.structs.replace(settings, loads=[max(settings.loads)], alone_s=0.0)
+    probe_dir = log_dir / "static-probe"
+    probe_dir.mkdir(parents=True, exist_ok=True)
     probes = []
     while True:
-        (peak, *_), _, _ = run_policy(
-            "static", probe_settings, log_dir / "static-probe", static_units=units, log=log
-        )
+        (peak, *_), _, _ = run_policy("static", probe_settings, probe_dir, static_units=units, log=log)
         probes.append(StaticProbe(units=units, load=peak.load, slo_attainment=peak.slo_attainment))
         if peak.slo_attainment >= ATTAINMENT_TARGET or units == 1:
             return units, probes
