@@ -180,7 +180,9 @@ def colocation_summary(report: colocation.Report) -> tuple[list[Target], str, li
         ceiling = alone * (1 - harli.forward_fraction) if alone else None
         if gain is not None:
             measured = f"{gain:.2f}x over `{best}`"
-            best_rate = harli.finetune_tokens_per_s / gain
+            best_rate = next(
+                r.finetune_tokens_per_s for r in report.levels if r.load == load and r.policy == best
+            )
             if ceiling and best_rate > 0:
                 # what no scheduler could beat on this machine: time-sharing cores creates no compute
                 measured += f"; the slack ceiling allows {ceiling / best_rate:.2f}x"

@@ -104,10 +104,10 @@ class OnlineLinearModel:
     forgotten, only the data is. Classic forgetting RLS divides the covariance by ``forgetting`` every
     step, so in any direction the features stop exciting (a batch shape held for minutes, an adapter
     count stuck at zero) the covariance grows without bound and the next informative sample throws the
-    fit around. Here the posterior precision is
-    the prior's precision plus the discounted Gram matrix: the covariance never exceeds the prior's, a
-    direction without recent evidence relaxes to the prior instead of winding up, and the matrices stay
-    exactly symmetric because they are sums of symmetric terms. A coefficient's prior weighs as much as
+    fit around. Here the posterior precision is the prior's precision plus the discounted Gram matrix:
+    the covariance never exceeds the prior's, a direction without recent evidence relaxes to the prior
+    instead of winding up, and the matrices stay exactly symmetric because they are sums of symmetric
+    terms. A coefficient's prior weighs as much as
     ``1 / prior_variance`` samples: at the default of 1e2 the fit is ordinary weighted least squares.
 
     Features are divided by ``scales`` before fitting, so that token counts near 1e5 and an intercept of
@@ -464,7 +464,7 @@ class LatencyPredictor:
 
 def _solo_features(shape: DecodeShape) -> np.ndarray:
     features = np.zeros(len(_SOLO_FEATURES))
-    features[:4] = (1.0, shape.batch_size, shape.context_tokens, shape.adapters)
+    features[: len(_LINEAR_SOLO_FEATURES)] = (1.0, shape.batch_size, shape.context_tokens, shape.adapters)
     bucket = max(bisect.bisect_right(BATCH_BUCKETS, shape.batch_size) - 1, 0)
     features[len(_LINEAR_SOLO_FEATURES) + bucket] = 1.0
     return features

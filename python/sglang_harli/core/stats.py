@@ -68,6 +68,9 @@ class StepRecorder:
         self.prefill_steps += 1
         self.prefill_tokens += num_tokens
 
+    def record_deferred_prefill(self) -> None:
+        self.prefills_deferred += 1
+
     def summary(self) -> LatencySummary:
         if not self._decode_latencies:
             return LatencySummary(

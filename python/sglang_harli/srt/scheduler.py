@@ -94,7 +94,7 @@ class HarliScheduler(Scheduler):
         if self._harli_decode_first:
             self._harli_decode_first = False
             if not running_batch.is_empty() and not running_batch.is_prefill_only:
-                self.harli_steps.prefills_deferred += 1
+                self.harli_steps.record_deferred_prefill()
                 return True
         return super()._should_defer_prefill(running_batch)
 
@@ -108,7 +108,7 @@ class HarliScheduler(Scheduler):
             self._harli_forward = (_shape(batch.reqs, batch.seq_lens_sum or 0), elapsed)
         else:
             self._harli_chain_broken = True
-            self._harli_fresh_batch = not any(not req.finished() for req in self.running_batch.reqs)
+            self._harli_fresh_batch = all(req.finished() for req in self.running_batch.reqs)
         return result
 
     def process_batch_result(self, batch, result):
