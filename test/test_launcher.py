@@ -65,3 +65,44 @@ def test_flags_reach_the_config_and_cpu_defaults_fill_unset_fields(tiny_model_di
     )
     assert explicit.dtype == "bfloat16" and explicit.lora_backend == "triton"
     assert explicit._harli_config == HarliConfig()
+
+
+def _copy_model(src, dst, drop: str | None = None, **config_changes):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(config_changes)
+    for key in [k for k, v in config_changes.items() if v is None]:
+        del config[key]
+    (dst / "config.json").write_text(json.dumps(config))
+    if drop:
+        for name in drop.split(","):
+            (dst / name).unlink(missing_ok=True)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "changes, drop, words",
+    [
+        ({"architectures": None}, None, ["config.json", "'architectures'"]),
+        ({"architectures": ["NoSuchModelForCausalLM"]}, None, ["config.json", "NoSuchModelForCausalLM"]),
+        ({}, "tokenizer.json,tokenizer_config.json", ["no tokenizer", "--tokenizer-path"]),
+    ],
+)
+def test_unservable_model_dirs_fail_with_one_line_naming_file_and_field(
+    tiny_model_dir, tmp_path, changes, drop, words
+):
+    model = _copy_model(tiny_model_dir, tmp_path / "model", drop, **changes)
+    out, spawned = _launch("--model-path", str(model))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    assert spawned == []
+
+
+def test_cpu_pd_decode_keeps_its_retraction_backup_in_plain_tensors():
+    args = prepare(["--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "fake"])
+    assert args.disaggregation_decode_retraction_backup == "cpu_tensor"

@@ -116,6 +116,64 @@ def _checkpoint_dtype(model_dir: str) -> str | None:
     return config.get("dtype") or config.get("torch_dtype")
 
 
+def check_model_dir(model_dir: str, argv: list[str]) -> None:
+    """Refuse a local checkpoint SGLang could not serve, with one line naming the file and field.
+
+    Without this, a config that lacks ``architectures`` (as ``transformers`` writes one converted from a
+    GGUF file unless told) ends in ``'NoneType' object is not subscriptable`` from deep inside SGLang.
+    Hub ids and directories without a ``config.json`` are left to SGLang.
+    """
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"argument --model-path: {config_file} is not valid JSON ({exc})") from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not architectures or not isinstance(architectures, list):
+        raise UsageError(
+            f"argument --model-path: {config_file} has no 'architectures' field; add the model class, "
+            'e.g. "architectures": ["LlamaForCausalLM"]'
+        )
+    supported = _supported_architectures()
+    if not any(arch in supported for arch in architectures):
+        raise UsageError(
+            f"argument --model-path: {config_file} field 'architectures' is {architectures}, "
+            "which sglang 0.5.23 cannot serve"
+        )
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not _given(argv, "--tokenizer-path", "--skip-tokenizer-init") and not any(
+        (Path(model_dir) / name).is_file() for name in tokenizer_files
+    ):
+        raise UsageError(
+            f"argument --model-path: {model_dir} has no tokenizer (none of {', '.join(tokenizer_files)}); "
+            "save one beside config.json or pass --tokenizer-path"
+        )
+
+
+def _supported_architectures() -> set[str]:
+    """SGLang's model classes. Importing its registry imports every model, and some print warnings about
+    missing CUDA kernels on the way: those are silenced, so a refusal stays one line."""
+    import contextlib
+    import logging
+    import warnings
+
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings(), contextlib.redirect_stdout(devnull):
+            warnings.simplefilter("ignore")
+            os.dup2(devnull.fileno(), 2)
+            logging.disable(logging.WARNING)
+            from sglang.srt.models.registry import ModelRegistry
+
+            return set(ModelRegistry.get_supported_archs())
+    finally:
+        logging.disable(logging.NOTSET)
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _on_harli_cpu() -> bool:
     from sglang.srt.platforms import current_platform
 
@@ -154,6 +212,7 @@ def prepare(argv: list[str]):
         model_dir = resolve_model_path(model_arg)
     except ValueError as exc:
         raise UsageError(f"argument --model-path: {exc}") from None
+    check_model_dir(model_dir, argv)
     sglang_argv += ["--model-path", model_dir]
     if is_preset_path(model_arg) and not _given(argv, "--served-model-name"):
         # SGLang reserves ':' for "model:adapter", so harli:tiny is served as harli-tiny.
@@ -168,6 +227,12 @@ def prepare(argv: list[str]):
         # and less exact, so keep the checkpoint's float32.
         if _checkpoint_dtype(model_dir) == "float32":
             defaults["--dtype"] = "float32"
+        # SGLang's default host backup for retracted PD-decode requests registers memory with CUDA and dies
+        # with "Found no NVIDIA driver"; a CPU keeps the backup as plain tensors.
+        if _given(argv, "--disaggregation-mode") and not _given(
+            argv, "--disaggregation-decode-retraction-backup"
+        ):
+            defaults["--disaggregation-decode-retraction-backup"] = "cpu_tensor"
         for flag, value in defaults.items():
             if not _given(argv, flag):
                 sglang_argv += [flag, value]
