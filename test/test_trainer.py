@@ -106,6 +106,8 @@ TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rto
         ("tiny", torch.float32, 3),
         ("tiny-qwen2", torch.float64, 1),
         ("tiny-qwen2", torch.float32, None),
+        # the real pretrained model: tied embeddings, GQA 9/3, 30 layers
+        ("smollm2-135m", torch.float64, 5),
     ],
 )
 def test_trainer_matches_plain_peft_loop(preset, dtype, layers_per_unit):
@@ -113,6 +115,8 @@ def test_trainer_matches_plain_peft_loop(preset, dtype, layers_per_unit):
     config = AutoConfig.from_pretrained(path)
     examples = make_examples(config.vocab_size)
     served = {n: t.to(dtype) for n, t in load_file(str(path / "model.safetensors")).items()}
+    if config.tie_word_embeddings:  # the head is the embedding, as SGLang serves it
+        served["lm_head.weight"] = served["model.embed_tokens.weight"]
 
     trainer = LoraTrainer(
         build_bound_model(config, served), examples, LORA, TRAINING, layers_per_unit=layers_per_unit
