@@ -67,11 +67,60 @@ class TrainingSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Clip the global gradient norm to this value; 0 disables clipping."""
     max_steps: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Stop after this many optimizer steps even if epochs remain."""
+    early_stopping: EarlyStoppingSpec | None = None
+    """Stop once the eval loss stops improving (needs ``eval`` with an eval set)."""
+
+
+class EarlyStoppingSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Stop when the eval loss has not improved for ``patience`` evaluations in a row (needs an eval set)."""
+
+    patience: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    min_delta: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """An eval loss must be lower than the best so far by more than this to count as an improvement."""
 
 
 class PublishSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     every_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Also publish a version every N optimizer steps (0: only the final adapter)."""
+    version: Literal["last", "best"] = "last"
+    """Which adapter the final version is: the last one trained, or the one with the best eval loss (needs
+    an eval set). ``"publish": "best"`` is short for ``{"version": "best"}``."""
+
+
+class RetentionProbe(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A question the base model already answers right: the adapter's greedy answer must still contain
+    ``expect`` (case-insensitive). Give ``prompt`` (tokenized as a completion request's) or ``messages``
+    (rendered with the chat template and its generation prompt, as a chat request)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    expect: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+
+
+MAX_RETENTION_PROBES = 256
+
+
+class EvalSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Evaluation while the job trains, as HF Trainer's ``eval_strategy="steps"`` reports it."""
+
+    records: list[dict[str, Any]] | None = None
+    """Inline eval records, in any dataset format."""
+    path: str | None = None
+    """An eval JSONL file relative to ``--harli-data-dir`` (named like ``dataset.path``)."""
+    split: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None
+    """Hold out this fraction of the dataset's examples for eval, drawn with the job's seed."""
+    every_steps: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Also evaluate every N optimizer steps (0: only at the end); the end is always evaluated."""
+    retention: (
+        Annotated[list[RetentionProbe], msgspec.Meta(max_length=MAX_RETENTION_PROBES)] | Literal["builtin"]
+    ) = msgspec.field(default_factory=list)
+    """Retention probes, or ``"builtin"`` for the general-knowledge set a built-in pretrained model ships."""
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=256)] = 24
+    """Greedy tokens generated per retention probe."""
+
+    @property
+    def has_set(self) -> bool:
+        return self.records is not None or self.path is not None or self.split is not None
 
 
 class FinetuneJobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -80,7 +129,13 @@ class FinetuneJobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dataset: DatasetSpec
     lora: LoraSpec = msgspec.field(default_factory=LoraSpec)
     training: TrainingSpec = msgspec.field(default_factory=TrainingSpec)
-    publish: PublishSpec = msgspec.field(default_factory=PublishSpec)
+    publish: PublishSpec | Literal["last", "best"] = msgspec.field(default_factory=PublishSpec)
+    eval: EvalSpec | None = None
+    """Eval loss and token accuracy on an eval set, and retention probes, during and after training."""
+
+    def __post_init__(self):
+        if isinstance(self.publish, str):
+            self.publish = PublishSpec(version=self.publish)
 
 
 class PublishedVersion(msgspec.Struct, kw_only=True):
@@ -90,6 +145,21 @@ class PublishedVersion(msgspec.Struct, kw_only=True):
     loaded: bool = False
     """True once the server answers ``lora_path=<name>`` with this version."""
     error: str | None = None
+
+
+class EvalRecord(msgspec.Struct, kw_only=True):
+    """One evaluation of the adapter as it stood after optimizer step ``step``."""
+
+    step: int
+    loss: float | None = None
+    """Mean cross-entropy over the eval set's target tokens."""
+    accuracy: float | None = None
+    """Share of eval target tokens the adapter predicts exactly (greedy)."""
+    retention_kept: int | None = None
+    """Retention probes whose greedy answer still contains the expected text."""
+    retention_total: int = 0
+    lost: list[int] = msgspec.field(default_factory=list)
+    """Indices of the probes not kept."""
 
 
 class JobStatus(msgspec.Struct, kw_only=True):
@@ -109,6 +179,17 @@ class JobStatus(msgspec.Struct, kw_only=True):
     """The newest published adapter directory (PEFT format)."""
     published: list[PublishedVersion] = msgspec.field(default_factory=list)
     error: str | None = None
+    eval_loss: float | None = None
+    """Of the latest evaluation (``evals[-1]``)."""
+    eval_accuracy: float | None = None
+    retention_kept: int | None = None
+    retention_total: int = 0
+    evals: list[EvalRecord] = msgspec.field(default_factory=list)
+    """Every evaluation so far, oldest first."""
+    best_step: int | None = None
+    """Optimizer step of the lowest eval loss so far."""
+    stopped_early: bool = False
+    """Training ended before ``total_steps`` because the eval loss stopped improving."""
     resumes: int = 0
     """Times the job was resumed from a checkpoint after the server restarted (``--harli-state-dir``)."""
     checkpoint_step: int | None = None
@@ -129,6 +210,12 @@ class ServingLimits(msgspec.Struct, kw_only=True, frozen=True):
 
 
 def decode_spec(body: bytes) -> FinetuneJobSpec:
+    spec = _decode_spec(body)
+    check_eval(spec)
+    return spec
+
+
+def _decode_spec(body: bytes) -> FinetuneJobSpec:
     try:
         return msgspec.json.decode(body, type=FinetuneJobSpec)
     except msgspec.ValidationError as exc:
@@ -141,6 +228,33 @@ def decode_spec(body: bytes) -> FinetuneJobSpec:
         raise SpecError("body", f"not valid UTF-8 (byte {exc.start})") from None
     except RecursionError:
         raise SpecError("body", "nested too deeply") from None
+
+
+def check_eval(spec: FinetuneJobSpec) -> None:
+    """Cross-field rules of ``eval``, ``training.early_stopping`` and ``publish`` (422 naming the field)."""
+    evaluation = spec.eval
+    if evaluation is not None:
+        given = [f"eval.{k}" for k in ("records", "path", "split") if getattr(evaluation, k) is not None]
+        if len(given) > 1:
+            raise SpecError(given[1], f"give one eval set, not {' and '.join(given)}", status=422)
+        if not evaluation.has_set and not evaluation.retention:
+            raise SpecError("eval", "give an eval set (records, path or split) or retention probes", 422)
+        if evaluation.split is not None and spec.dataset.records is None and spec.dataset.path is None:
+            raise SpecError("eval.split", "needs a dataset to split", status=422)
+        for i, probe in enumerate(evaluation.retention if isinstance(evaluation.retention, list) else []):
+            if (probe.prompt is None) == (probe.messages is None):
+                raise SpecError(f"eval.retention[{i}]", "give exactly one of prompt or messages", 422)
+    has_set = evaluation is not None and evaluation.has_set
+    if spec.training.early_stopping is not None and not has_set:
+        raise SpecError(
+            "training.early_stopping",
+            "watches the eval loss: give eval.records, eval.path or eval.split",
+            422,
+        )
+    if spec.publish.version == "best" and not has_set:
+        raise SpecError(
+            "publish", '"best" is chosen by eval loss: give eval.records, eval.path or eval.split', 422
+        )
 
 
 def check_servable(spec: FinetuneJobSpec, limits: ServingLimits) -> None:

@@ -316,6 +316,14 @@ class LoraTrainer:
 
     def _start_micro_batch(self, examples: list[Example]) -> None:
         batch = pack(examples, self.device)
+        calls, embeddings = self.record_layer_calls(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        )
+        self._in_flight = _InFlight(batch, calls, embeddings)
+
+    def record_layer_calls(self, **decoder_kwargs) -> tuple[list[tuple[tuple, dict]], torch.Tensor]:
+        """One pass of the decoder with its layers short-circuited: the arguments the model's own forward
+        passes each layer (masks, rotary embeddings, a KV cache), and the first layer's input."""
         calls: list[tuple[tuple, dict]] = []
         inputs: list[torch.Tensor] = []
 
@@ -329,13 +337,42 @@ class LoraTrainer:
             layer.forward = record
         try:
             with torch.no_grad():
-                self._decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+                self._decoder(**decoder_kwargs)
         finally:
             for layer in layers:
                 del layer.forward
         if len(calls) != len(layers):
             raise RuntimeError(f"the decoder called {len(calls)} of its {len(layers)} layers")
-        self._in_flight = _InFlight(batch, calls, inputs[0])
+        return calls, inputs[0]
+
+    def run_layers(self, segment: int, hidden: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
+        """Decoder layers of ``segment`` on ``hidden`` without autograd (evaluation)."""
+        with torch.no_grad():
+            for layer_index in self._segments[segment]:
+                args, kwargs = calls[layer_index]
+                hidden = self._decoder.layers[layer_index](hidden, *args, **kwargs)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (logits in float32), without autograd (evaluation)."""
+        with torch.no_grad():
+            logits = self._lm_head(self._decoder.norm(hidden))
+        return logits.float()
+
+    @property
+    def segments(self) -> int:
+        """Forward (or backward) units per micro-batch."""
+        return len(self._segments)
+
+    def segment_layers(self, segment: int) -> int:
+        return len(self._segments[segment])
+
+    def load_lora_state(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the LoRA weights (e.g. the best eval's snapshot, before publishing it)."""
+        named = dict(self._named_params)
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                named[name].copy_(tensor)
 
     def _forward_segment(self, index: int) -> None:
         flight = self._in_flight
