@@ -128,3 +128,20 @@ def test_bad_eval_specs_are_422_naming_the_field(extra, field):
     with pytest.raises(SpecError) as caught:
         decode_spec(json.dumps(body).encode())
     assert caught.value.status == 422 and caught.value.field == field, caught.value
+
+
+def test_the_cli_progress_line_and_summary_show_the_latest_evaluation():
+    from sglang_harli.jobs import progress_fields, summary
+
+    status = {
+        "name": "a", "state": "completed", "step": 3, "total_steps": 9, "epoch": 1, "epochs": 3,
+        "examples": 4, "tokens_trained": 9, "loss": 1.2, "tokens_per_s": 3.0, "eval_loss": 1.5,
+        "eval_accuracy": 0.5, "retention_kept": 7, "retention_total": 8, "evals": [{}], "best_step": 2,
+        "stopped_early": True,
+    }  # fmt: skip
+    assert progress_fields(status) == {
+        "loss": "1.2000", "tok/s": "3", "eval": "1.5000", "acc": "0.500", "kept": "7/8"
+    }  # fmt: skip
+    assert "eval loss 1.5000, accuracy 0.500, retention kept 7/8, best at step 2 (stopped early)" in summary(
+        status
+    )

@@ -147,10 +147,7 @@ def follow(client: Client, name: str) -> int:
             if status["total_steps"] and bar.total != status["total_steps"]:
                 bar.total = status["total_steps"]
             bar.set_description(f"{name} [{status['state']}]", refresh=False)
-            bar.set_postfix(
-                {"loss": _fmt(status["loss"], ".4f"), "tok/s": _fmt(status["tokens_per_s"], ".0f")},
-                refresh=False,
-            )
+            bar.set_postfix(progress_fields(status), refresh=False)
             bar.update(max(0, status["step"] - bar.n))
             bar.refresh()
             if status["state"] in FINISHED:
@@ -171,6 +168,17 @@ def follow(client: Client, name: str) -> int:
     return EXIT_OK if status["state"] == "completed" else EXIT_JOB_FAILED
 
 
+def progress_fields(status: dict) -> dict[str, str]:
+    """The progress line's fields: loss and throughput, then the latest evaluation's, if any."""
+    fields = {"loss": _fmt(status["loss"], ".4f"), "tok/s": _fmt(status["tokens_per_s"], ".0f")}
+    if status.get("eval_loss") is not None:
+        fields["eval"] = _fmt(status["eval_loss"], ".4f")
+        fields["acc"] = _fmt(status.get("eval_accuracy"), ".3f")
+    if status.get("retention_kept") is not None:
+        fields["kept"] = f"{status['retention_kept']}/{status['retention_total']}"
+    return fields
+
+
 def summary(status: dict) -> str:
     lines = [
         f"job {status['name']}: {status['state']}",
@@ -178,6 +186,17 @@ def summary(status: dict) -> str:
         f"{status['examples']} examples, {status['tokens_trained']} tokens trained",
         f"  loss {_fmt(status['loss'], '.4f')}, {_fmt(status['tokens_per_s'], '.1f')} tokens/s",
     ]
+    if status.get("evals"):
+        line = (
+            f"  eval loss {_fmt(status['eval_loss'], '.4f')}, accuracy {_fmt(status['eval_accuracy'], '.3f')}"
+        )
+        if status.get("retention_kept") is not None:
+            line += f", retention kept {status['retention_kept']}/{status['retention_total']}"
+        if status.get("best_step") is not None:
+            line += f", best at step {status['best_step']}"
+        if status.get("stopped_early"):
+            line += " (stopped early)"
+        lines.append(line)
     if status.get("started_at") and status.get("finished_at"):
         lines.append(f"  trained for {status['finished_at'] - status['started_at']:.1f} s")
     if status.get("adapter_path"):

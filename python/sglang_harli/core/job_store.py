@@ -33,12 +33,13 @@ import msgspec
 
 from sglang_harli.core.checkpoint import CheckpointDir, TrainerState, atomic_write, encode, fsync_write
 from sglang_harli.core.data import Example
+from sglang_harli.core.evaluation import EvalData
 from sglang_harli.core.jobs import JobStatus
 from sglang_harli.core.paths import job_child
 
 logger = logging.getLogger(__name__)
 
-JOB_FILE, EXAMPLES_FILE = "job.json", "examples.msgpack"
+JOB_FILE, EXAMPLES_FILE, EVAL_FILE = "job.json", "examples.msgpack", "eval.msgpack"
 
 
 class StoredJob(msgspec.Struct, kw_only=True):
@@ -89,14 +90,17 @@ class JobStore:
         return CheckpointDir(self.job_dir(name) / "checkpoints")
 
     # -- writes --------------------------------------------------------------------------------------
-    def add(self, status: JobStatus, staged: StagedExamples) -> None:
-        """Adopt a staged dataset as job ``status.name``'s and record the job, before it is acknowledged."""
+    def add(self, status: JobStatus, staged: StagedExamples, evaluation: EvalData | None = None) -> None:
+        """Adopt a staged dataset as job ``status.name``'s and record the job (and its eval data), before
+        it is acknowledged."""
         directory = self.job_dir(status.name)
         self.flush()  # nothing of an earlier job of this name is still being written
         if directory.exists():  # a failed or cancelled job of the same name gives way
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         os.replace(self.incoming / Path(staged.file).name, directory / EXAMPLES_FILE)
+        if evaluation is not None:  # small: eval sets and probes are bounded like inline records
+            fsync_write(directory / EVAL_FILE, msgspec.msgpack.encode(evaluation))
         self._digests[status.name] = staged.sha256
         self._write_status(status.name, self._encode(status))
 
@@ -123,6 +127,7 @@ class JobStore:
             directory = self.job_dir(status.name)
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)
             (directory / EXAMPLES_FILE).unlink(missing_ok=True)
+            (directory / EVAL_FILE).unlink(missing_ok=True)
 
         self._submit(write)
 
@@ -163,6 +168,12 @@ class JobStore:
         if hashlib.sha256(data).hexdigest() != self._digests.get(name):
             raise JobStoreError(f"the stored dataset of job {name!r} is damaged (checksum mismatch)")
         return msgspec.msgpack.decode(data, type=list[Example])
+
+    def evaluation(self, name: str) -> EvalData:
+        try:
+            return msgspec.msgpack.decode((self.job_dir(name) / EVAL_FILE).read_bytes(), type=EvalData)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise JobStoreError(f"the stored eval data of job {name!r} cannot be read ({exc})") from None
 
     # -- helpers -------------------------------------------------------------------------------------
     def _encode(self, status: JobStatus) -> bytes:

@@ -144,6 +144,8 @@ class PublishedVersion(msgspec.Struct, kw_only=True):
     path: str
     loaded: bool = False
     """True once the server answers ``lora_path=<name>`` with this version."""
+    final: bool = False
+    """The job's last version (after its last step, early stop, or the best eval's adapter)."""
     error: str | None = None
 
 

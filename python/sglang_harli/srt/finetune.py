@@ -31,6 +31,7 @@ from sglang_harli.core.adapter_store import AdapterStore
 from sglang_harli.core.colocation import CoLocation
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.data import Example
+from sglang_harli.core.evaluation import EvalData, EvalPass, EvalTracker
 from sglang_harli.core.job_store import JobStore, JobStoreError, StagedExamples
 from sglang_harli.core.jobs import (
     FINISHED_STATES,
@@ -78,6 +79,8 @@ class SubmitRequest(msgspec.Struct, kw_only=True):
     """The examples themselves, without --harli-state-dir."""
     staged: StagedExamples | None = None
     """With --harli-state-dir: where the HTTP process wrote them instead (``core.job_store``)."""
+    evaluation: EvalData | None = None
+    """The job's tokenized eval set and retention probes (``core.evaluation``), if it has ``eval``."""
 
 
 class PublishedAck(msgspec.Struct, kw_only=True):
@@ -125,6 +128,12 @@ class FinetuneService:
         self.durable = JobStore(config.state_dir) if config.state_dir else None
         self.base_weights: dict[str, int] | None = None
         self._examples: dict[str, list[Example]] = {}
+        self._eval_data: dict[str, EvalData] = {}
+        # The running job's evaluation: its data, best-so-far tracking, and the pass in progress if any.
+        self.eval_data: EvalData | None = None
+        self.tracker: EvalTracker | None = None
+        self.eval_pass: EvalPass | None = None
+        self._final_eval = False  # the pass in progress is the last one, and publishing waits for it
         device = getattr(scheduler.tp_worker.model_runner, "device", "cpu")
         self.partitioner = make_partitioner(device, enabled=config.sm_partitions != "off")
         self.profile: dict = {"state": "not run"}
@@ -165,7 +174,8 @@ class FinetuneService:
             for version in job.published:
                 version.loaded, version.error = False, None
             if job.state == "running":
-                final = job.published and job.published[-1].step >= job.total_steps
+                last = job.published[-1] if job.published else None
+                final = last is not None and (last.final or last.step >= job.total_steps)
                 if final:  # it stopped between writing its final adapter and hearing that it served
                     self.book.finish(job, "completed")
                     self.durable.finished(job)
@@ -214,6 +224,8 @@ class FinetuneService:
             raise SpecError("name", f"finetuning is not available on this server: {self.unsupported}", 501)
         if not request.count:
             raise SpecError("dataset", "no trainable examples")
+        if spec.eval is not None and self.tensor_parallel is not None:
+            raise SpecError("eval", "evaluation is not available with --tp-size above 1 yet", 501)
         if self.book.active() >= self.config.max_jobs and self.book.name_is_free(spec.name):
             raise SpecError(
                 "name",
@@ -233,7 +245,7 @@ class FinetuneService:
         )
         if self.durable is not None:
             try:
-                self.durable.add(job, request.staged)
+                self.durable.add(job, request.staged, request.evaluation)
             except OSError as exc:  # a job that is not on disk is not acknowledged
                 self.book.forget(spec.name)
                 raise SpecError(
@@ -241,6 +253,8 @@ class FinetuneService:
                 ) from None
         else:
             self._examples[spec.name] = request.examples
+            if request.evaluation is not None:
+                self._eval_data[spec.name] = request.evaluation
         logger.info("finetune job %s queued: %d examples, %d steps", job.name, job.examples, job.total_steps)
         return job
 
@@ -248,6 +262,7 @@ class FinetuneService:
         name = msgspec.json.decode(payload, type=JobName).name
         job = self.book.cancel(name)
         self._examples.pop(name, None)
+        self._eval_data.pop(name, None)
         if self.job is job:
             self._drop_trainer()
         self._save(job)
@@ -287,7 +302,10 @@ class FinetuneService:
             if not (may_start or waited > START_WITHIN_S) or not self.start_next():
                 return []
         try:
-            return self.trainer.peek(min(4 * self.trainer.units_per_micro_batch + 1, 256))
+            look_ahead = min(4 * self.trainer.units_per_micro_batch + 1, 256)
+            if self.eval_pass is not None:
+                return self.eval_pass.peek(look_ahead)
+            return self.trainer.peek(look_ahead)
         except Exception as exc:  # planning is the job's code too: it fails the job, never the scheduler
             self._fail(self.job, exc, traceback=True)
             return []
@@ -314,6 +332,10 @@ class FinetuneService:
             job, trainer = self.job, self.trainer
             step_before, tokens_before = trainer.step, trainer.tokens_trained
             try:
+                if self.eval_pass is not None:
+                    self._run_eval_unit(job, trainer, split, when)
+                    done += 1
+                    continue
                 work = trainer.peek(1)[0]
                 if work.kind == "forward" and not trainer.in_flight and not self.lending.prepare(work.tokens):
                     break  # not enough memory to start a micro-batch now; decode keeps its pages
@@ -329,9 +351,10 @@ class FinetuneService:
                 self._sync(job, trainer)
                 if not more:
                     self._checkpoint(job, trainer)
-                    self._publish(job, trainer)
-                    self._drop_trainer()
-                    logger.info("finetune job %s trained; publishing", job.name)
+                    if self.eval_data is not None:  # evaluate the final adapter, then publish
+                        self._start_eval(trainer, final=True)
+                    else:
+                        self._finish(job, trainer)
                 elif trainer.step != step_before:
                     self._step_done(job, trainer)
             except TrainerMemoryError as exc:
@@ -351,6 +374,76 @@ class FinetuneService:
             self._checkpoint(job, trainer)
         if publish_now:
             self._publish(job, trainer)
+        every = job.spec.eval.every_steps if job.spec.eval is not None else 0
+        if self.eval_data is not None and every and trainer.step % every == 0:
+            self._start_eval(trainer, final=False)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def _start_eval(self, trainer: LoraTrainer, *, final: bool) -> None:
+        tokenizer = self.scheduler.tokenizer
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        configured = getattr(trainer.model.get_base_model().config, "eos_token_id", None)
+        eos |= set(
+            configured if isinstance(configured, list) else [configured] if configured is not None else []
+        )
+        self.eval_pass = EvalPass(
+            trainer,
+            self.eval_data,
+            step=trainer.step,
+            micro_batch_size=self.job.spec.training.micro_batch_size,
+            eos_ids=eos,
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        )
+        self._final_eval = final
+        if self.eval_pass.done:  # nothing to score
+            self._evaluated(self.job, trainer)
+
+    def _run_eval_unit(self, job: JobStatus, trainer: LoraTrainer, split: str, when: str) -> None:
+        """One unit of the evaluation in progress; eval work is finetune work to the policy."""
+        work = self.eval_pass.peek(1)[0]
+        started = time.perf_counter()
+        with self.partitioner.finetune(self.partitioner.split(split)):
+            self.eval_pass.run_unit()
+        self.colocation.unit_done(work, time.perf_counter() - started, micro_batch_tokens=0)
+        if self.metrics is not None:
+            self.metrics.unit(when, 0)
+        if self.eval_pass.done:
+            self._evaluated(job, trainer)
+
+    def _evaluated(self, job: JobStatus, trainer: LoraTrainer) -> None:
+        record = self.eval_pass.result()
+        self.eval_pass = None
+        job.evals.append(record)
+        job.eval_loss, job.eval_accuracy = record.loss, record.accuracy
+        job.retention_kept, job.retention_total = record.retention_kept, record.retention_total
+        self.tracker.observe(record, trainer.lora_state)
+        job.best_step = self.tracker.best_step
+        if self.metrics is not None:
+            self.metrics.evaluation(job.name, record)
+        logger.info(
+            "finetune job %s eval at step %d: loss %s, accuracy %s, retention %s/%s",
+            job.name, record.step, record.loss, record.accuracy,
+            record.retention_kept, record.retention_total,
+        )  # fmt: skip
+        if self._final_eval:
+            self._finish(job, trainer)
+        elif self.tracker.should_stop:
+            job.stopped_early = True
+            logger.info("finetune job %s stops early: eval loss has not improved since step %s",
+                        job.name, self.tracker.best_step)  # fmt: skip
+            self._finish(job, trainer)
+        else:
+            self._save(job)
+
+    def _finish(self, job: JobStatus, trainer: LoraTrainer) -> None:
+        """Publish the final version (the best eval's adapter with ``publish: "best"``) and let go."""
+        step = trainer.step
+        if job.spec.publish.version == "best" and self.tracker is not None and self.tracker.best_weights:
+            trainer.load_lora_state(self.tracker.best_weights)
+            step = self.tracker.best_step
+        self._publish(job, trainer, step=step, final=True)
+        self._drop_trainer()
+        logger.info("finetune job %s trained; publishing the adapter of step %d", job.name, step)
 
     def _fail(self, job: JobStatus, exc: Exception, *, traceback: bool = False) -> None:
         logger.error("finetune job %s failed: %s", job.name, exc, exc_info=traceback)
@@ -368,6 +461,17 @@ class FinetuneService:
             examples = self._examples.pop(job.name, None)
             if examples is None and self.durable is not None:
                 examples = self.durable.examples(job.name)
+            self.eval_data = self._eval_data.pop(job.name, None)
+            if self.eval_data is None and self.durable is not None and job.spec.eval is not None:
+                self.eval_data = self.durable.evaluation(job.name)
+            if self.eval_data is not None:
+                stopping = job.spec.training.early_stopping
+                self.tracker = EvalTracker(
+                    patience=stopping.patience if stopping else None,
+                    min_delta=stopping.min_delta if stopping else 0.0,
+                    keep_best=job.spec.publish.version == "best",
+                )
+                self.tracker.restore_from(job.evals)
             with training_mode():
                 model, self.base_weights = bind_training_model(
                     self.scheduler.tp_worker.model_runner.model,
@@ -408,6 +512,7 @@ class FinetuneService:
             self._save_predictor()
             self.lending.detach()
         self.trainer, self.job = None, None
+        self.eval_data, self.tracker, self.eval_pass = None, None, None
 
     # -- profiling -----------------------------------------------------------------------------------
     def _cache_path(self) -> Path:
@@ -537,14 +642,17 @@ class FinetuneService:
         trained = trainer.tokens_trained - self._tokens_at_start
         job.tokens_per_s = trained / elapsed if elapsed > 0 else None
 
-    def _publish(self, job: JobStatus, trainer: LoraTrainer) -> None:
+    def _publish(
+        self, job: JobStatus, trainer: LoraTrainer, step: int | None = None, final: bool = False
+    ) -> None:
         version = len(job.published) + 1
         if self.agreement.leader:
             path = self.store.write(job.name, version, trainer.save_adapter)
         else:  # with TP: this rank's slices join the gathered adapter that rank 0 writes
             trainer.save_adapter(None)
             path = self.store.version_dir(job.name, version)
-        job.published.append(PublishedVersion(version=version, step=trainer.step, path=str(path)))
+        step = trainer.step if step is None else step
+        job.published.append(PublishedVersion(version=version, step=step, path=str(path), final=final))
         job.adapter_path = str(path)
         self._save(job)
         self.scheduler.ipc_channels.send_to_tokenizer.send_output(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from sglang_harli.core.colocation import CoLocation, StepRecord
+from sglang_harli.core.jobs import EvalRecord
 from sglang_harli.srt.lending import KvLending, LendingStats
 
 
@@ -56,6 +57,15 @@ class HarliMetrics:
             [*names, "event"],
         )
         self._events_seen: dict[str, int] = {}
+        self.eval_loss = gauge("harli:finetune_eval_loss", "Eval loss of a job's latest evaluation.", ["job"])
+        self.eval_accuracy = gauge(
+            "harli:finetune_eval_accuracy", "Eval token accuracy of a job's latest evaluation.", ["job"]
+        )
+        self.retention = gauge(
+            "harli:finetune_retention_probes",
+            "Retention probes of a job's latest evaluation: kept, and in all.",
+            ["job", "probes"],
+        )
 
     def interval(self, step: StepRecord) -> None:
         self.token_interval.labels(**self.labels).observe(step.observed_ms / 1e3)
@@ -68,6 +78,14 @@ class HarliMetrics:
         self.units.labels(**self.labels, when=when).inc()
         if micro_batch_tokens:
             self.finetune_tokens.labels(**self.labels).inc(micro_batch_tokens)
+
+    def evaluation(self, job: str, record: EvalRecord) -> None:
+        if record.loss is not None:
+            self.eval_loss.labels(**self.labels, job=job).set(record.loss)
+            self.eval_accuracy.labels(**self.labels, job=job).set(record.accuracy)
+        if record.retention_kept is not None:
+            self.retention.labels(**self.labels, job=job, probes="kept").set(record.retention_kept)
+            self.retention.labels(**self.labels, job=job, probes="total").set(record.retention_total)
 
     def refresh(self, colocation: CoLocation, lending: KvLending | None = None, *, force=False) -> None:
         now = time.monotonic()

@@ -21,6 +21,7 @@ from sglang.utils import TypeBasedDispatcher
 
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.data import DatasetError, load_examples
+from sglang_harli.core.evaluation import build_eval_data
 from sglang_harli.core.job_store import discard_staged, stage_examples
 from sglang_harli.core.jobs import SpecError, decode_spec
 from sglang_harli.srt.control import HarliControlClient, HarliPublishReq, register_control_types
@@ -142,13 +143,23 @@ async def submit_job(request: Request) -> Response:
             max_seq_len=spec.training.max_seq_len,
             max_file_bytes=int(config.max_dataset_mb * 2**20),
         )
+        examples, evaluation = await asyncio.to_thread(
+            build_eval_data,
+            spec,
+            examples,
+            tokenizer_manager.tokenizer,
+            data_dir=config.data_dir or None,
+            model_dir=tokenizer_manager.server_args.model_path,
+            max_file_bytes=int(config.max_dataset_mb * 2**20),
+        )
     except (SpecError, DatasetError) as exc:
         return _refuse(exc)
     if config.state_dir and examples:  # on disk before the job is acknowledged (core.job_store)
         staged = await asyncio.to_thread(stage_examples, config.state_dir, examples)
-        submit = SubmitRequest(spec=spec, count=len(examples), staged=staged)
+        submit = SubmitRequest(spec=spec, count=len(examples), staged=staged, evaluation=evaluation)
     else:
-        staged, submit = None, SubmitRequest(spec=spec, count=len(examples), examples=examples)
+        staged = None
+        submit = SubmitRequest(spec=spec, count=len(examples), examples=examples, evaluation=evaluation)
     try:
         response = await _relay("jobs.submit", submit)
     finally:
