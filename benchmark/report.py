@@ -31,8 +31,10 @@ SOLO_MAPE_TARGET = 0.10
 CORUN_MAPE_TARGET = 0.15
 PART_TITLES = {
     "colocation": "Co-location on CPU (real server, all policies, several loads)",
+    "colocation-smollm2": "Co-location on CPU on the real pretrained model (harli:smollm2-135m)",
     "overhead": "Overhead of Harli with no job (vanilla SGLang vs sglang_harli)",
     "train": "Trainer vs plain transformers + PEFT",
+    "train-smollm2": "Trainer vs plain transformers + PEFT on the real pretrained model (harli:smollm2-135m)",
     "gpu": "GPU co-location and trainer MFU",
     "simulate": "SIMULATED: paper-scale decode instance (LLaMA3-8B shape on an H100)",
 }

@@ -31,7 +31,9 @@ from sglang_harli.core.base_model import build_bound_model
 from sglang_harli.core.data import Example
 from sglang_harli.core.jobs import PEFT_TARGET_MODULES, LoraSpec, TrainingSpec
 from sglang_harli.core.trainer import LoraTrainer, lora_config, plan_steps
-from sglang_harli.models.builtin import PRESETS, SPECIAL_TOKENS, materialize
+from sglang_harli.models.builtin import PACKAGED, PRESETS, SPECIAL_TOKENS, materialize
+
+ALL_PRESETS = {**PRESETS, **PACKAGED}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -179,7 +181,11 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     tensors = {
         n: t.to(device=device, dtype=dtype) for n, t in load_file(str(path / "model.safetensors")).items()
     }
-    params = sum(t.numel() for t in tensors.values())
+    if config.tie_word_embeddings:  # the head is the embedding, as SGLang serves it
+        tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
+    params = sum(
+        t.numel() for n, t in tensors.items() if not (config.tie_word_embeddings and n == "lm_head.weight")
+    )
     examples = make_examples(args.examples, args.max_seq_len, config.vocab_size, seed=args.seed)
     lora = LoraSpec(r=16, alpha=32, target_modules=list(PEFT_TARGET_MODULES))
     training = TrainingSpec(
@@ -196,7 +202,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
             f"{len(examples)} examples make {steps} step(s); need more than {WARMUP_STEPS} to time"
         )
     log(
-        f"model {args.model} ({params / 1e6:.1f}M params, {PRESETS[args.model].description}), "
+        f"model {args.model} ({params / 1e6:.1f}M params, {ALL_PRESETS[args.model].description}), "
         f"dtype {args.dtype}, device {device}, torch threads {torch.get_num_threads()}, "
         f"torch {torch.__version__}, load average {load_average()}"
     )
@@ -296,7 +302,7 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="small", choices=sorted(PRESETS), help="built-in preset")
+    parser.add_argument("--model", default="small", choices=sorted(ALL_PRESETS), help="built-in preset")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--max-seq-len", type=int, default=256)
