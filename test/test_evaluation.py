@@ -145,3 +145,18 @@ def test_the_cli_progress_line_and_summary_show_the_latest_evaluation():
     assert "eval loss 1.5000, accuracy 0.500, retention kept 7/8, best at step 2 (stopped early)" in summary(
         status
     )
+
+
+def test_a_durable_job_keeps_its_eval_data(tmp_path):
+    from sglang_harli.core.job_store import JobStore, stage_examples
+    from sglang_harli.core.jobs import JobStatus
+
+    store = JobStore(tmp_path)
+    examples = [Example(input_ids=[1, 2, 3], loss_mask=[False, True, True])]
+    data = EvalData(examples=examples, probes=[Probe(input_ids=[1, 5], expect="Paris")], max_new_tokens=7)
+    store.add(JobStatus(name="kept"), stage_examples(tmp_path, examples), data)
+    store.flush()
+    assert JobStore(tmp_path).evaluation("kept") == data
+    store.finished(JobStatus(name="kept", state="completed"))
+    store.flush()
+    assert not (tmp_path / "jobs" / "kept" / "eval.msgpack").exists()
