@@ -8,7 +8,7 @@ import pytest
 from sglang.srt.arg_groups.overrides import resolving_view
 
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.launch_server import PROG, prepare
+from sglang_harli.launch_server import PROG, UsageError, prepare
 
 
 def _launch(*args: str):
@@ -91,15 +91,24 @@ def _copy_model(src, dst, drop: str | None = None, **config_changes):
         ({}, "tokenizer.json,tokenizer_config.json", ["no tokenizer", "--tokenizer-path"]),
     ],
 )
-def test_unservable_model_dirs_fail_with_one_line_naming_file_and_field(
+def test_unservable_model_dirs_are_refused_naming_file_and_field(
     tiny_model_dir, tmp_path, changes, drop, words
 ):
     model = _copy_model(tiny_model_dir, tmp_path / "model", drop, **changes)
+    with pytest.raises(UsageError) as refused:
+        prepare(["--model-path", str(model)])
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("argument --model-path")
+    assert all(word in message for word in words), message
+
+
+def test_an_unservable_model_dir_stops_the_launcher_with_one_line(tiny_model_dir, tmp_path):
+    model = _copy_model(tiny_model_dir, tmp_path / "model", None, architectures=["NoSuchModelForCausalLM"])
     out, spawned = _launch("--model-path", str(model))
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert all(word in lines[0] for word in words), lines[0]
+    assert len(lines) == 1, out.stderr  # SGLang's registry warnings are silenced while it is read
+    assert "config.json" in lines[0] and "NoSuchModelForCausalLM" in lines[0]
     assert spawned == []
 
 
