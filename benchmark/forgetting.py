@@ -2,12 +2,13 @@
 stopping with ``publish: "best"`` serves an adapter that still knows what the base model knew.
 
 On the real ``harli:smollm2-135m`` server, two jobs on four made-up facts, both over-trained as a user
-might (LoRA r=16 on all seven projections, learning rate 1e-2, 100 epochs):
+might (LoRA r=16 on all seven projections, learning rate 1e-2 after 10 warmup steps, 100 epochs):
 
-1. ``overtrained``: evaluated on the model's built-in retention probes every few steps; the status shows
+1. ``overtrained``: evaluated on the model's built-in retention probes every 2 steps; the status shows
    retention falling while the training loss keeps going down.
-2. ``guarded``: the same, plus an eval set (paraphrases of the facts, and other general questions with
-   the base model's own answers), ``training.early_stopping`` and ``publish: "best"``.
+2. ``guarded``: the same, plus an eval set (paraphrases of the facts, and eight other general questions
+   with the base model's own answers as targets), evaluated every step, ``training.early_stopping``
+   (patience 3) and ``publish: "best"``.
 
 Then each served adapter is asked the probes and the facts through ``/v1/chat/completions``. Writes
 ``benchmark/results/forgetting.json`` and prints a markdown table.
@@ -43,6 +44,10 @@ GENERAL = [  # other questions than the probes: the base model's answers are the
     "What is the chemical symbol for gold?",
     "What is the opposite of big?",
     "Who wrote Hamlet?",
+    "What is the capital of Egypt?",
+    "What language is spoken in Mexico?",
+    "What is the largest ocean on Earth?",
+    "What is the currency of Japan?",
 ]
 PROBES = list(PACKAGED[MODEL].retention)
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "forgetting.json")
     parser.add_argument("--log", type=Path, default=Path("/tmp/harli-forgetting.log"))
+    parser.add_argument("--every", type=int, default=1, help="eval.every_steps of the guarded job")
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=10, help="training.warmup_steps of both jobs")
+    parser.add_argument("--skip-overtrained", action="store_true")
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
@@ -102,11 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         common = {
             "dataset": {"records": [chat(q, a) for q, a, _ in FACTS]},
             "lora": {"r": 16, "alpha": 32, "target_modules": ALL_MODULES},
-            "training": {"epochs": 100, "learning_rate": 0.01, "micro_batch_size": 4, "seed": 0},
+            # warmup as HF users set it; the rate still reaches 1e-2 by step 10, which erases what it knew
+            "training": {
+                "epochs": 100,
+                "learning_rate": 0.01,
+                "warmup_steps": args.warmup,
+                "micro_batch_size": 4,
+                "seed": 0,
+            },
         }
         overtrained = run_job(
             server,
-            {"name": "overtrained", **common, "eval": {"retention": "builtin", "every_steps": 10}},
+            {"name": "overtrained", **common, "eval": {"retention": "builtin", "every_steps": 2}},
             log,
         )
         eval_records = [chat(q, FACTS[i][1]) for q, i in PARAPHRASES]
@@ -114,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         guarded_spec = {
             "name": "guarded",
             **common,
-            "training": {**common["training"], "early_stopping": {"patience": 2}},
-            "eval": {"records": eval_records, "retention": "builtin", "every_steps": 5},
+            "training": {**common["training"], "early_stopping": {"patience": args.patience}},
+            "eval": {"records": eval_records, "retention": "builtin", "every_steps": args.every},
             "publish": "best",
         }
         guarded = run_job(server, guarded_spec, log)
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "base": {"probes_kept": count(base_probes, probe_words), "probes": len(PROBES)},
             "jobs": {},
         }
-        for status in (overtrained, guarded):
+        for status in (s for s in (overtrained, guarded) if s is not None):
             name = status["name"]
             probes = ask(server, probe_questions, name)
             facts = ask(server, fact_questions, name)
