@@ -159,6 +159,8 @@ class EvalPass:
             examples[i : i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)
         ]
         self._steps = data.max_new_tokens if data.probes else 0
+        self._prompt_width = max((len(p.input_ids) for p in data.probes), default=0)  # probes, left-padded
+        self._batch = None
         self._unit = 0
         self._per = trainer.segments + 1  # units per micro-batch or token step
         self._hidden: torch.Tensor | None = None
@@ -184,8 +186,8 @@ class EvalPass:
             if index < len(self._batches):
                 tokens = sum(len(e.input_ids) for e in self._batches[index])
             else:
-                width = max(len(p.input_ids) for p in self.data.probes)
-                tokens = len(self.data.probes) * (width if index == len(self._batches) else 1)
+                first = index == len(self._batches)
+                tokens = len(self.data.probes) * (self._prompt_width if first else 1)
             if part < self.trainer.segments:
                 upcoming.append(
                     FinetuneWork(kind="forward", tokens=tokens, layers=self.trainer.segment_layers(part))
@@ -252,7 +254,7 @@ class EvalPass:
 
         trainer = self.trainer
         if self._ids is None:
-            width = max(len(p.input_ids) for p in self.data.probes)
+            width = self._prompt_width
             pad = next(iter(self.eos_ids), 0)
             rows = [[pad] * (width - len(p.input_ids)) + p.input_ids for p in self.data.probes]
             masks = [[0] * (width - len(p.input_ids)) + [1] * len(p.input_ids) for p in self.data.probes]

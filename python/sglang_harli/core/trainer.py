@@ -348,9 +348,13 @@ class LoraTrainer:
     def run_layers(self, segment: int, hidden: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
         """Decoder layers of ``segment`` on ``hidden`` without autograd (evaluation)."""
         with torch.no_grad():
-            for layer_index in self._segments[segment]:
-                args, kwargs = calls[layer_index]
-                hidden = self._decoder.layers[layer_index](hidden, *args, **kwargs)
+            return self._layers(segment, hidden, calls)
+
+    def _layers(self, segment: int, hidden: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
+        """Decoder layers of ``segment``, each called with the arguments the model's forward gave it."""
+        for layer_index in self._segments[segment]:
+            args, kwargs = calls[layer_index]
+            hidden = self._decoder.layers[layer_index](hidden, *args, **kwargs)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -379,10 +383,7 @@ class LoraTrainer:
         hidden = flight.hidden if index == 0 else flight.hidden.detach().requires_grad_(True)
         with torch.random.fork_rng(devices=self._rng_devices()), self._saving():
             torch.manual_seed((self.training.seed * 1_000_003 + self._micro_index) * 1_009 + index)  # dropout
-            output = hidden
-            for layer_index in self._segments[index]:
-                args, kwargs = flight.layer_calls[layer_index]
-                output = self._decoder.layers[layer_index](output, *args, **kwargs)
+            output = self._layers(index, hidden, flight.layer_calls)
         flight.segments.append((hidden, output))
         flight.hidden = output
 
@@ -500,12 +501,9 @@ class LoraTrainer:
         """Continue from ``state`` (from a trainer built with the same arguments) as if never stopped."""
         if not self.at_step_boundary or self.step:
             raise RuntimeError("restore a freshly built trainer")
-        named = dict(self.model.named_parameters())
-        if set(state.weights) != {name for name, p in named.items() if p.requires_grad}:
+        if set(state.weights) != {name for name, _ in self._named_params}:
             raise ValueError("the checkpoint's LoRA weights do not match this job's adapter")
-        with torch.no_grad():
-            for name, tensor in state.weights.items():
-                named[name].copy_(tensor)
+        self.load_lora_state(state.weights)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.schedule)
         progress = state.progress

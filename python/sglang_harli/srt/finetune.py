@@ -330,7 +330,7 @@ class FinetuneService:
             if self.agreement.flag(stop):
                 break
             job, trainer = self.job, self.trainer
-            step_before, tokens_before = trainer.step, trainer.tokens_trained
+            step_before = trainer.step
             try:
                 if self.eval_pass is not None:
                     self._run_eval_unit(job, trainer, split, when)
@@ -339,15 +339,8 @@ class FinetuneService:
                 work = trainer.peek(1)[0]
                 if work.kind == "forward" and not trainer.in_flight and not self.lending.prepare(work.tokens):
                     break  # not enough memory to start a micro-batch now; decode keeps its pages
-                started = time.perf_counter()
-                with self.partitioner.finetune(self.partitioner.split(split)):
-                    more = trainer.run_unit()
-                elapsed = time.perf_counter() - started
+                more = self._timed_unit(work, trainer.run_unit, split=split, when=when, trainer=trainer)
                 done += 1
-                tokens = trainer.tokens_trained - tokens_before
-                self.colocation.unit_done(work, elapsed, micro_batch_tokens=tokens)
-                if self.metrics is not None:
-                    self.metrics.unit(when, tokens)
                 self._sync(job, trainer)
                 if not more:
                     self._checkpoint(job, trainer)
@@ -366,6 +359,28 @@ class FinetuneService:
                 self._fail(job, exc, traceback=True)
         return done
 
+    def _timed_unit(
+        self,
+        work: FinetuneWork,
+        run: Callable[[], bool | None],
+        *,
+        split: str,
+        when: str,
+        trainer: LoraTrainer | None = None,
+    ) -> bool | None:
+        """Run one unit on ``split`` and tell the predictor and metrics its cost; with ``trainer`` (a
+        training unit), also the tokens of the micro-batch it finished, if it finished one."""
+        tokens_before = trainer.tokens_trained if trainer is not None else 0
+        started = time.perf_counter()
+        with self.partitioner.finetune(self.partitioner.split(split)):
+            result = run()
+        elapsed = time.perf_counter() - started
+        trained = trainer.tokens_trained - tokens_before if trainer is not None else 0
+        self.colocation.unit_done(work, elapsed, micro_batch_tokens=trained)
+        if self.metrics is not None:
+            self.metrics.unit(when, trained)
+        return result
+
     def _step_done(self, job: JobStatus, trainer: LoraTrainer) -> None:
         """After an optimizer step: checkpoint (then publish) when one is due."""
         publish, checkpoint = job.spec.publish.every_steps, self.config.checkpoint_every_steps
@@ -381,11 +396,9 @@ class FinetuneService:
     # -- evaluation ----------------------------------------------------------------------------------
     def _start_eval(self, trainer: LoraTrainer, *, final: bool) -> None:
         tokenizer = self.scheduler.tokenizer
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        configured = getattr(trainer.model.get_base_model().config, "eos_token_id", None)
-        eos |= set(
-            configured if isinstance(configured, list) else [configured] if configured is not None else []
-        )
+        # The ids SGLang itself stops generation on: the model's and its generation config's, and the
+        # tokenizer's end token.
+        eos = set(self.scheduler.model_config.hf_eos_token_id or ()) | {tokenizer.eos_token_id} - {None}
         self.eval_pass = EvalPass(
             trainer,
             self.eval_data,
@@ -400,13 +413,7 @@ class FinetuneService:
 
     def _run_eval_unit(self, job: JobStatus, trainer: LoraTrainer, split: str, when: str) -> None:
         """One unit of the evaluation in progress; eval work is finetune work to the policy."""
-        work = self.eval_pass.peek(1)[0]
-        started = time.perf_counter()
-        with self.partitioner.finetune(self.partitioner.split(split)):
-            self.eval_pass.run_unit()
-        self.colocation.unit_done(work, time.perf_counter() - started, micro_batch_tokens=0)
-        if self.metrics is not None:
-            self.metrics.unit(when, 0)
+        self._timed_unit(self.eval_pass.peek(1)[0], self.eval_pass.run_unit, split=split, when=when)
         if self.eval_pass.done:
             self._evaluated(job, trainer)
 
