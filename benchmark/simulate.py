@@ -101,10 +101,10 @@ import numpy as np
 
 from sglang_harli.core.colocation import CoLocation
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.partition import DEFAULT_SHARES, SHARED_NAME, plan_splits, sm_granularity
+from sglang_harli.core.partition import DEFAULT_SHARES, plan_splits, sm_granularity
 from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
 from sglang_harli.core.qos import make_policy
-from sglang_harli.core.work import FinetuneWork
+from sglang_harli.core.work import SHARED, FinetuneWork
 
 PAPER_AVERAGE_GAIN = 0.462
 PAPER_MAX_GAIN = 0.920
@@ -613,7 +613,7 @@ class Instance:
                 break  # no pages to lend for a new micro-batch: decode keeps them
             work_s, ran = work_s + seconds, ran + 1
         self.split_units[admission.split] += ran
-        if ran and admission.split != SHARED_NAME:  # concurrent, fenced: both must finish
+        if ran and admission.split != SHARED:  # concurrent, fenced: both must finish
             step = self._decode_s(shape, share)
             return max(step, work_s), step, False
         step = self._decode_s(shape)  # time-sharing: the units, then the step on the whole GPU

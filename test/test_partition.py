@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from sglang_harli.core.partition import (
-    SHARED_NAME,
     DriverGreenContexts,
     GreenContextPartitioner,
     SharedPartitioner,
@@ -25,6 +24,7 @@ from sglang_harli.core.partition import (
     round_sms,
     sm_granularity,
 )
+from sglang_harli.core.work import SHARED
 
 HOPPER = sm_granularity(9, 0)
 AMPERE = sm_granularity(8, 0)
@@ -37,13 +37,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cpu_has_only_the_shared_split():
     p = make_partitioner("cpu")
     assert isinstance(p, SharedPartitioner)
-    assert [s.name for s in p.splits] == [SHARED_NAME]
+    assert [s.name for s in p.splits] == [SHARED]
     assert p.shared.finetune_sms is None and p.shared.share == 1.0
     assert p.available is False
     assert p.reason and "cpu" in p.reason
     described = json.loads(json.dumps(p.describe()))
     assert described["available"] is False and described["reason"] == p.reason
-    assert [s["name"] for s in described["splits"]] == [SHARED_NAME]
+    assert [s["name"] for s in described["splits"]] == [SHARED]
 
 
 def test_shared_split_is_a_no_op():
@@ -74,7 +74,7 @@ def test_foreign_splits_are_rejected():
     p = make_partitioner("cpu")
     with pytest.raises(ValueError, match="not on this partitioner"):
         p.finetune(SMSplit(name="ft-25%", finetune_sms=32, total_sms=132))
-    assert p.split(SHARED_NAME) is p.shared
+    assert p.split(SHARED) is p.shared
     with pytest.raises(KeyError):
         p.split("ft-25%")
 
@@ -91,7 +91,7 @@ def test_bad_shares_fail_even_on_cpu(shares):
 def test_split_share_and_validation():
     split = SMSplit(name="ft-50%", finetune_sms=66, total_sms=132)
     assert split.share == 0.5 and split.partitioned
-    assert SMSplit(name=SHARED_NAME, finetune_sms=None, total_sms=132).share == 1.0
+    assert SMSplit(name=SHARED, finetune_sms=None, total_sms=132).share == 1.0
     assert {split, SMSplit(name="ft-50%", finetune_sms=66, total_sms=132)} == {split}
     with pytest.raises(AttributeError):
         split.finetune_sms = 8  # type: ignore[misc]
@@ -130,7 +130,7 @@ def test_granularity_before_pascal_is_refused():
 
 def test_h100_menu():
     splits = plan_splits(132, (0.25, 0.5, 0.75), HOPPER)
-    assert splits[0].name == SHARED_NAME and splits[0].total_sms == 132
+    assert splits[0].name == SHARED and splits[0].total_sms == 132
     assert [(s.name, s.finetune_sms) for s in splits[1:]] == [("ft-25%", 32), ("ft-50%", 64), ("ft-75%", 96)]
     counts = [s.finetune_sms for s in splits[1:]]
     assert len(set(counts)) == len(counts)
@@ -157,7 +157,7 @@ def test_extreme_shares_stay_inside_the_device():
 def test_devices_too_small_to_split():
     assert round_sms(4, 8, HOPPER) is None
     assert plan_splits(8, (0.25, 0.5, 0.75), HOPPER) == (
-        SMSplit(name=SHARED_NAME, finetune_sms=None, total_sms=8),
+        SMSplit(name=SHARED, finetune_sms=None, total_sms=8),
     )
 
 

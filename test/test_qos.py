@@ -13,9 +13,8 @@ from sglang_harli.core.qos import (
     NaivePolicy,
     StaticPolicy,
     make_policy,
-    micro_batch_prefix,
 )
-from sglang_harli.core.work import FinetuneWork
+from sglang_harli.core.work import FinetuneWork, micro_batch_prefix
 
 SLO = 0.050
 

@@ -25,9 +25,21 @@ from collections.abc import Callable, Sequence
 import msgspec
 import numpy as np
 
+from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.predictor import DecodeShape, LatencyPredictor, PredictorStats
-from sglang_harli.core.qos import Admission, PolicyStats, QosPolicy
-from sglang_harli.core.work import FinetuneWork
+from sglang_harli.core.qos import Admission, PolicyStats, QosPolicy, make_policy
+from sglang_harli.core.work import SHARED, FinetuneWork
+
+PREDICTOR_FORGETTING = 0.995
+"""Decode step times on a shared CPU are noisy; a longer memory (about 200 steps) averages the noise
+while still following load drift within seconds."""
+
+
+def new_predictor(state: dict | None = None) -> LatencyPredictor:
+    """The latency predictor a co-located instance runs with: fresh, or from a cached ``state()``."""
+    if state is None:
+        return LatencyPredictor(forgetting=PREDICTOR_FORGETTING)
+    return LatencyPredictor.from_state(state, forgetting=PREDICTOR_FORGETTING)
 
 
 class StepRecord(msgspec.Struct, array_like=True):
@@ -110,6 +122,32 @@ class CoLocation:
         self._decode_tokens = _Rate(rate_window_s, clock)
         self._finetune_tokens = _Rate(rate_window_s, clock)
         self._finetune_busy = _Rate(rate_window_s, clock)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: HarliConfig,
+        *,
+        splits: Sequence[str] = (SHARED,),
+        predictor: LatencyPredictor | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> CoLocation:
+        """The one assembly of predictor, policy and split menu, for the server and the simulator alike.
+
+        ``splits`` is the partitioner's menu (names, ``shared`` first); ``predictor`` a cached one, or a
+        stand-in the baselines never consult; ``clock`` the simulator's time in place of the host's."""
+        predictor = predictor if predictor is not None else new_predictor()
+        slo_s = config.tpot_slo_ms / 1e3
+        policy = make_policy(
+            config.policy,
+            predictor,
+            slo_s=slo_s,
+            idle_budget_s=config.idle_train_ms / 1e3,
+            percentile=config.slo_percentile,
+            static_units=config.static_units,
+            splits=splits,
+        )
+        return cls(predictor, policy, slo_s=slo_s, window=config.stats_window, clock=clock)
 
     # -- events from the decode loop -----------------------------------------------------------------
     def decode_done(self, shape: DecodeShape, step_s: float, *, solo: bool = True) -> StepRecord | None:

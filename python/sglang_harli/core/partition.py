@@ -29,9 +29,10 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 import torch
 
+from sglang_harli.core.work import SHARED
+
 logger = logging.getLogger(__name__)
 
-SHARED_NAME = "shared"
 DEFAULT_SHARES: tuple[float, ...] = (0.25, 0.5, 0.75)
 
 
@@ -130,7 +131,7 @@ def plan_splits(
     for share in shares:
         if not 0.0 < share < 1.0:
             raise ValueError(f"finetune SM shares must lie in (0, 1), got {share}")
-    shared = SMSplit(name=SHARED_NAME, finetune_sms=None, total_sms=total_sms)
+    shared = SMSplit(name=SHARED, finetune_sms=None, total_sms=total_sms)
     if total_sms is None or granularity is None:
         return (shared,)
     by_count: dict[int, SMSplit] = {}

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from sglang_harli.core.work import WORK_KINDS, FinetuneWork
+from sglang_harli.core.work import SHARED, WORK_KINDS, FinetuneWork
 
 _STATE_VERSION = 2
 
@@ -328,7 +328,7 @@ class LatencyPredictor:
     # Stage 2: decode and finetune work sharing the GPU.
 
     def corun(
-        self, shape: DecodeShape | None, work: Sequence[FinetuneWork], split: str = "shared"
+        self, shape: DecodeShape | None, work: Sequence[FinetuneWork], split: str = SHARED
     ) -> float | None:
         """The decode-to-decode interval with ``work`` admitted in it.
 
@@ -343,7 +343,7 @@ class LatencyPredictor:
             return None
         return self.interval(solo, cost, split)
 
-    def interval(self, solo_s: float, work_s: float, split: str = "shared") -> float:
+    def interval(self, solo_s: float, work_s: float, split: str = SHARED) -> float:
         """Stage 2 from already predicted parts: the policy's inner loop, so it stays a few flops."""
         model = self._corun.get(split)
         if model is None:
@@ -357,7 +357,7 @@ class LatencyPredictor:
         work: Sequence[FinetuneWork],
         seconds: float,
         *,
-        split: str = "shared",
+        split: str = SHARED,
         predicted: float | None = None,
     ) -> None:
         """Learn from one co-run interval.

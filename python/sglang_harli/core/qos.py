@@ -31,10 +31,9 @@ import msgspec
 
 from sglang_harli.core.config import PolicyName
 from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
-from sglang_harli.core.work import FinetuneWork
+from sglang_harli.core.work import SHARED, FinetuneWork, micro_batch_prefix
 
 POLICY_NAMES: tuple[PolicyName, ...] = get_args(PolicyName)
-SHARED = "shared"
 
 
 class Admission(msgspec.Struct, kw_only=True):
@@ -240,17 +239,6 @@ class StaticPolicy(_Policy):
     def _admit_with_decode(self, decode, upcoming) -> Admission:
         units = min(self.units_per_step, len(upcoming))
         return Admission(units=units, work=tuple(upcoming[:units]))
-
-
-def micro_batch_prefix(upcoming: Sequence[FinetuneWork]) -> int:
-    """Units up to the end of the next micro-batch (its last backward unit), or a lone optimizer step."""
-    if upcoming and upcoming[0].kind == "optimizer":
-        return 1
-    for index, work in enumerate(upcoming):
-        following = upcoming[index + 1] if index + 1 < len(upcoming) else None
-        if work.kind == "backward" and (following is None or following.kind != "backward"):
-            return index + 1
-    return len(upcoming)
 
 
 def make_policy(
