@@ -5,6 +5,7 @@ import msgspec
 import pytest
 from benchmark import simulate
 
+from sglang_harli.core.colocation import PREDICTOR_FORGETTING
 from sglang_harli.core.predictor import LatencyPredictor
 from sglang_harli.core.qos import HarliPolicy, IdleOnlyPolicy, NaivePolicy, StaticPolicy
 
@@ -60,10 +61,9 @@ def test_simulator_runs_the_production_policies(roofline):
     assert list(harli.splits) == ["shared", "ft-25%", "ft-50%", "ft-75%"]  # the server's menu on an H100
 
 
-def test_predictor_forgetting_is_the_servers():
-    from sglang_harli.srt.finetune import PREDICTOR_FORGETTING
-
-    assert simulate.PREDICTOR_FORGETTING == PREDICTOR_FORGETTING
+def test_predictor_forgetting_is_the_servers(roofline):
+    harli = simulate.Instance(roofline, "harli", slo_s=SLO_S)
+    assert harli.predictor.forgetting == PREDICTOR_FORGETTING
 
 
 def test_deterministic_for_a_seed(roofline, rate):
