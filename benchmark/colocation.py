@@ -43,12 +43,11 @@ import msgspec
 import numpy as np
 import requests
 
+from benchmark.verdicts import gain_over_best_baseline, holds_slo
 from sglang_harli.models.builtin import PRESET_SCHEME
 from sglang_harli.server_process import ServerProcess
 
 POLICIES = ("harli", "static", "idle-only", "naive")
-ATTAINMENT_TARGET = 0.99
-"""A policy "holds the SLO" when this share of client-side token intervals is within it (p99)."""
 WORDS = (
     "amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lumen maple nectar onyx".split()
 )
@@ -429,7 +428,7 @@ def tune_static(
     while True:
         (peak, *_), _, _ = run_policy("static", probe_settings, probe_dir, static_units=units, log=log)
         probes.append(StaticProbe(units=units, load=peak.load, slo_attainment=peak.slo_attainment))
-        if peak.slo_attainment >= ATTAINMENT_TARGET or units == 1:
+        if holds_slo(peak) or units == 1:
             return units, probes
         units -= 1
 
@@ -470,19 +469,6 @@ def estimate_s(settings: Settings) -> float:
     return len(settings.policies) * per_policy + alone + probe
 
 
-def harli_gain(levels: list[LevelResult], load: float) -> tuple[float | None, str | None]:
-    """harli's finetune rate over the best baseline that holds the SLO at this load, and which one."""
-    at_load = [r for r in levels if r.load == load]
-    holding = [r for r in at_load if r.policy != "harli" and r.slo_attainment >= ATTAINMENT_TARGET]
-    harli = next((r for r in at_load if r.policy == "harli"), None)
-    if harli is None or not holding:
-        return None, None
-    best = max(holding, key=lambda r: r.finetune_tokens_per_s)
-    if best.finetune_tokens_per_s <= 0:
-        return None, best.policy
-    return harli.finetune_tokens_per_s / best.finetune_tokens_per_s, best.policy
-
-
 def print_report(report: Report) -> None:
     settings = report.settings
     alone = report.measured.get("harli", {}).get("alone_tokens_per_s")
@@ -492,7 +478,7 @@ def print_report(report: Report) -> None:
     )
     print(header + "\n" + "-" * len(header))
     for load in sorted(settings.loads):
-        gain, _ = harli_gain(report.levels, load)
+        gain = gain_over_best_baseline(r for r in report.levels if r.load == load).ratio
         for r in (r for r in report.levels if r.load == load):
             ratio = f"{gain:.2f}x" if gain is not None and r.policy == "harli" else "-"
             print(

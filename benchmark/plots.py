@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # no display on the benchmark machines; must precede pypl
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmark import colocation, overhead, simulate  # noqa: E402
+from benchmark import colocation, overhead, simulate, verdicts  # noqa: E402
 
 POLICY_STYLE = {
     "harli": ("tab:red", "o"),
@@ -47,8 +47,8 @@ def colocation_tradeoff(report: colocation.Report, path: Path) -> Path:
         ax.plot(xs, ys, marker=marker, color=color, label=policy)
         for r, x, y in zip(rows, xs, ys, strict=True):
             ax.annotate(f"x{r.load:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.axvline(colocation.ATTAINMENT_TARGET, color="black", linestyle="--", linewidth=1)
-    ax.text(colocation.ATTAINMENT_TARGET, ax.get_ylim()[1], " SLO held (p99)", va="top", fontsize=8)
+    ax.axvline(verdicts.ATTAINMENT_TARGET, color="black", linestyle="--", linewidth=1)
+    ax.text(verdicts.ATTAINMENT_TARGET, ax.get_ylim()[1], " SLO held (p99)", va="top", fontsize=8)
     ax.set_xlabel(f"SLO attainment (share of token intervals <= {report.settings.slo_ms:g} ms)")
     ax.set_ylabel("finetune tokens/s")
     ax.set_title("Co-location on CPU (real server): throughput vs QoS, labels = load multiplier")
@@ -188,7 +188,7 @@ def simulate_gain(report: simulate.Report, path: Path) -> Path:
     rate_ax.set_ylabel("finetune tokens/s")
     rate_ax.set_title(f"SIMULATED {report.gpu.name}, LLaMA3-8B shape", fontsize=10)
     rate_ax.legend(fontsize=8)
-    att_ax.axhline(simulate.ATTAINMENT_TARGET, color="black", linestyle="--", linewidth=1)
+    att_ax.axhline(verdicts.ATTAINMENT_TARGET, color="black", linestyle="--", linewidth=1)
     att_ax.set_xlabel("load")
     att_ax.set_ylabel(f"SLO attainment (TPOT <= {report.settings.slo_ms:g} ms)")
     att_ax.set_ylim(max(0.0, min(0.9, att_ax.get_ylim()[0])), 1.002)

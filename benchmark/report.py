@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from benchmark import colocation, overhead, simulate
+from benchmark import colocation, overhead, simulate, verdicts
 
 BEGIN = "<!-- benchmark.run:begin -->"
 END = "<!-- benchmark.run:end -->"
@@ -153,7 +153,8 @@ def colocation_summary(report: colocation.Report) -> tuple[list[Target], str, li
     alone = report.measured.get("harli", {}).get("alone_tokens_per_s")
     rows = []
     for load in sorted(settings.loads):
-        gain, best = colocation.harli_gain(report.levels, load)
+        comparison = verdicts.gain_over_best_baseline(r for r in report.levels if r.load == load)
+        gain, best = comparison.ratio, comparison.best
         for r in (r for r in report.levels if r.load == load):
             rows.append(
                 [
@@ -171,7 +172,7 @@ def colocation_summary(report: colocation.Report) -> tuple[list[Target], str, li
         harli = next((r for r in report.levels if r.load == load and r.policy == "harli"), None)
         if harli is None:
             continue
-        holds = harli.slo_attainment >= colocation.ATTAINMENT_TARGET
+        holds = verdicts.holds_slo(harli)
         targets.append(
             Target(
                 target=f"`harli` holds the SLO at load x{load:g} (attainment >= 0.99)",
@@ -240,7 +241,7 @@ def colocation_summary(report: colocation.Report) -> tuple[list[Target], str, li
     if tuning:
         tries = ", ".join(
             f"{p['units']}/step {p['slo_attainment']:.3f} "
-            f"({'holds' if p['slo_attainment'] >= colocation.ATTAINMENT_TARGET else 'misses'})"
+            f"({'holds' if p['slo_attainment'] >= verdicts.ATTAINMENT_TARGET else 'misses'})"
             for p in tuning
         )
         notes.append(
@@ -368,7 +369,7 @@ def simulate_summary(report: simulate.Report) -> tuple[list[Target], str, list[s
         Target(
             target="SIMULATED: `harli` holds the SLO (>= 0.99) at every load",
             measured=f"lowest {worst:.4f}",
-            verdict=verdict(worst >= simulate.ATTAINMENT_TARGET),
+            verdict=verdict(worst >= verdicts.ATTAINMENT_TARGET),
         ),
         Target(
             target=f"SIMULATED: average gain over the best SLO-holding baseline >= the paper's "

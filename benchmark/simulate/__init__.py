@@ -23,8 +23,6 @@ builds on an H100. Only latencies are modelled; every decision is the production
 """
 
 from benchmark.simulate.evaluate import (
-    ATTAINMENT_TARGET,
-    BASELINES,
     FULL,
     PAPER_AVERAGE_GAIN,
     PAPER_MAX_GAIN,
@@ -35,13 +33,13 @@ from benchmark.simulate.evaluate import (
     best_static,
     describe_load,
     evaluate_load,
-    gain_at,
     gains_by_load,
     run,
 )
 from benchmark.simulate.loop import Instance, RunResult, SimTrainer, simulate
 from benchmark.simulate.model import Assumptions, FinetuneSetup, Gpu, ModelShape, Roofline
 from benchmark.simulate.workload import Request, Workload
+from benchmark.verdicts import ATTAINMENT_TARGET, BASELINES
 
 __all__ = [
     "ATTAINMENT_TARGET",
@@ -66,7 +64,6 @@ __all__ = [
     "best_static",
     "describe_load",
     "evaluate_load",
-    "gain_at",
     "gains_by_load",
     "run",
     "simulate",

@@ -6,7 +6,8 @@ offline the strongest way: for every load level, the largest number of units per
 the SLO on that very trace (a search over simulations, ``best_static``). ``harli/shared`` is harli with SM
 partitions off (time-sharing only), to separate what the splits add from what adapting per step adds.
 The gain is harli's finetune throughput over the best baseline (``idle-only``, ``static``, ``naive``)
-that holds the SLO, where harli holds it too. ``run`` returns the ``Report`` that ``benchmark.run``
+that holds the SLO, where harli holds it too (``benchmark.verdicts``, shared with the CPU benchmark),
+reported as a change: ratio - 1. ``run`` returns the ``Report`` that ``benchmark.run``
 writes to ``simulate.json``; ``QUICK`` and ``FULL`` are the settings of its two modes.
 """
 
@@ -21,11 +22,10 @@ import msgspec
 from benchmark.simulate.loop import RunResult, SimTrainer, simulate
 from benchmark.simulate.model import Assumptions, FinetuneSetup, Gpu, ModelShape, Roofline
 from benchmark.simulate.workload import Workload
+from benchmark.verdicts import gain_over_best_baseline, holds_slo
 
 PAPER_AVERAGE_GAIN = 0.462
 PAPER_MAX_GAIN = 0.920
-ATTAINMENT_TARGET = 0.99
-BASELINES = ("idle-only", "static", "naive")
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -48,7 +48,7 @@ class LoadResult(msgspec.Struct, kw_only=True):
     best_baseline: str | None
     """The baseline with the most finetune throughput among those holding the SLO."""
     gain: float | None
-    """harli / best baseline - 1, where harli holds the SLO too."""
+    """harli / best baseline - 1, where harli holds the SLO too (``verdicts.Gain.claimed`` - 1)."""
     note: str = ""
 
 
@@ -87,7 +87,7 @@ def best_static(roofline: Roofline, trace, *, settings: Settings, load: float, s
     low, high = 0, settings.max_static_units
     while low < high:
         middle = (low + high + 1) // 2
-        if run(middle).slo_attainment >= ATTAINMENT_TARGET:
+        if holds_slo(run(middle)):
             low = middle
         else:
             high = middle - 1
@@ -110,30 +110,15 @@ def evaluate_load(
         simulate(roofline, "naive", trace, **common),
         best_static(roofline, trace, settings=settings, load=load, seed=seed),
     ]
-    return gain_at(load, seed, load * rate, runs)
-
-
-def gain_at(load: float, seed: int, rate: float, runs: list[RunResult]) -> LoadResult:
-    harli = next(r for r in runs if r.policy == "harli")
-    holding = [r for r in runs if r.policy in BASELINES and r.slo_attainment >= ATTAINMENT_TARGET]
-    best = max(holding, key=lambda r: r.finetune_tokens_per_s, default=None)
-    gain, note = None, ""
-    if not harli.slo_attainment >= ATTAINMENT_TARGET:
-        note = f"harli misses the SLO ({harli.slo_attainment:.4f})"
-    elif best is None:
-        note = "no baseline holds the SLO"
-    elif best.finetune_tokens_per_s <= 0:
-        note = f"the best baseline ({best.policy}) trains nothing"
-    else:
-        gain = harli.finetune_tokens_per_s / best.finetune_tokens_per_s - 1
+    gain = gain_over_best_baseline(runs)
     return LoadResult(
         load=load,
         seed=seed,
-        arrival_rate=rate,
+        arrival_rate=load * rate,
         runs=runs,
-        best_baseline=best.policy if best else None,
-        gain=gain,
-        note=note,
+        best_baseline=gain.best,
+        gain=None if gain.claimed is None else gain.claimed - 1,
+        note=gain.note,
     )
 
 
