@@ -13,11 +13,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Literal, get_args, get_origin
 
 import msgspec
 
-from sglang_harli.core.config import FIELD_HELP, HarliConfig, config_from_flags, flag_name
+from sglang_harli.core.config import HarliConfig, add_struct_flags, flag_name, struct_from_flags
 from sglang_harli.models.builtin import (
     DEFAULT_PRESET,
     PRESET_SCHEME,
@@ -27,6 +26,7 @@ from sglang_harli.models.builtin import (
 )
 
 PROG = "sglang_harli.launch_server"
+HARLI_DEST = "harli_"  # argparse destinations of the --harli-* flags: harli_<HarliConfig field>
 
 
 class UsageError(Exception):
@@ -42,27 +42,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _add_harli_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Harli", "Co-located finetuning (sglang-harli).")
-    for field in msgspec.structs.fields(HarliConfig):
-        kind = field.type.__origin__ if hasattr(field.type, "__metadata__") else field.type
-        choices = get_args(kind) if get_origin(kind) is Literal else None
-        help = FIELD_HELP[field.name].replace("%(default)s", str(field.default))
-        if kind is bool:
-            group.add_argument(
-                flag_name(field.name),
-                dest=f"harli_{field.name}",
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help,
-            )
-            continue
-        group.add_argument(
-            flag_name(field.name),
-            dest=f"harli_{field.name}",
-            type=str if choices else kind,
-            choices=choices,
-            default=None,
-            help=help,
-        )
+    add_struct_flags(group, HarliConfig, flag=flag_name, dest_prefix=HARLI_DEST)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,9 +168,8 @@ def prepare(argv: list[str]):
 
     parser = build_parser()
     ns = parser.parse_args(argv)
-    fields = msgspec.structs.fields(HarliConfig)
     try:
-        config = config_from_flags({f.name: getattr(ns, f"harli_{f.name}") for f in fields})
+        config = struct_from_flags(HarliConfig, vars(ns), flag=flag_name, dest_prefix=HARLI_DEST)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if config.data_dir:
@@ -204,7 +183,7 @@ def prepare(argv: list[str]):
             detail = f"cannot create {config.state_dir!r}: {exc.strerror}"
             raise UsageError(f"argument --harli-state-dir: {detail}") from None
         config = msgspec.structs.replace(config, state_dir=os.path.abspath(config.state_dir))
-    harli_dests = {f"harli_{f.name}" for f in fields}
+    harli_dests = {HARLI_DEST + f.name for f in msgspec.structs.fields(HarliConfig)}
     sglang_argv = _strip(argv, parser, harli_dests | {"model_path"})
 
     model_arg = ns.model_path or PRESET_SCHEME + DEFAULT_PRESET
@@ -262,10 +241,10 @@ def run(server_args) -> None:
     from sglang.srt.entrypoints.http_server import launch_server
     from sglang.srt.utils import kill_process_tree
 
-    from sglang_harli.srt.routes import install_routes
+    from sglang_harli.srt import app
     from sglang_harli.srt.scheduler import run_harli_scheduler_process
 
-    install_routes()
+    app.install()
     try:
         launch_server(server_args, run_scheduler_process_func=run_harli_scheduler_process)
     finally:

@@ -1,118 +1,356 @@
 """``HarliConfig``: every ``--harli-*`` flag, as one typed, validated struct.
 
-The struct is the single source of truth: the launcher derives its flags, help texts and validation from
-the fields below, the scheduler receives it pickled inside SGLang's ``ServerArgs``, and ``/harli/stats``
-reports it back, so what the user asked for and what the server runs with cannot drift apart.
+The struct is the single source of truth: each field's type, constraints, default and help text (its
+``msgspec.Meta(description=...)``) are written once below. The launcher derives its flags from them with
+``add_struct_flags`` (help text plus the default) and builds the config back with ``struct_from_flags``;
+the scheduler receives the config pickled inside SGLang's ``ServerArgs``, and ``/harli/stats`` reports it,
+so what the user asked for and what the server runs with cannot drift apart. The same descriptions appear
+in the struct's JSON schema.
+
+``add_struct_flags`` and ``struct_from_flags`` are generic (argparse and msgspec only), so any
+``msgspec.Struct`` of scalar, literal, enum, path or list fields can be a command line: the benchmarks'
+settings use them too.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import argparse
+import enum
+import re
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import msgspec
+import msgspec.inspect as mi
 
-Positive = msgspec.Meta(gt=0)
 PolicyName = Literal["harli", "idle-only", "naive", "static"]
 
 
 class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    tpot_slo_ms: Annotated[float, Positive] = 100.0
-    """Decode time-per-output-token objective in milliseconds; each decode step should finish within it."""
+    tpot_slo_ms: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="Decode time-per-output-token SLO in milliseconds: each decode step should finish "
+            "within it.",
+        ),
+    ] = 100.0
 
-    slo_percentile: Annotated[float, msgspec.Meta(gt=0, le=100)] = 99.0
-    """Percentile of decode steps that must meet --harli-tpot-slo-ms (99 means p99)."""
+    slo_percentile: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            le=100,
+            description="Percentile of decode steps that must meet --harli-tpot-slo-ms (99 means p99).",
+        ),
+    ] = 99.0
 
-    stats_window: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 2048
-    """How many recent decode steps /harli/stats summarises (latency percentiles, SLO attainment)."""
+    stats_window: Annotated[
+        int,
+        msgspec.Meta(
+            ge=16,
+            le=1_000_000,
+            description="How many recent decode steps /harli/stats summarises (latency percentiles, SLO "
+            "attainment).",
+        ),
+    ] = 2048
 
-    data_dir: str = ""
-    """Directory finetune jobs may read dataset files from (``dataset.path`` is relative to it)."""
+    data_dir: Annotated[
+        str,
+        msgspec.Meta(
+            description="Directory finetune jobs may read dataset files from (dataset.path is relative to "
+            "it); empty: datasets given as files are refused.",
+        ),
+    ] = ""
 
-    output_dir: str = ""
-    """Where trained adapters are written, one directory per job; empty: ``<cache>/adapters``."""
+    output_dir: Annotated[
+        str,
+        msgspec.Meta(
+            description="Where trained adapters are written, one directory per job; empty: "
+            "<cache>/adapters (see HARLI_CACHE_DIR).",
+        ),
+    ] = ""
 
-    idle_train_ms: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 50.0
-    """With no decode work, train for up to this long before looking for new requests again."""
+    idle_train_ms: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            le=10_000,
+            description="With no decode work, train for up to this many milliseconds before looking for "
+            "new requests again.",
+        ),
+    ] = 50.0
 
-    policy: PolicyName = "harli"
-    """How finetune work joins decode: ``harli`` (SLO-aware, predictor-driven) or a baseline."""
+    policy: Annotated[
+        PolicyName,
+        msgspec.Meta(
+            description="How finetune work joins decode: harli (SLO-aware, predictor-driven) or a "
+            "baseline: idle-only, naive, static.",
+        ),
+    ] = "harli"
 
-    static_units: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 2
-    """Units the ``static`` baseline admits after every decode step, whatever the latency."""
+    static_units: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            le=10_000,
+            description="Finetune units the static baseline admits after every decode step, whatever "
+            "the latency.",
+        ),
+    ] = 2
 
-    layers_per_unit: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 1
-    """Decoder layers in one forward or backward unit: the granularity of admission."""
+    layers_per_unit: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            le=1_000,
+            description="Decoder layers in one forward or backward finetune unit: the granularity of "
+            "admission.",
+        ),
+    ] = 1
 
-    profile: Literal["auto", "skip", "refresh"] = "auto"
-    """Start-up profiling of finetune unit costs: ``auto`` uses the cache for this model and hardware."""
+    profile: Annotated[
+        Literal["auto", "skip", "refresh"],
+        msgspec.Meta(
+            description="Start-up profiling of finetune unit costs: auto (use the cache for this model "
+            "and hardware, profile if there is none), skip, or refresh (profile again).",
+        ),
+    ] = "auto"
 
-    sm_partitions: Literal["auto", "off"] = "auto"
-    """On CUDA, let the policy run finetune work in a green context holding part of the SMs."""
+    sm_partitions: Annotated[
+        Literal["auto", "off"],
+        msgspec.Meta(
+            description="On CUDA, let the policy run finetune work in a green context holding part of "
+            "the SMs: auto or off.",
+        ),
+    ] = "auto"
 
-    kv_lending: Literal["auto", "off"] = "auto"
-    """Lend free KV-cache pages to the trainer for its activations, taken back when decode needs them."""
+    kv_lending: Annotated[
+        Literal["auto", "off"],
+        msgspec.Meta(
+            description="Lend free KV-cache pages to the trainer for its activations, taken back when "
+            "decode needs them: auto or off.",
+        ),
+    ] = "auto"
 
-    trainer_memory_mb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    """Ordinary memory the trainer's activations may use beyond lent KV pages, in MiB; 0: no limit."""
+    trainer_memory_mb: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            description="Ordinary memory the trainer's activations may use beyond lent KV pages, in MiB; "
+            "0: no limit.",
+        ),
+    ] = 0.0
 
-    state_dir: str = ""
-    """Directory for durable finetune state (jobs, tokenized datasets, checkpoints); with it, unfinished
-    jobs resume after a restart and published adapters are served again. Empty: jobs last one run."""
+    state_dir: Annotated[
+        str,
+        msgspec.Meta(
+            description="Directory for durable finetune state (jobs, tokenized datasets, checkpoints): "
+            "unfinished jobs resume after a restart and published adapters are served again; empty: "
+            "jobs last one run.",
+        ),
+    ] = ""
 
-    checkpoint_every_steps: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 20
-    """With --harli-state-dir, checkpoint a running job every N optimizer steps (and whenever it
-    publishes); 0: only when it publishes."""
+    checkpoint_every_steps: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            le=1_000_000,
+            description="With --harli-state-dir, checkpoint a running job every N optimizer steps (and "
+            "whenever it publishes); 0: only when it publishes.",
+        ),
+    ] = 20
 
-    max_jobs: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
-    """Most finetune jobs queued or running at once; more are refused with 429."""
+    max_jobs: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            le=100_000,
+            description="Most finetune jobs queued or running at once; more are refused with 429.",
+        ),
+    ] = 64
 
-    max_request_mb: Annotated[float, msgspec.Meta(gt=0)] = 64.0
-    """Largest /harli request body (an inline dataset), in MiB; larger ones are refused with 413."""
+    max_request_mb: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="Largest /harli request body (an inline dataset), in MiB; larger ones are "
+            "refused with 413.",
+        ),
+    ] = 64.0
 
-    max_dataset_mb: Annotated[float, msgspec.Meta(gt=0)] = 1024.0
-    """Largest dataset file under --harli-data-dir a job may read, in MiB."""
+    max_dataset_mb: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="Largest dataset file under --harli-data-dir a job may read, in MiB.",
+        ),
+    ] = 1024.0
 
-    kv_poison: bool = False
-    """Debugging: fill lent KV pages with a pattern and check, when they come back, that only the
-    trainer wrote them (and poison them again for decode)."""
-
-
-FIELD_HELP: dict[str, str] = {
-    "tpot_slo_ms": "Decode time-per-output-token SLO in ms (default %(default)s).",
-    "slo_percentile": "Percentile of decode steps that must meet the SLO (default %(default)s).",
-    "stats_window": "Recent decode steps summarised by /harli/stats (default %(default)s).",
-    "data_dir": "Directory finetune jobs may read dataset files from (dataset.path is relative to it).",
-    "output_dir": "Where trained adapters are written (default: <cache>/adapters, see HARLI_CACHE_DIR).",
-    "idle_train_ms": "With no decode work, train this long between request polls (default %(default)s).",
-    "policy": "Co-location policy: harli, or a baseline idle-only/naive/static (default %(default)s).",
-    "static_units": "Finetune units the static policy runs after each decode step (default %(default)s).",
-    "layers_per_unit": "Decoder layers per forward/backward finetune unit (default %(default)s).",
-    "profile": "Finetune unit-cost profiling at start: auto (cached), skip, refresh (default %(default)s).",
-    "sm_partitions": "CUDA green-context SM splits for finetune work: auto or off (default %(default)s).",
-    "kv_lending": "Lend free KV-cache pages to the trainer's activations: auto or off (default %(default)s).",
-    "trainer_memory_mb": "Ordinary memory (MiB) for activations beyond lent KV pages; 0: no limit (default).",
-    "state_dir": "Durable finetune state: jobs resume after a restart (default: off, jobs last one run).",
-    "checkpoint_every_steps": "Checkpoint running jobs every N optimizer steps (default %(default)s).",
-    "max_jobs": "Most finetune jobs queued or running at once (default %(default)s).",
-    "max_request_mb": "Largest /harli request body in MiB (default %(default)s).",
-    "max_dataset_mb": "Largest dataset file a job may read, in MiB (default %(default)s).",
-    "kv_poison": "Debug: poison lent KV pages and check on return that only the trainer wrote them.",
-}
+    kv_poison: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Debugging: fill lent KV pages with a pattern and check, when they come back, "
+            "that only the trainer wrote them (and poison them again for decode).",
+        ),
+    ] = False
 
 
 def flag_name(field: str) -> str:
+    """The launcher's option for a ``HarliConfig`` field: ``tpot_slo_ms`` -> ``--harli-tpot-slo-ms``."""
     return "--harli-" + field.replace("_", "-")
 
 
 def config_from_flags(values: dict[str, object]) -> HarliConfig:
-    """Build the config from parsed flag values (``None`` = not given), naming the flag on error."""
-    given = {k: v for k, v in values.items() if v is not None}
+    """Build the config from parsed flag values keyed by field name (``None`` = not given), naming the
+    flag on error."""
+    return struct_from_flags(HarliConfig, values, flag=flag_name)
+
+
+# -- msgspec struct <-> argparse ---------------------------------------------------------------------------
+
+S = TypeVar("S", bound=msgspec.Struct)
+_SEQUENCES = (mi.ListType, mi.VarTupleType, mi.SetType, mi.FrozenSetType)
+_SCALARS: dict[type, type] = {mi.IntType: int, mi.FloatType: float, mi.StrType: str}
+
+
+def add_struct_flags(
+    group: argparse._ActionsContainer,
+    struct_type: type[msgspec.Struct],
+    *,
+    flag: Callable[[str], str],
+    dest_prefix: str = "",
+) -> None:
+    """Add one option to ``group`` (a parser or an argument group) per field of ``struct_type``.
+
+    The option is ``flag(field.name)``, stored in ``dest_prefix + field.name`` with default ``None``, so
+    that "not given" stays apart from any value and ``struct_from_flags`` lets the struct's own default
+    apply. Its help is the field's ``msgspec.Meta(description=...)`` followed by ``(default: X)`` (X as
+    it would be typed; ``empty`` for ``""``, ``none`` for ``None`` or an empty collection). The argparse
+    shape follows the annotation, through ``Annotated`` and ``X | None``:
+
+    - ``int``/``float``/``str`` -> ``type=``; any other class msgspec treats as custom (``pathlib.Path``)
+      -> ``type=`` that class, called on the string;
+    - ``Literal[...]``/an ``Enum`` -> ``choices=`` (the literal values, the enum's values);
+    - ``bool`` -> ``argparse.BooleanOptionalAction`` (``--x`` / ``--no-x``);
+    - ``list[X]`` (also tuple/set/frozenset) -> ``nargs="+"`` with X's type and choices.
+
+    Constraints (``gt``, ``le``, lengths) are not checked here but by ``struct_from_flags``. A required
+    field (no default) gives a required option. Any other field type raises ``TypeError``.
+    """
+    annotations = {f.name: f.type for f in msgspec.structs.fields(struct_type)}
+    for field in mi.type_info(struct_type).fields:
+        description, kind = _unwrap(field.type)
+        order = _literal_values(annotations[field.name])
+        kwargs: dict[str, Any] = {}
+        if isinstance(kind, mi.BoolType):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(kind, _SEQUENCES):
+            _, item = _unwrap(kind.item_type)
+            kwargs["nargs"] = "+"
+            kwargs.update(_scalar_kwargs(item, order, struct_type, field.name))
+        else:
+            kwargs.update(_scalar_kwargs(kind, order, struct_type, field.name))
+        help = description.replace("%", "%%")
+        if field.required:
+            kwargs["required"] = True
+        else:
+            default = field.default if field.default_factory is msgspec.NODEFAULT else field.default_factory()
+            suffix = f"(default: {_show(default)})".replace("%", "%%")
+            help = f"{help} {suffix}" if help else suffix
+        group.add_argument(flag(field.name), dest=dest_prefix + field.name, default=None, help=help, **kwargs)
+
+
+def struct_from_flags(
+    struct_type: type[S],
+    values: dict[str, object],
+    *,
+    flag: Callable[[str], str],
+    dest_prefix: str = "",
+) -> S:
+    """Build ``struct_type`` from parsed option values, as ``add_struct_flags`` stored them.
+
+    ``values`` is keyed by ``dest_prefix + field name`` (``vars(namespace)`` will do: other keys are
+    ignored); ``None`` means "not given", so the field's default applies. The values are converted and
+    validated with ``msgspec.convert`` (strict; a custom type such as ``pathlib.Path`` is built from a
+    string). A value that fails, or a required field not given, raises
+    ``ValueError("argument <flag(field)>: <what is wrong>")``, argparse's wording, so a launcher can report
+    it as a one-line usage error.
+    """
+    fields = msgspec.structs.fields(struct_type)
+    given: dict[str, object] = {}
+    for field in fields:
+        value = values.get(dest_prefix + field.name)
+        if value is not None:
+            given[field.encode_name] = value
+        elif field.required:
+            raise ValueError(f"argument {flag(field.name)}: required, not given")
     try:
-        return msgspec.convert(given, HarliConfig)
+        return msgspec.convert(given, struct_type, dec_hook=_from_string)
     except msgspec.ValidationError as exc:
         message = str(exc)
-        for field in msgspec.structs.fields(HarliConfig):
-            if f"`$.{field.name}`" in message:
-                detail = message.split(" - at ")[0]
-                raise ValueError(f"argument {flag_name(field.name)}: {detail}") from None
+        at = re.search(r" - at `\$\.([^`\[.]+)", message)
+        names = {f.encode_name: f.name for f in fields}
+        if at and at.group(1) in names:
+            raise ValueError(f"argument {flag(names[at.group(1)])}: {message[: at.start()]}") from None
         raise ValueError(message) from None
+
+
+def _unwrap(info: mi.Type) -> tuple[str, mi.Type]:
+    """(description, type) of a field's type info, through ``Annotated`` metadata and ``X | None``."""
+    description = ""
+    while True:
+        if isinstance(info, mi.Metadata):
+            description = description or (info.extra_json_schema or {}).get("description", "")
+            info = info.type
+        elif isinstance(info, mi.UnionType):
+            others = [t for t in info.types if not isinstance(t, mi.NoneType)]
+            if len(others) != 1:
+                return description, info
+            info = others[0]
+        else:
+            return description, info
+
+
+def _literal_values(annotation: object) -> list[object]:
+    """Every ``Literal`` value in a type annotation, in the order written (msgspec reports them sorted)."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [value for arg in get_args(annotation) for value in _literal_values(arg)]
+
+
+def _scalar_kwargs(kind: mi.Type, order: list[object], struct_type: type, field: str) -> dict[str, Any]:
+    if type(kind) in _SCALARS:
+        return {"type": _SCALARS[type(kind)]}
+    if isinstance(kind, mi.LiteralType):
+        rank = {value: i for i, value in enumerate(order)}
+        choices = sorted(kind.values, key=lambda value: rank.get(value, len(rank)))
+    elif isinstance(kind, mi.EnumType):
+        choices = [member.value for member in kind.cls]
+    elif isinstance(kind, mi.CustomType):
+        return {"type": kind.cls}
+    else:
+        raise TypeError(f"{struct_type.__name__}.{field}: no command-line form for {kind!r}")
+    types = {type(choice) for choice in choices}
+    return {"type": types.pop() if len(types) == 1 else str, "choices": choices}
+
+
+def _show(default: object) -> str:
+    if default is None or default == "":
+        return "none" if default is None else "empty"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, enum.Enum):
+        return _show(default.value)
+    if isinstance(default, (list, tuple, set, frozenset)):
+        return " ".join(_show(item) for item in default) if default else "none"
+    return str(default)
+
+
+def _from_string(kind: type, value: object) -> object:
+    """msgspec ``dec_hook``: build a custom type (``pathlib.Path``) from the string argparse read."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        return kind(value)
+    raise TypeError(f"Expected `{kind.__name__}`, got `{type(value).__name__}`")
