@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from benchmark.colocation import SERVER_START_S, SERVER_STOP_S, Arrival, bursty_trace, replay, stream
+from benchmark.load import SERVER_START_S, SERVER_STOP_S, Arrival, bursty_trace, replay, stream
 from sglang_harli.models.builtin import PRESET_SCHEME, materialize
 from sglang_harli.server_process import ServerProcess
 
