@@ -37,17 +37,22 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 import msgspec
 import numpy as np
 import requests
+from msgspec import Meta
 
+from benchmark.cli import add_settings_flags, settings_from_flags
 from benchmark.load import SERVER_START_S, SERVER_STOP_S, WORDS, Arrival, bursty_trace, replay
 from benchmark.verdicts import gain_over_best_baseline, holds_slo
 from sglang_harli.models.builtin import PRESET_SCHEME
 from sglang_harli.server_process import ServerProcess
 
-POLICIES = ("harli", "static", "idle-only", "naive")
+Policy = Literal["harli", "static", "idle-only", "naive"]
+POLICIES: tuple[Policy, ...] = get_args(Policy)
+"""In the order they run."""
 # What a policy's server costs besides its traces and its start and stop (``benchmark.load``), for the
 # time budget of ``benchmark.run``.
 JOB_START_S = 5.0
@@ -121,20 +126,27 @@ class StaticProbe(msgspec.Struct, kw_only=True):
 
 
 class Settings(msgspec.Struct, kw_only=True):
-    model: str = "small"
-    policies: list[str] = msgspec.field(default_factory=lambda: list(POLICIES))
-    slo_ms: float = 250.0
-    duration_s: float = 60.0
-    """Each level's arrival window."""
-    loads: list[float] = msgspec.field(default_factory=lambda: [1.0])
-    burst_rate: float = 1.5
-    quiet_rate: float = 0.2
-    period_s: float = 12.0
-    alone_s: float = 10.0
-    warmup_s: float = 4.0
-    max_drain_s: float | None = None
-    poll_s: float = 0.5
-    seed: int = 0
+    """What one run measures; the command line's options are derived from these fields (``benchmark.cli``)."""
+
+    model: Annotated[str, Meta(description="Built-in preset every server loads.")] = "small"
+    policies: Annotated[
+        list[Policy], Meta(description="The --harli-policy values to compare, each in a server of its own.")
+    ] = msgspec.field(default_factory=lambda: list(POLICIES))
+    slo_ms: Annotated[float, Meta(description="TPOT SLO in ms (the servers' --harli-tpot-slo-ms).")] = 250.0
+    duration_s: Annotated[float, Meta(description="Each level's arrival window, seconds.")] = 60.0
+    loads: Annotated[
+        list[float], Meta(description="Arrival-rate multipliers, one level each, run light to heavy.")
+    ] = msgspec.field(default_factory=lambda: [1.0])
+    burst_rate: Annotated[float, Meta(description="Arrivals/s during bursts.")] = 1.5
+    quiet_rate: Annotated[float, Meta(description="Arrivals/s between bursts.")] = 0.2
+    period_s: Annotated[float, Meta(description="Burst period, seconds (a burst is its first third).")] = 12.0
+    alone_s: Annotated[float, Meta(description="Finetune-alone measurement, seconds.")] = 10.0
+    warmup_s: Annotated[float, Meta(description="Warm-up trace before the levels, seconds.")] = 4.0
+    max_drain_s: Annotated[
+        float | None, Meta(description="Cut requests still streaming this long after each window.")
+    ] = None
+    poll_s: Annotated[float, Meta(description="Period of the GET /harli/stats polls, seconds.")] = 0.5
+    seed: Annotated[int, Meta(description="Seed of the traces and of the finetune job.")] = 0
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -413,40 +425,22 @@ def print_report(report: Report) -> None:
         )
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="small")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    parser.add_argument("--slo-ms", type=float, default=250.0)
-    parser.add_argument("--duration", type=float, default=60.0, help="each level's trace, seconds")
-    parser.add_argument("--loads", type=float, nargs="+", default=[1.0], help="arrival-rate multipliers")
-    parser.add_argument("--burst-rate", type=float, default=1.5, help="arrivals/s during bursts")
-    parser.add_argument("--quiet-rate", type=float, default=0.2, help="arrivals/s between bursts")
-    parser.add_argument("--period", type=float, default=12.0, help="burst period, seconds")
-    parser.add_argument("--alone-s", type=float, default=10.0, help="finetune-alone measurement, seconds")
-    parser.add_argument("--max-drain-s", type=float, help="cut requests this long after each window")
-    parser.add_argument("--seed", type=int, default=0)
+    add_settings_flags(parser, Settings)
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/harli-colocation"))
-    args = parser.parse_args()
-    settings = Settings(
-        model=args.model,
-        policies=list(args.policies),
-        slo_ms=args.slo_ms,
-        duration_s=args.duration,
-        loads=list(args.loads),
-        burst_rate=args.burst_rate,
-        quiet_rate=args.quiet_rate,
-        period_s=args.period,
-        alone_s=args.alone_s,
-        max_drain_s=args.max_drain_s,
-        seed=args.seed,
-    )
+    args = parser.parse_args(argv)
+    return settings_from_flags(parser, Settings, args), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, args = parse(argv)
     counts = {load: len(level_trace(settings, load)) for load in settings.loads}
     print(
         f"{platform.processor() or platform.machine()}, requests per level {counts} over "
-        f"{args.duration:.0f} s (bursts {args.burst_rate}/s, quiet {args.quiet_rate}/s, x load; seed "
-        f"{args.seed}), SLO {args.slo_ms} ms",
+        f"{settings.duration_s:.0f} s (bursts {settings.burst_rate}/s, quiet {settings.quiet_rate}/s, x "
+        f"load; seed {settings.seed}), SLO {settings.slo_ms} ms",
         flush=True,
     )
     report = run(settings, args.log_dir, log=lambda line: print(line, flush=True))

@@ -25,10 +25,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 import numpy as np
+from msgspec import Meta
 
+from benchmark.cli import add_settings_flags, settings_from_flags
 from benchmark.load import SERVER_START_S, SERVER_STOP_S, Arrival, bursty_trace, replay, stream
 from sglang_harli.models.builtin import PRESET_SCHEME, materialize
 from sglang_harli.server_process import ServerProcess
@@ -47,17 +50,17 @@ class VanillaServer(ServerProcess):
 
 
 class Settings(msgspec.Struct, kw_only=True):
-    model: str = "small"
-    rounds: int = 2
-    """Each round is A B B A."""
-    duration_s: float = 30.0
-    burst_rate: float = 1.5
-    quiet_rate: float = 0.2
-    period_s: float = 12.0
-    batch: int = 8
-    """Simultaneous requests of the closed-loop throughput phase."""
-    batch_tokens: int = 48
-    seed: int = 0
+    """What one run measures; the command line's options are derived from these fields (``benchmark.cli``)."""
+
+    model: Annotated[str, Meta(description="Built-in preset both servers load.")] = "small"
+    rounds: Annotated[int, Meta(description="A B B A repeated this many times.")] = 2
+    duration_s: Annotated[float, Meta(description="Trace window, seconds.")] = 30.0
+    burst_rate: Annotated[float, Meta(description="Arrivals/s during bursts.")] = 1.5
+    quiet_rate: Annotated[float, Meta(description="Arrivals/s between bursts.")] = 0.2
+    period_s: Annotated[float, Meta(description="Burst period, seconds (a burst is its first third).")] = 12.0
+    batch: Annotated[int, Meta(description="Simultaneous requests of the closed-loop throughput phase.")] = 8
+    batch_tokens: Annotated[int, Meta(description="Output tokens of each of those requests.")] = 48
+    seed: Annotated[int, Meta(description="Seed of the trace.")] = 0
 
 
 class RunResult(msgspec.Struct, kw_only=True):
@@ -202,16 +205,17 @@ def estimate_s(settings: Settings) -> float:
     return 4 * settings.rounds * per_run
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="small")
-    parser.add_argument("--rounds", type=int, default=2, help="A B B A repeated this many times")
-    parser.add_argument("--duration", type=float, default=30.0, help="trace window, seconds")
-    parser.add_argument("--seed", type=int, default=0)
+    add_settings_flags(parser, Settings)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/harli-overhead"))
-    args = parser.parse_args()
-    settings = Settings(model=args.model, rounds=args.rounds, duration_s=args.duration, seed=args.seed)
+    args = parser.parse_args(argv)
+    return settings_from_flags(parser, Settings, args), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, args = parse(argv)
     report = run(settings, args.log_dir, log=lambda line: print(line, flush=True))
     for pair in report.pairs:
         print(

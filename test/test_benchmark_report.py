@@ -1,7 +1,10 @@
 """``benchmark.run``'s outputs on small real and synthetic results: PNGs written, RESULTS.md regenerated
 between its markers only, and the quick budget computed from the parts' own settings."""
 
+from pathlib import Path
+
 import msgspec
+import pytest
 from benchmark import colocation, overhead, plots, report, run, simulate
 
 HAND_WRITTEN = "# Results\n\nA hand-written section.\n\n"
@@ -132,3 +135,21 @@ def test_overhead_pairs_alternate_and_take_the_median(tmp_path):
     assert png.stat().st_size > 1000
     targets, table, notes = report.overhead_summary(summary)
     assert targets[0].verdict == "met" and "| 7 | vanilla |" in table
+
+
+def test_colocation_and_overhead_flags_come_from_their_settings():
+    settings, args = colocation.parse([])
+    assert settings == colocation.Settings() and args.json is None
+    flags = "--loads 0.5 1 --duration 20 --policies harli idle-only --max-drain-s 3 --period 6 --seed 2"
+    assert colocation.parse(flags.split())[0] == colocation.Settings(
+        loads=[0.5, 1.0], duration_s=20.0, policies=["harli", "idle-only"], max_drain_s=3.0, period_s=6.0,
+        seed=2,
+    )  # fmt: skip
+    assert overhead.parse([])[0] == overhead.Settings()
+    assert overhead.parse("--rounds 1 --duration 8".split())[0] == overhead.Settings(rounds=1, duration_s=8.0)
+    with pytest.raises(SystemExit):
+        colocation.parse(["--policies", "fastest"])
+    for path in ("colocation.json", "overhead.json"):  # recorded results still read back
+        module = colocation if path.startswith("colocation") else overhead
+        raw = (Path(__file__).parent.parent / "benchmark" / "results" / path).read_bytes()
+        assert msgspec.json.decode(raw, type=module.Report).settings
