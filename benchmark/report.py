@@ -385,7 +385,8 @@ def simulate_summary(report: simulate.Report) -> tuple[list[Target], str, list[s
     steps = ", ".join(f"batch {b}: {ms:.1f} ms" for b, ms in report.solo_step_ms.items())
     notes = [
         f"SIMULATED, not measured: {report.gpu.name}, LLaMA3-8B shape, roofline step model and interference "
-        f"model documented in `benchmark/simulate.py`. Decode step alone at 1k-token contexts: {steps}. "
+        f"model documented in `benchmark/simulate/model.py`. Decode step alone at 1k-token contexts: "
+        f"{steps}. "
         f"KV pool {report.kv_pool_tokens} tokens; finetune alone {report.finetune_alone_tokens_per_s:.0f} "
         f"tokens/s; load 1.0 = {report.saturation_rate:.1f} requests/s; SLO {report.settings.slo_ms:g} ms; "
         f"{report.settings.duration_s:g} simulated s per run, seeds {report.settings.seeds}; "
