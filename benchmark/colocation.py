@@ -47,6 +47,7 @@ from msgspec import Meta
 from benchmark.cli import add_settings_flags, settings_from_flags
 from benchmark.load import SERVER_START_S, SERVER_STOP_S, WORDS, Arrival, bursty_trace, replay
 from benchmark.verdicts import gain_over_best_baseline, holds_slo
+from sglang_harli.core.work import SHARED
 from sglang_harli.models.builtin import PRESET_SCHEME
 from sglang_harli.server_process import ServerProcess
 
@@ -264,7 +265,7 @@ def run_level(server: ServerProcess, settings: Settings, policy: str, load: floa
     gaps = np.array([g for r in results for g in r.gaps_s]) * 1e3
     colocation = stats["colocation"]
     predictor = colocation["predictor"]
-    corun = predictor["corun"].get("shared") or {}
+    corun = predictor["corun"].get(SHARED) or {}
     lent = np.array([p.lent_mib for p in poller.polls] or [0.0])
     result = LevelResult(
         policy=policy,
