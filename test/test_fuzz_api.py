@@ -115,6 +115,14 @@ def test_openapi_document_describes_the_harli_routes(harli_server):
     assert spec["additionalProperties"] is False
     (name,) = document["paths"]["/harli/jobs/{name}"]["get"]["parameters"]
     assert name["schema"]["pattern"].startswith("^[A-Za-z0-9]")
+    # /harli/stats is described field by field (HarliStats), down to the co-location and memory figures
+    stats = document["paths"]["/harli/stats"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert {"$ref": f"#/components/schemas/{COMPONENT_PREFIX}HarliStats"} in stats["schema"]["anyOf"]
+    schemas = document["components"]["schemas"]
+    fields = schemas[f"{COMPONENT_PREFIX}HarliStats"]["properties"]
+    assert {"decode_steps", "decode_step_latency", "config", "finetune", "colocation"} <= set(fields)
+    assert {"profile", "memory", "jobs"} <= set(schemas[f"{COMPONENT_PREFIX}FinetuneStats"]["properties"])
+    assert "publishing" in schemas[f"{COMPONENT_PREFIX}JobStatus"]["properties"]["state"]["enum"]
 
 
 @schema.parametrize()

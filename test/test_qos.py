@@ -286,3 +286,47 @@ def test_an_interval_is_paired_with_the_units_that_ran_not_those_admitted():
     # Stage 2 was told about two units in 21 ms, so its estimate for seven is unchanged (46 ms): had it been
     # told seven, it would now think units nearly free.
     assert colocation.admit(shape, [unit] * 20).predicted_s == pytest.approx(0.046, rel=0.02)
+
+
+def test_engine_events_resolve_to_intervals_in_an_overlap_loop():
+    """SGLang's overlap loop launches step k+1's forward before it processes step k's results; the
+    events ``CoLocation`` owns turn that order into the same intervals, interruptions and chain restarts
+    a loop with its own clock reports directly."""
+    clock = FakeClock()
+    predictor = LatencyPredictor(min_samples=2)
+    colocation = CoLocation(predictor, harli(predictor), slo_s=SLO, clock=clock)
+    shape = DecodeShape(batch_size=4, context_tokens=400)
+
+    colocation.forward_ran(None, 0.02, nothing_waiting=True)  # prefill of requests that all just arrived
+    colocation.forward_ran(shape, 0.010)  # the first decode forward is launched before that result
+    clock.now += 0.02
+    assert colocation.result_arrived(decode=False) is None  # their first tokens: the chain starts here
+    clock.now += 0.011
+    first = colocation.result_arrived(decode=True)
+    assert first.observed_ms == pytest.approx(11.0)  # counted from the prefill's result, not from idle
+    for _ in range(5):
+        colocation.forward_ran(shape, 0.010)
+        clock.now += 0.011
+        assert colocation.result_arrived(decode=True).observed_ms == pytest.approx(11.0)
+    samples = predictor.snapshot().corun["shared"].samples
+
+    colocation.forward_ran(None, 0.03, nothing_waiting=False)  # a newcomer's prefill, requests running
+    clock.now += 0.041
+    interrupted = colocation.result_arrived(decode=True)  # the decode result whose interval held it
+    assert interrupted.observed_ms == pytest.approx(41.0)  # clients felt it ...
+    assert predictor.snapshot().corun["shared"].samples == samples  # ... stage 2 learns nothing from it
+    assert colocation.result_arrived(decode=False) is None  # the prefill's own result
+    colocation.forward_ran(shape, 0.010)
+    clock.now += 0.011
+    colocation.result_arrived(decode=True)
+    assert predictor.snapshot().corun["shared"].samples == samples + 1  # the chain is whole again
+
+    colocation.idle()  # nothing to run
+    clock.now += 3.0
+    colocation.forward_ran(shape, 0.010)
+    assert colocation.result_arrived(decode=True) is None  # no interval spans idle time
+    assert colocation.snapshot().token_intervals.count == 8
+
+    assert not colocation.prefill_waits()
+    colocation.arrival_during_work()
+    assert colocation.prefill_waits() and not colocation.prefill_waits()  # asking consumes it

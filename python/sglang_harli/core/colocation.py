@@ -1,9 +1,15 @@
 """``CoLocation``: the engine-independent loop glue between a decode loop, a QoS policy and a trainer.
 
-A decode engine reports three things: a decode step finished (with its batch shape and how long it ran),
-some other batch ran in between (a prefill, which the running requests wait for too), or it has nothing
-to do (which ends the chain of token intervals). In
-between, it asks ``admit()`` how many of the trainer's coming units to run and reports each unit it ran.
+It is the one owner of token-interval state. An engine that launches forwards and collects their results
+later (SGLang's scheduler, whose overlap loop launches step ``k+1`` before it processes step ``k``'s
+results) reports its events as they happen: a forward ran (``forward_ran``: a decode step with its batch
+shape, or another batch such as a prefill), a batch's results arrived (``result_arrived``), it has
+nothing to do (``idle``), a request arrived while finetune work ran beside decode
+(``arrival_during_work``, after which ``prefill_waits`` says the next prefill goes after one decode
+step). A loop that steps its own clock (the trace simulator) reports the lower-level facts directly: a
+decode step finished (``decode_done``), another batch ran in between (``other_batch``), or the chain of
+intervals ends (``idle``). In between, either asks ``admit()`` how many of the trainer's coming units to
+run and reports each unit it ran.
 From those events this class feeds the two-stage predictor (solo step latencies, unit costs, co-run token
 intervals), gives the policy its feedback, and keeps the per-step record that ``/harli/stats`` and the
 benchmarks read. It imports no engine, so SGLang's scheduler, the GPU decode stand-in and the trace
@@ -119,6 +125,14 @@ class CoLocation:
         self._pending: Admission | None = None  # admitted after the last decode step, not yet observed
         self._ran = 0  # units of the pending admission that actually ran
         self._interrupted = False  # another batch ran since the last decode result
+        # Engine events (``forward_ran``/``result_arrived``): the latest decode forward, and whether
+        # anything other than a decode forward ran since the last decode result. Between two decode
+        # results exactly one forward runs: that step's own in a normal loop, the next step's in an
+        # overlap loop, so the flag is read when the decode result arrives, whichever forward set it.
+        self._forward: tuple[DecodeShape, float] | None = None
+        self._chain_broken = True
+        self._fresh_batch = False  # the latest non-decode batch ran while no request awaited a token
+        self._decode_first = False
         self._decode_tokens = _Rate(rate_window_s, clock)
         self._finetune_tokens = _Rate(rate_window_s, clock)
         self._finetune_busy = _Rate(rate_window_s, clock)
@@ -149,7 +163,47 @@ class CoLocation:
         )
         return cls(predictor, policy, slo_s=slo_s, window=config.stats_window, clock=clock)
 
-    # -- events from the decode loop -----------------------------------------------------------------
+    # -- events from an engine that launches forwards and collects their results ------------------------
+    def forward_ran(
+        self, decode: DecodeShape | None, seconds: float, *, nothing_waiting: bool = False
+    ) -> None:
+        """A forward ran for ``seconds``: a decode step of shape ``decode``, or (``None``) another batch,
+        a prefill, during which ``nothing_waiting`` says no running request awaited its next token."""
+        if decode is not None:
+            self._forward = (decode, seconds)
+        else:
+            self._chain_broken = True
+            self._fresh_batch = nothing_waiting
+
+    def result_arrived(self, *, decode: bool) -> StepRecord | None:
+        """A batch's results are out; for a decode batch, returns the token interval it closed, if any."""
+        record = None
+        if not decode:
+            if self._fresh_batch:  # only new requests: their first tokens start the chain
+                self.chain_restarts()
+                self._chain_broken = self._fresh_batch = False
+            return None
+        if self._forward is not None:
+            shape, step_s = self._forward
+            if self._chain_broken:
+                self.other_batch()  # a prefill ran since the last decode result
+            record = self.decode_done(shape, step_s)
+        self._chain_broken = False
+        return record
+
+    def arrival_during_work(self) -> None:
+        """A request arrived while finetune work ran beside decode: the next batch is decode, then the
+        prefill. The work has already spent part of the running requests' token interval, and a prefill
+        on top of it is what would push the interval over the SLO."""
+        self._decode_first = True
+
+    def prefill_waits(self) -> bool:
+        """Whether the prefill about to be scheduled waits one decode step (``arrival_during_work``);
+        asking consumes the answer."""
+        waits, self._decode_first = self._decode_first, False
+        return waits
+
+    # -- events from a loop that keeps its own clock (and the primitives of those above) --------------
     def decode_done(self, shape: DecodeShape, step_s: float, *, solo: bool = True) -> StepRecord | None:
         """A decode step's results are out. ``solo``: the step ran with no finetune work beside it.
 
@@ -203,6 +257,7 @@ class CoLocation:
 
     def idle(self) -> None:
         """Nothing to run: no request is waiting for a next token, so the chain of intervals ends."""
+        self._chain_broken = True
         self._last_decode_done = None
         self._pending, self._ran = None, 0
         self._interrupted = False

@@ -32,6 +32,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from sglang_harli.core.errors import SpecError
+
 PLAIN_CHAT_TEMPLATE = (
     "{% if bos_token is defined and bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
@@ -42,16 +44,8 @@ ROLES = ("system", "user", "assistant")
 _FORMATS = (("prompt", "completion"), ("messages",), ("text",))
 
 
-class DatasetError(ValueError):
+class DatasetError(SpecError):
     """A dataset the server refuses; ``field`` names where (e.g. "dataset.path", "line 7")."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-    def __reduce__(self):  # the default would call __init__ with the joined string only
-        return (type(self), (self.field, self.message))
 
 
 class Example(msgspec.Struct, frozen=True, array_like=True):

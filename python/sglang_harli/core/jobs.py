@@ -5,8 +5,10 @@ hyper-parameter fails with the JSON path of the field (``$.training.epochs``). W
 (is LoRA enabled, how large a rank its adapter pool holds, which modules it serves) is checked against
 ``ServingLimits``, and the error names the server flag to change.
 
-``JobBook`` is the state machine: queued -> running -> completed | failed | cancelled, one job trains at a
-time in submission order. It holds no tensors; the trainer that executes the running job lives beside it.
+``JobBook`` is the state machine: queued -> running -> publishing -> completed, and failed or cancelled
+from any unfinished state; one job trains at a time in submission order. ``publishing`` is a job whose
+training is over and whose final adapter is written, waiting for the tokenizer manager to serve
+it. The book holds no tensors; the trainer that runs the job lives beside it (``srt.unit_runner``).
 """
 
 from __future__ import annotations
@@ -16,24 +18,16 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from sglang_harli.core.errors import Conflict, NotFound, SpecError, SpecInvalid
+
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?!\n)$"
 """A job's name is a directory name: no separators, no leading dot. ``(?!\n)`` because Python's ``$`` also
 matches before a trailing newline; the pattern is valid ECMAScript too, for the OpenAPI document."""
 MAX_SEED = 2**31 - 1
 PEFT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
+JobState = Literal["queued", "running", "publishing", "completed", "failed", "cancelled"]
 FINISHED_STATES = frozenset({"completed", "failed", "cancelled"})
-
-
-class SpecError(ValueError):
-    """A job the server refuses. ``field`` is the spec field at fault; ``status`` the HTTP status."""
-
-    def __init__(self, field: str, message: str, status: int = 400):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        self.status = status
 
 
 class DatasetSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -167,6 +161,9 @@ class EvalRecord(msgspec.Struct, kw_only=True):
 class JobStatus(msgspec.Struct, kw_only=True):
     name: str
     state: JobState = "queued"
+    """``queued``, ``running``, ``publishing`` (trained; its final adapter is being loaded, and
+    ``lora_path=<name>`` serves it once the job is ``completed``), ``completed``, ``failed`` or
+    ``cancelled``."""
     step: int = 0
     total_steps: int = 0
     epoch: int = 0
@@ -223,7 +220,7 @@ def _decode_spec(body: bytes) -> FinetuneJobSpec:
     except msgspec.ValidationError as exc:
         message = str(exc)
         field = message.rsplit(" - at `$.", 1)[1].rstrip("`") if " - at `$." in message else "body"
-        raise SpecError(field, message.split(" - at ")[0], status=422) from None
+        raise SpecInvalid(field, message.split(" - at ")[0]) from None
     except msgspec.DecodeError as exc:
         raise SpecError("body", f"not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -238,24 +235,22 @@ def check_eval(spec: FinetuneJobSpec) -> None:
     if evaluation is not None:
         given = [f"eval.{k}" for k in ("records", "path", "split") if getattr(evaluation, k) is not None]
         if len(given) > 1:
-            raise SpecError(given[1], f"give one eval set, not {' and '.join(given)}", status=422)
+            raise SpecInvalid(given[1], f"give one eval set, not {' and '.join(given)}")
         if not evaluation.has_set and not evaluation.retention:
-            raise SpecError("eval", "give an eval set (records, path or split) or retention probes", 422)
+            raise SpecInvalid("eval", "give an eval set (records, path or split) or retention probes")
         if evaluation.split is not None and spec.dataset.records is None and spec.dataset.path is None:
-            raise SpecError("eval.split", "needs a dataset to split", status=422)
+            raise SpecInvalid("eval.split", "needs a dataset to split")
         for i, probe in enumerate(evaluation.retention if isinstance(evaluation.retention, list) else []):
             if (probe.prompt is None) == (probe.messages is None):
-                raise SpecError(f"eval.retention[{i}]", "give exactly one of prompt or messages", 422)
+                raise SpecInvalid(f"eval.retention[{i}]", "give exactly one of prompt or messages")
     has_set = evaluation is not None and evaluation.has_set
     if spec.training.early_stopping is not None and not has_set:
-        raise SpecError(
-            "training.early_stopping",
-            "watches the eval loss: give eval.records, eval.path or eval.split",
-            422,
+        raise SpecInvalid(
+            "training.early_stopping", "watches the eval loss: give eval.records, eval.path or eval.split"
         )
     if spec.publish.version == "best" and not has_set:
-        raise SpecError(
-            "publish", '"best" is chosen by eval loss: give eval.records, eval.path or eval.split', 422
+        raise SpecInvalid(
+            "publish", '"best" is chosen by eval loss: give eval.records, eval.path or eval.split'
         )
 
 
@@ -307,9 +302,7 @@ class JobBook:
     def submit(self, spec: FinetuneJobSpec, *, examples: int, total_steps: int, output_dir: str) -> JobStatus:
         previous = self._jobs.get(spec.name)
         if previous is not None and not self.name_is_free(spec.name):
-            raise SpecError(
-                "name", f"a job named {spec.name!r} already exists ({previous.state})", status=409
-            )
+            raise Conflict("name", f"a job named {spec.name!r} already exists ({previous.state})")
         self._jobs.pop(spec.name, None)  # a failed or cancelled job that published nothing gives way
         status = JobStatus(
             name=spec.name,
@@ -331,7 +324,7 @@ class JobBook:
         self._jobs[job.name] = job
 
     def active(self) -> int:
-        """Jobs queued or running."""
+        """Jobs queued, running or publishing."""
         return sum(job.state not in FINISHED_STATES for job in self._jobs.values())
 
     def name_is_free(self, name: str) -> bool:
@@ -341,7 +334,7 @@ class JobBook:
     def get(self, name: str) -> JobStatus:
         job = self._jobs.get(name)
         if job is None:
-            raise SpecError("name", f"no job named {name!r}", status=404)
+            raise NotFound("name", f"no job named {name!r}")
         return job
 
     def all(self) -> list[JobStatus]:
@@ -354,6 +347,10 @@ class JobBook:
         job.state = "running"
         job.started_at = time.time()
 
+    def trained(self, job: JobStatus) -> None:
+        """Training is over and the final adapter is written: it is served once the tokenizer says so."""
+        job.state = "publishing"
+
     def finish(self, job: JobStatus, state: JobState, error: str | None = None) -> None:
         job.state = state
         job.error = error
@@ -362,6 +359,6 @@ class JobBook:
     def cancel(self, name: str) -> JobStatus:
         job = self.get(name)
         if job.state in FINISHED_STATES:
-            raise SpecError("name", f"job {name!r} already {job.state}", status=409)
+            raise Conflict("name", f"job {name!r} already {job.state}")
         self.finish(job, "cancelled")
         return job

@@ -1,18 +1,24 @@
-"""Decode step bookkeeping: what each step cost, and how the recent window compares with the SLO.
+"""``/harli/stats``: its typed body, and the decode step bookkeeping at its top.
 
-Kept apart from the scheduler so the same numbers can be produced by the GPU benchmark's decode stand-in
-and the trace simulator, and so they can be tested without a server.
+``HarliStats`` is the whole reply, field by field, so the OpenAPI document describes it (``srt.openapi``):
+the decode step counters (``StepRecorder``, kept apart from the scheduler so they can be tested without a
+server), the finetune side (``FinetuneStats``: jobs, profile, partitions, lent memory) and the co-location
+loop (``core.colocation.CoLocationStats``: policy, predictor, token intervals).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
+from sglang_harli.core.colocation import CoLocationStats
 from sglang_harli.core.config import HarliConfig
+from sglang_harli.core.memory import MemoryStats
+from sglang_harli.core.work import WorkKind
 
 
 class LatencySummary(msgspec.Struct, kw_only=True):
@@ -25,8 +31,8 @@ class LatencySummary(msgspec.Struct, kw_only=True):
     """Fraction of the window's steps that finished within the TPOT SLO."""
 
 
-class HarliStats(msgspec.Struct, kw_only=True):
-    """The body of ``GET /harli/stats``."""
+class StepStats(msgspec.Struct, kw_only=True):
+    """Decode and prefill steps since start, and the recent decode step latencies."""
 
     uptime_s: float
     decode_steps: int
@@ -87,8 +93,8 @@ class StepRecorder:
             slo_attainment=float(np.mean(ms <= self.config.tpot_slo_ms)),
         )
 
-    def snapshot(self) -> HarliStats:
-        return HarliStats(
+    def snapshot(self) -> StepStats:
+        return StepStats(
             uptime_s=time.monotonic() - self.started,
             decode_steps=self.decode_steps,
             decode_tokens=self.decode_tokens,
@@ -99,3 +105,66 @@ class StepRecorder:
             decode_step_latency=self.summary(),
             config=self.config,
         )
+
+
+class LendingStats(msgspec.Struct, kw_only=True):
+    enabled: bool
+    reason: str | None
+    """Why lending is off, when it is."""
+    pool_tokens: int
+    free_tokens: int
+    """Free for decode now (SGLang's available size); lent tokens are not among them."""
+    cached_tokens: int
+    """Held by the prefix cache and evictable on demand."""
+    lent_tokens: int
+    reserve_tokens: int
+    bytes_per_token: int
+    """KV bytes one lent token gives (all layers, K and V)."""
+    reclaims: int
+    last_reclaim_ms: float
+    reclaim_ms_total: float
+    spilled_micro_batches: int
+    replayed_micro_batches: int
+    waits: int
+    """Times training was held back because the pool could not lend enough under the budget."""
+    poison_violations: int
+    lent_allocations: int
+    """With --harli-kv-poison: allocations that returned a lent page; always 0 unless something is wrong."""
+    activations: MemoryStats
+
+
+class ProfileStats(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The start-up profile of finetune unit costs (``srt.profiling``)."""
+
+    state: Literal["not run", "skipped", "cached", "profiled", "failed"]
+    path: str | None = None
+    """The predictor cache entry read or written."""
+    seconds: float | None = None
+    units: int | None = None
+    """Units timed (the first micro-batch only warms caches up)."""
+    kinds: list[WorkKind] | None = None
+    """The kinds of unit that got a cost."""
+    error: str | None = None
+
+
+class FinetuneStats(msgspec.Struct, kw_only=True):
+    jobs: dict[str, int]
+    """How many jobs are in each state."""
+    training: str | None
+    """The job training now."""
+    base_weights: dict[str, int] | None
+    """How the running job's frozen base reached the served weights: views shared, copies made."""
+    output_dir: str
+    state_dir: str | None
+    profile: ProfileStats
+    partitions: dict[str, Any]
+    """The SM split menu and whether partitions fence finetune on this device (``core.partition``)."""
+    memory: LendingStats
+    """KV pages lent to the trainer (``srt.lending``)."""
+
+
+class HarliStats(StepStats, kw_only=True):
+    """The body of ``GET /harli/stats``."""
+
+    finetune: FinetuneStats
+    colocation: CoLocationStats

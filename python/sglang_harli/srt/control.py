@@ -1,45 +1,51 @@
-"""Harli's control messages between the HTTP process and the scheduler, over SGLang's own IPC.
+"""Harli's control messages over SGLang's own IPC, and their dispatch on the scheduler.
 
 SGLang ships control requests (load a LoRA, flush the cache, ...) from the tokenizer manager to the
-scheduler as tagged msgspec structs and collects the replies with a ``FanOutCommunicator``. Harli adds one
-request type and one reply type to that channel (registered with ``io_struct.hook_custom_types``, SGLang's
-seam for exactly this) instead of opening a side channel: ordering, DP fan-out and shutdown then behave
-like SGLang's own control paths, and nothing is shared between processes except messages.
+scheduler as tagged msgspec structs and collects the replies with a ``FanOutCommunicator``. Harli adds
+three IPC types to that channel (registered with ``io_struct.hook_custom_types``, SGLang's seam for
+exactly this) instead of opening a side channel: ordering, DP fan-out and shutdown then behave like
+SGLang's own control paths, and nothing is shared between processes except messages.
 
-The payloads are JSON bytes encoded with msgspec by the two ends, so the schemas live in
-``sglang_harli.core`` and the wire types never change when a command is added.
+The operations themselves are the typed requests of ``core.control``; ``HarliControlReq`` carries one,
+``HarliControlReqOutput`` its reply as JSON with the HTTP status, and ``HarliPublishReq`` the scheduler's
+unsolicited request to serve an adapter version. ``ControlDispatcher`` routes a request to its handler by
+type, as SGLang's ``TypeBasedDispatcher`` does, and is the one place a refusal becomes a status.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Callable
 
 import msgspec
 from sglang.srt.managers.communicator import FanOutCommunicator
 from sglang.srt.managers.io_struct import BaseReq, hook_custom_types
 from sglang.utils import TypeBasedDispatcher
 
+from sglang_harli.core.control import AdapterVersion, AnyControlRequest, ControlRequest
+from sglang_harli.core.errors import HarliError, http_status
+
+logger = logging.getLogger(__name__)
+
 
 class HarliControlReq(BaseReq, kw_only=True):
-    command: str
-    payload: bytes = b""
+    request: AnyControlRequest
 
 
 class HarliControlReqOutput(BaseReq, kw_only=True):
     status: int = 200
     """HTTP status the route answers with: 2xx on success, 4xx for a request the scheduler refused."""
     payload: bytes = b""
+    """JSON: the request's ``Reply``, or the error body of ``core.errors``."""
 
 
 class HarliPublishReq(BaseReq, kw_only=True):
     """Scheduler -> tokenizer manager, unsolicited: load this adapter version under the job's name.
 
     The adapter-name registry lives in the tokenizer manager, so only it can publish; the scheduler, which
-    trains, asks it to. The answer comes back as a ``published`` control command."""
+    trains, asks it to. The answer comes back as an ``AdapterServed`` request."""
 
-    name: str
-    version: int
-    path: str
+    adapter: AdapterVersion
 
 
 def register_control_types() -> None:
@@ -47,21 +53,25 @@ def register_control_types() -> None:
     hook_custom_types(HarliControlReq, HarliControlReqOutput, HarliPublishReq)
 
 
-class ControlError(Exception):
-    """A command the scheduler refuses; carries the HTTP status for the route."""
+class ControlDispatcher:
+    """Scheduler side: each request to its handler by type; a refusal to its status, never a crash."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    def __init__(self, handlers: dict[type[ControlRequest], Callable[[ControlRequest], object]]):
+        self._dispatch = TypeBasedDispatcher(list(handlers.items()))
 
-
-def reply(body: Any, status: int = 200) -> HarliControlReqOutput:
-    return HarliControlReqOutput(status=status, payload=msgspec.json.encode(body))
+    def __call__(self, req: HarliControlReq) -> HarliControlReqOutput:
+        try:
+            return HarliControlReqOutput(payload=msgspec.json.encode(self._dispatch(req.request)))
+        except HarliError as exc:
+            return HarliControlReqOutput(status=exc.status, payload=msgspec.json.encode(exc.body()))
+        except Exception as exc:  # a broken command must never take the scheduler down
+            logger.exception("harli %s failed", type(req.request).__name__)
+            body = {"error": f"{type(exc).__name__}: {exc}"}
+            return HarliControlReqOutput(status=http_status(exc), payload=msgspec.json.encode(body))
 
 
 class HarliControlClient:
-    """Tokenizer-manager side: send one command to every scheduler (DP rank) and await the replies."""
+    """Tokenizer-manager side: send one request to every scheduler (DP rank) and await the replies."""
 
     def __init__(self, tokenizer_manager, fan_out: int):
         self._tokenizer_manager = tokenizer_manager
@@ -70,7 +80,18 @@ class HarliControlClient:
             [(HarliControlReqOutput, self._communicator.handle_recv)]
         )
 
-    async def call(self, command: str, body: Any = None) -> list[HarliControlReqOutput]:
+    async def call(self, request: ControlRequest) -> list[HarliControlReqOutput]:
         self._tokenizer_manager.auto_create_handle_loop()
-        payload = b"" if body is None else msgspec.json.encode(body)
-        return await self._communicator(HarliControlReq(command=command, payload=payload))
+        return await self._communicator(HarliControlReq(request=request))
+
+
+def control_client(tokenizer_manager) -> HarliControlClient:
+    """The tokenizer manager's one client (made on first use: its reply type is then registered with the
+    manager's result dispatcher before any request is sent)."""
+    client = getattr(tokenizer_manager, "_harli_control", None)
+    if client is None:
+        from sglang.srt.runtime_context import get_parallel
+
+        client = HarliControlClient(tokenizer_manager, get_parallel().num_dp_ranks)
+        tokenizer_manager._harli_control = client
+    return client

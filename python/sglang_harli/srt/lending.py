@@ -27,11 +27,11 @@ from __future__ import annotations
 import logging
 import time
 
-import msgspec
 import torch
 
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.memory import ActivationStore, MemoryStats, TrainerMemoryError
+from sglang_harli.core.memory import ActivationStore, TrainerMemoryError
+from sglang_harli.core.stats import LendingStats
 from sglang_harli.core.trainer import LoraTrainer
 from sglang_harli.srt.allocator import install_lending, lending_unsupported
 
@@ -41,32 +41,6 @@ HEADROOM_FRACTION = 1 / 32  # of the pool, never lent: room for requests not yet
 SLACK = 1.1  # lent bytes per measured byte: alignment, and micro-batches of the same tokens vary a little
 CALM_S = 0.5  # after a reclaim, no new loan for this long: a burst arrives over many steps
 GROWTH = 1.5  # after a micro-batch ran out of room, the next loan is this much larger
-
-
-class LendingStats(msgspec.Struct, kw_only=True):
-    enabled: bool
-    reason: str | None
-    """Why lending is off, when it is."""
-    pool_tokens: int
-    free_tokens: int
-    """Free for decode now (SGLang's available size); lent tokens are not among them."""
-    cached_tokens: int
-    """Held by the prefix cache and evictable on demand."""
-    lent_tokens: int
-    reserve_tokens: int
-    bytes_per_token: int
-    """KV bytes one lent token gives (all layers, K and V)."""
-    reclaims: int
-    last_reclaim_ms: float
-    reclaim_ms_total: float
-    spilled_micro_batches: int
-    replayed_micro_batches: int
-    waits: int
-    """Times training was held back because the pool could not lend enough under the budget."""
-    poison_violations: int
-    lent_allocations: int
-    """With --harli-kv-poison: allocations that returned a lent page; always 0 unless something is wrong."""
-    activations: MemoryStats
 
 
 class KvLending:

@@ -13,7 +13,8 @@ import time
 
 from sglang_harli.core.colocation import CoLocation, StepRecord
 from sglang_harli.core.jobs import EvalRecord
-from sglang_harli.srt.lending import KvLending, LendingStats
+from sglang_harli.core.stats import LendingStats
+from sglang_harli.srt.lending import KvLending
 
 
 class HarliMetrics:

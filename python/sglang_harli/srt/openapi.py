@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from sglang_harli.core.jobs import JOB_NAME_PATTERN, FinetuneJobSpec, JobStatus
+from sglang_harli.core.stats import HarliStats
 
 PREFIX = "/harli/"
 COMPONENT_PREFIX = "Harli"
@@ -96,7 +97,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "200": _json(
                     "Decode step counters, step latency percentiles, SLO attainment, finetune and "
                     "co-location state and the Harli config in force.",
-                    _per_rank({"type": "object"}),
+                    _per_rank(_ref("HarliStats")),
                 )
             }
         },
@@ -143,7 +144,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
 def components() -> dict[str, dict[str, Any]]:
     """The schemas the ``/harli`` operations refer to, keyed by their (prefixed) component names."""
     _, schemas = msgspec.json.schema_components(
-        [FinetuneJobSpec, JobStatus], ref_template=f"{_REF}{COMPONENT_PREFIX}{{name}}"
+        [FinetuneJobSpec, JobStatus, HarliStats], ref_template=f"{_REF}{COMPONENT_PREFIX}{{name}}"
     )
     schemas["Error"] = ERROR_SCHEMA
     return {f"{COMPONENT_PREFIX}{name}": schema for name, schema in schemas.items()}

@@ -1,4 +1,10 @@
-"""Hot-swap a job's adapter to a new version inside SGLang's tokenizer manager.
+"""Publishing, the tokenizer manager's half: hot-swap a job's adapter to a new version, and say so.
+
+The scheduler writes a version and asks for it to be served (``srt.publishing``); ``install_receiver``
+registers the handler of that request with the tokenizer manager, which publishes in the background and
+answers with ``core.control.AdapterServed``. After a restart with --harli-state-dir, ``serve_again``
+publishes every job's newest version before the server reports healthy (``srt.app`` runs it at start-up).
+
 
 SGLang's own ``/load_lora_adapter`` cannot replace an adapter: its scheduler refuses a second adapter of
 the same name, and unload-then-load would leave a gap in which a request naming the adapter fails (or is
@@ -21,8 +27,49 @@ import logging
 from sglang.srt.lora.lora_registry import LoRARef
 from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput, UnloadLoRAAdapterReqInput
 from sglang.srt.utils import ConcurrentCounter
+from sglang.utils import TypeBasedDispatcher
+
+from sglang_harli.core.control import AdapterServed, AdaptersToServe, AdapterVersion, decode_reply
+from sglang_harli.srt.control import HarliPublishReq, control_client
 
 logger = logging.getLogger(__name__)
+_background: set[asyncio.Task] = set()
+
+
+def install_receiver(tokenizer_manager) -> None:
+    """Handle the scheduler's ``HarliPublishReq`` in this tokenizer manager (once)."""
+    if getattr(tokenizer_manager, "_harli_publish_receiver", False):
+        return
+    tokenizer_manager._harli_publish_receiver = True
+
+    def on_request(req: HarliPublishReq) -> None:
+        """Runs in the manager's receive loop: publish in the background, then tell the scheduler."""
+        task = asyncio.create_task(publish_and_answer(tokenizer_manager, req.adapter))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    tokenizer_manager._result_dispatcher += TypeBasedDispatcher([(HarliPublishReq, on_request)])
+
+
+async def publish_and_answer(tokenizer_manager, adapter: AdapterVersion) -> None:
+    """Serve ``adapter`` and tell the scheduler whether it serves (``AdapterServed``)."""
+    error = None
+    try:
+        await publish_adapter(tokenizer_manager, adapter.name, adapter.version, adapter.path)
+    except Exception as exc:
+        logger.exception("publishing %s version %d failed", adapter.name, adapter.version)
+        error = f"{type(exc).__name__}: {exc}"
+    answer = AdapterServed(name=adapter.name, version=adapter.version, error=error)
+    await control_client(tokenizer_manager).call(answer)
+
+
+async def serve_again(tokenizer_manager) -> None:
+    """After a restart, serve every job's newest adapter again (``--harli-state-dir``)."""
+    request = AdaptersToServe()
+    for reply in await control_client(tokenizer_manager).call(request):
+        for adapter in decode_reply(request, reply.payload):
+            logger.info("serving adapter %s version %d again", adapter.name, adapter.version)
+            await publish_and_answer(tokenizer_manager, adapter)
 
 
 def _merged_error(results) -> str | None:

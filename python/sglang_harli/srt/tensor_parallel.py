@@ -14,9 +14,13 @@ start-up by every rank, so training never shares a communicator with the decode 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
+from sglang_harli.core.partition import SMSplit
+from sglang_harli.core.plan import BesideDecode, IdleSlice, WorkPlan
 from sglang_harli.core.tensor_parallel import TensorParallel, TensorParallelError
 
 
@@ -63,3 +67,23 @@ class RankAgreement:
 
     def flag(self, value: bool) -> bool:
         return bool(self.agree([float(value)], 1)[0]) if self.group is not None else value
+
+    def agree_plan(
+        self, started: bool, plan: WorkPlan | None, menu: Sequence[SMSplit]
+    ) -> tuple[bool, WorkPlan | None]:
+        """Rank 0's decision for this place in the loop: whether it started the next queued job, and the
+        plan to run. Sent as five numbers: [started, kind (0 none, 1 beside decode, 2 idle slice), units,
+        idle budget, split's index in ``menu``]; a field a kind does not use is sent as 0."""
+        values = None
+        if self.leader:
+            values = [float(started), 0.0, 0.0, 0.0, 0.0]
+            if isinstance(plan, BesideDecode):
+                values[1:] = [1.0, float(plan.units), 0.0, float(menu.index(plan.split))]
+            elif isinstance(plan, IdleSlice):
+                values[1:] = [2.0, 0.0, plan.budget_s, float(menu.index(plan.split))]
+        start, kind, units, budget, split = self.agree(values, 5)
+        if kind == 1.0:
+            return bool(start), BesideDecode(units=int(units), split=menu[int(split)])
+        if kind == 2.0:
+            return bool(start), IdleSlice(budget_s=budget, split=menu[int(split)])
+        return bool(start), None

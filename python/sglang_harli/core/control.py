@@ -1,0 +1,119 @@
+"""The messages between Harli's HTTP side (the tokenizer manager's process) and the scheduler.
+
+One typed request per operation, each naming the type it is answered with (``Reply``), dispatched by
+type on the scheduler as SGLang dispatches its own control requests. ``srt.control`` carries them over
+SGLang's IPC inside one envelope type; the reply travels as that type's JSON, which the route relays as
+it is, so an HTTP body and the scheduler's reply cannot differ. A refusal travels as the error body of
+``core.errors`` with the status ``http_status`` gives it.
+
+Adapter publishing crosses in both directions: the scheduler asks the tokenizer manager to serve an
+``AdapterVersion`` (``srt.publishing`` sends it, ``srt.publisher`` receives it), and the tokenizer manager
+answers with ``AdapterServed``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Union
+
+import msgspec
+
+from sglang_harli.core.data import Example
+from sglang_harli.core.evaluation import EvalData
+from sglang_harli.core.job_store import StagedExamples
+from sglang_harli.core.jobs import FinetuneJobSpec, JobStatus
+from sglang_harli.core.stats import HarliStats
+
+
+class AdapterVersion(msgspec.Struct, kw_only=True, frozen=True):
+    """One published version of a job's adapter: serve the PEFT directory ``path`` as ``name``."""
+
+    name: str
+    version: int
+    path: str
+
+
+class Ack(msgspec.Struct, kw_only=True):
+    ok: bool = True
+
+
+class ControlRequest(msgspec.Struct, tag=True, kw_only=True):
+    """Base of every request; ``Reply`` is the type the scheduler answers it with."""
+
+    Reply: ClassVar[type]
+
+
+class SubmitJob(ControlRequest):
+    """``POST /harli/jobs``, once the HTTP side has validated the spec and tokenized the dataset."""
+
+    Reply = JobStatus
+
+    spec: FinetuneJobSpec
+    count: int
+    """Trainable examples in the dataset."""
+    examples: list[Example] = msgspec.field(default_factory=list)
+    """The examples themselves, without --harli-state-dir."""
+    staged: StagedExamples | None = None
+    """With --harli-state-dir: where the HTTP process wrote them instead (``core.job_store``)."""
+    evaluation: EvalData | None = None
+    """The job's tokenized eval set and retention probes (``core.evaluation``), if it has ``eval``."""
+
+
+class ListJobs(ControlRequest):
+    """``GET /harli/jobs``."""
+
+    Reply = list[JobStatus]
+
+
+class GetJob(ControlRequest):
+    """``GET /harli/jobs/{name}``."""
+
+    Reply = JobStatus
+
+    name: str
+
+
+class CancelJob(ControlRequest):
+    """``POST /harli/jobs/{name}/cancel``."""
+
+    Reply = JobStatus
+
+    name: str
+
+
+class GetStats(ControlRequest):
+    """``GET /harli/stats``."""
+
+    Reply = HarliStats
+
+
+class AdapterServed(ControlRequest):
+    """Tokenizer manager -> scheduler: the version it was asked to serve serves now, or ``error``."""
+
+    Reply = Ack
+
+    name: str
+    version: int
+    error: str | None = None
+
+
+class AdaptersToServe(ControlRequest):
+    """At start-up with --harli-state-dir: every job's newest version, to be served again."""
+
+    Reply = list[AdapterVersion]
+
+
+CONTROL_REQUESTS: tuple[type[ControlRequest], ...] = (
+    SubmitJob,
+    ListJobs,
+    GetJob,
+    CancelJob,
+    GetStats,
+    AdapterServed,
+    AdaptersToServe,
+)
+AnyControlRequest = Union[CONTROL_REQUESTS]  # noqa: UP007 - a union built from the tuple
+
+
+def decode_reply(request: ControlRequest, payload: bytes):
+    """A successful reply's payload, as the request's ``Reply`` type."""
+    return msgspec.json.decode(payload, type=type(request).Reply)
