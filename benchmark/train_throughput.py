@@ -112,6 +112,18 @@ def run_reference(
 ) -> Timing:
     """The textbook loop of test/test_trainer.py: right-padded batches, attention mask, shifted masked CE."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return train_reference(model, device, examples, lora, training)
+
+
+def train_reference(
+    model: torch.nn.Module,
+    device: torch.device,
+    examples: list[Example],
+    lora: LoraSpec,
+    training: TrainingSpec,
+) -> Timing:
+    """``run_reference``'s loop on a causal LM already built (``benchmark.gpu`` binds one to random
+    weights it holds on the GPU); PEFT wraps ``model`` in place."""
     torch.manual_seed(training.seed)
     model = get_peft_model(model, lora_config(lora))
     model.train()
