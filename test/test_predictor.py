@@ -317,3 +317,45 @@ def test_error_stats_window_and_overall():
     assert summary.samples == 3
     assert summary.mape_recent == pytest.approx(0.05)
     assert summary.mape_overall == pytest.approx(1.1 / 3)
+
+
+def test_a_partitioned_split_learns_its_own_unit_costs_and_the_overlap_of_stage_2():
+    """On a split holding a quarter of the SMs, units run at a quarter of the speed and *beside* the
+    decode step, which they slow by a fifth: the interval is the longer of the two, never their sum."""
+    rng = np.random.default_rng(11)
+    predictor = trained(rng, forgetting=0.995)
+    predictor.set_split_shares({"ft-25%": 0.25})
+    unit = FinetuneWork(kind="forward", tokens=2048, layers=1)
+    # Before any unit ran there, the split starts from the shared cost on its share of the SMs.
+    assert predictor.unit_seconds(unit, "ft-25%") == pytest.approx(4 * predictor.unit_seconds(unit), rel=1e-9)
+
+    def on_split(work: FinetuneWork) -> float:
+        return 3.0 * unit_seconds(work)  # better than a quarter of the speed: the SMs were not saturated
+
+    for _ in range(400):
+        work = random_unit(rng)
+        predictor.observe_unit(work, noisy(rng, on_split(work)), "ft-25%")
+    assert predictor.unit_seconds(unit, "ft-25%") == pytest.approx(on_split(unit), rel=0.03)
+    assert predictor.unit_seconds(unit) == pytest.approx(unit_seconds(unit), rel=0.03)  # shared: unchanged
+
+    for _ in range(1500):
+        shape = random_shape(rng)
+        work = [random_unit(rng) for _ in range(int(rng.integers(1, 9)))]
+        seconds = max(1.2 * solo_seconds(shape) + 2e-4, sum(map(on_split, work)) + 1e-4)
+        predictor.observe_corun(shape, work, noisy(rng, seconds), split="ft-25%")
+
+    stats = predictor.snapshot().corun["ft-25%"]
+    assert stats.coefficients["a"] == pytest.approx(1.2, rel=0.05)
+    assert stats.coefficients["b"] == pytest.approx(1.0, rel=0.05)
+    assert stats.mape_recent < 0.03
+    for batch, units in ((8, 1), (8, 12), (128, 2), (128, 40)):
+        shape = DecodeShape(batch_size=batch, context_tokens=batch * 2048)
+        work = [unit] * units
+        truth = max(1.2 * solo_seconds(shape) + 2e-4, units * on_split(unit) + 1e-4)
+        assert predictor.corun(shape, work, "ft-25%") == pytest.approx(truth, rel=0.05), (batch, units)
+
+    restored = LatencyPredictor.from_state(msgspec.json.decode(msgspec.json.encode(predictor.state())))
+    restored.set_split_shares({"ft-25%": 0.25})
+    shape = DecodeShape(batch_size=64, context_tokens=64 * 1024)
+    assert restored.corun(shape, [unit] * 5, "ft-25%") == predictor.corun(shape, [unit] * 5, "ft-25%")
+    assert set(predictor.snapshot().units) >= {"forward", "forward@ft-25%"}

@@ -48,7 +48,7 @@ class ScriptedPredictor:
     def solo(self, shape):
         return 1e-3 * shape.batch_size * self.drift
 
-    def unit_seconds(self, work):
+    def unit_seconds(self, work, split="shared"):
         return self.COST[work.kind] * work.size * self.drift if self.known else None
 
     def work_seconds(self, work):

@@ -106,3 +106,14 @@ def test_static_search_returns_the_largest_units_that_hold(roofline, rate):
         roofline, "static", trace, duration_s=30.0, slo_s=SLO_S, load=0.5, static_units=best.static_units + 1
     )
     assert one_more.slo_attainment < simulate.ATTAINMENT_TARGET
+
+
+@pytest.mark.parametrize("load", [0.5, 0.8])
+def test_stage_2_predicts_every_split_it_ran_within_ten_percent(roofline, rate, load):
+    """Units cost what they cost on their own split, and a partitioned split overlaps the decode step:
+    with both modelled, stage 2's error is small on every split the policy used, not only on shared."""
+    result = run(roofline, rate, "harli", load, duration_s=90.0)
+    used = [split for split, units in result.split_units.items() if units > 50]
+    assert any(split != "shared" for split in used), result.split_units
+    for split in used:
+        assert result.corun_mape_by_split[split] < 0.10, (split, result.corun_mape_by_split)

@@ -17,7 +17,8 @@ The co-location is built as the server builds it, by ``core.colocation.CoLocatio
 ``HarliConfig`` (policy, SLO, static units), the SM split menu ``core.partition.plan_splits`` gives an
 H100, and this module's clock in place of the host's. Where the simulator has to play the engine, it does
 what the server does: a unit's observed time is its run time on the split it ran in
-(``CoLocation.unit_done``, as ``srt.finetune`` reports it), the policy's idle slices and the start-up unit
+(``CoLocation.unit_done`` with its split, as ``srt.unit_runner`` reports it; unit costs are learnt per
+split and partitioned splits use the overlap form of stage 2), the policy's idle slices and the start-up unit
 profile are the server's, and a decode step that ran beside finetune work does not train stage 1, and
 units are offered as ``srt`` offers them (``core.work.look_ahead`` of them): even the first unit of a
 micro-batch that cannot start for want of lendable pages (``--runnable-only`` offers only units that can
@@ -158,6 +159,9 @@ class RunResult(msgspec.Struct, kw_only=True):
     margin_ms: float | None
     predictor_solo_mape: float | None
     predictor_corun_mape: float | None
+    """Mean over the splits that carried work of stage 2's error (MAPE) on intervals with work."""
+    corun_mape_by_split: dict[str, float] = msgspec.field(default_factory=dict)
+    """Stage 2's error per split (``shared``: serial sum; a partition: the overlap model)."""
 
 
 class _Batch:
@@ -213,7 +217,7 @@ class Instance:
         config = HarliConfig(tpot_slo_ms=slo_s * 1e3, policy=policy, static_units=static_units)  # type: ignore[arg-type]
         self.colocation = CoLocation.from_config(
             config,
-            splits=list(self.splits),
+            splits=self.splits,
             predictor=None if policy == "harli" else _Unobserved(),  # type: ignore[arg-type]
             clock=self.clock,
         )
@@ -251,8 +255,9 @@ class Instance:
             return []
         return upcoming[: self.trainer.units_left_in_micro_batch()]
 
-    def _run_unit(self, share: float) -> float | None:
-        """Run the next unit on ``share`` of the SMs; ``None`` when a new micro-batch finds no pages."""
+    def _run_unit(self, split: str) -> float | None:
+        """Run the next unit in ``split``; ``None`` when a new micro-batch finds no pages."""
+        share = self.splits[split]
         work = self.trainer.next_unit()
         if work.kind == "forward" and not self.trainer.in_flight:  # the server's ``lending.prepare``
             need = self.roofline.activation_tokens
@@ -263,7 +268,7 @@ class Instance:
         tokens = self.trainer.advance()
         if tokens:
             self.free, self.lent = self.free + self.lent, 0
-        self.colocation.unit_done(work, seconds, micro_batch_tokens=tokens)
+        self.colocation.unit_done(work, seconds, split=split, micro_batch_tokens=tokens)
         return seconds
 
     def _reclaim(self) -> None:
@@ -337,7 +342,7 @@ class Instance:
         share = self.splits[admission.split]
         work_s, ran = 0.0, 0
         for _ in range(admission.units):
-            seconds = self._run_unit(share)
+            seconds = self._run_unit(admission.split)
             if seconds is None:
                 break  # no pages to lend for a new micro-batch: decode keeps them
             work_s, ran = work_s + seconds, ran + 1
@@ -354,7 +359,7 @@ class Instance:
         deadline = self.clock.now + (admission.budget_s or 0.0)
         ran = False
         while self.clock.now < deadline and self.clock.now < next_arrival_s:
-            seconds = self._run_unit(1.0)
+            seconds = self._run_unit(SHARED)
             if seconds is None:
                 return ran
             self.clock.now += seconds
@@ -374,7 +379,9 @@ def simulate(
     seed: int = 0,
     partitions: bool = True,
     offer_blocked: bool = True,
+    split: str | None = None,
 ) -> RunResult:
+    """``split``: the SM split ``fixed-split`` is pinned to (by default the menu's largest)."""
     instance = Instance(
         roofline,
         policy,
@@ -384,6 +391,8 @@ def simulate(
         partitions=partitions,
         offer_blocked=offer_blocked,
     )
+    if split is not None:
+        instance.policy.split = split  # type: ignore[attr-defined]
     out = instance.run(trace, duration_s)
     intervals = np.array([g for g, _ in out["gaps"]] or [math.nan])
     weights = np.array([w for _, w in out["gaps"]] or [1])
@@ -409,6 +418,9 @@ def simulate(
         margin_ms=stats.policy.margin_ms,
         predictor_solo_mape=stats.predictor.solo.mape_overall,
         predictor_corun_mape=statistics.fmean(corun) if corun else None,
+        corun_mape_by_split={
+            split: s.mape_overall for split, s in stats.predictor.corun.items() if s.mape_overall is not None
+        },
     )
 
 

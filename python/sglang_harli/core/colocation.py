@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 import numpy as np
@@ -34,6 +34,7 @@ import numpy as np
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.predictor import DecodeShape, LatencyPredictor, PredictorStats
 from sglang_harli.core.qos import Admission, PolicyStats, QosPolicy, make_policy
+from sglang_harli.core.timing import Timing
 from sglang_harli.core.work import SHARED, FinetuneWork
 
 PREDICTOR_FORGETTING = 0.995
@@ -129,7 +130,7 @@ class CoLocation:
         # anything other than a decode forward ran since the last decode result. Between two decode
         # results exactly one forward runs: that step's own in a normal loop, the next step's in an
         # overlap loop, so the flag is read when the decode result arrives, whichever forward set it.
-        self._forward: tuple[DecodeShape, float] | None = None
+        self._forward: tuple[DecodeShape, float | Timing] | None = None
         self._chain_broken = True
         self._fresh_batch = False  # the latest non-decode batch ran while no request awaited a token
         self._decode_first = False
@@ -142,15 +143,19 @@ class CoLocation:
         cls,
         config: HarliConfig,
         *,
-        splits: Sequence[str] = (SHARED,),
+        splits: Sequence[str] | Mapping[str, float] = (SHARED,),
         predictor: LatencyPredictor | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> CoLocation:
         """The one assembly of predictor, policy and split menu, for the server and the simulator alike.
 
-        ``splits`` is the partitioner's menu (names, ``shared`` first); ``predictor`` a cached one, or a
-        stand-in the baselines never consult; ``clock`` the simulator's time in place of the host's."""
+        ``splits`` is the partitioner's menu, ``shared`` first: names, or names with finetune's SM share
+        (partitioned splits then overlap decode in stage 2, ``core.predictor``); ``predictor`` a cached
+        one, or a stand-in the baselines never consult; ``clock`` the simulator's time in place of the
+        host's."""
         predictor = predictor if predictor is not None else new_predictor()
+        if isinstance(splits, Mapping) and hasattr(predictor, "set_split_shares"):
+            predictor.set_split_shares({name: share for name, share in splits.items() if share < 1.0})
         slo_s = config.tpot_slo_ms / 1e3
         policy = make_policy(
             config.policy,
@@ -159,16 +164,17 @@ class CoLocation:
             idle_budget_s=config.idle_train_ms / 1e3,
             percentile=config.slo_percentile,
             static_units=config.static_units,
-            splits=splits,
+            splits=list(splits),
         )
         return cls(predictor, policy, slo_s=slo_s, window=config.stats_window, clock=clock)
 
     # -- events from an engine that launches forwards and collects their results ------------------------
     def forward_ran(
-        self, decode: DecodeShape | None, seconds: float, *, nothing_waiting: bool = False
+        self, decode: DecodeShape | None, seconds: float | Timing, *, nothing_waiting: bool = False
     ) -> None:
-        """A forward ran for ``seconds``: a decode step of shape ``decode``, or (``None``) another batch,
-        a prefill, during which ``nothing_waiting`` says no running request awaited its next token."""
+        """A forward ran for ``seconds`` (or a device ``Timing``, read when its result arrives): a
+        decode step of shape ``decode``, or (``None``) another batch, a prefill, during which
+        ``nothing_waiting`` says no running request awaited its next token."""
         if decode is not None:
             self._forward = (decode, seconds)
         else:
@@ -184,10 +190,12 @@ class CoLocation:
                 self._chain_broken = self._fresh_batch = False
             return None
         if self._forward is not None:
-            shape, step_s = self._forward
+            shape, step = self._forward
+            step_s = step if isinstance(step, float) else step.seconds()
             if self._chain_broken:
                 self.other_batch()  # a prefill ran since the last decode result
-            record = self.decode_done(shape, step_s)
+            # A device timing not finished yet (it should be, once the result is in) teaches no stage 1.
+            record = self.decode_done(shape, step_s or 0.0, solo=step_s is not None)
         self._chain_broken = False
         return record
 
@@ -279,15 +287,27 @@ class CoLocation:
             self._pending, self._ran = admission, 0
         return admission
 
-    def unit_done(self, work: FinetuneWork, seconds: float, *, micro_batch_tokens: int = 0) -> None:
-        """A unit ran for ``seconds``; ``micro_batch_tokens`` when it completed a micro-batch."""
-        self.predictor.observe_unit(work, seconds)
+    def unit_done(
+        self, work: FinetuneWork, seconds: float, *, split: str = SHARED, micro_batch_tokens: int = 0
+    ) -> None:
+        """A unit ran for ``seconds`` on ``split``; ``micro_batch_tokens`` when it completed a
+        micro-batch. Where the cost is read later than the unit ran (device timing), the two halves
+        are ``unit_ran`` and ``unit_cost``."""
+        self.unit_ran(micro_batch_tokens=micro_batch_tokens)
+        self.unit_cost(work, seconds, split=split)
+
+    def unit_ran(self, *, micro_batch_tokens: int = 0) -> None:
+        """A unit of the pending admission ran (its cost may not be known yet)."""
         if self._pending is not None:
             self._ran += 1
-        self._units.append(seconds)
-        self._finetune_busy.add(seconds)
         if micro_batch_tokens:
             self._finetune_tokens.add(micro_batch_tokens)
+
+    def unit_cost(self, work: FinetuneWork, seconds: float, *, split: str = SHARED) -> None:
+        """What a unit that ran on ``split`` cost, measured on its device."""
+        self.predictor.observe_unit(work, seconds, split)
+        self._units.append(seconds)
+        self._finetune_busy.add(seconds)
 
     # -- stats ---------------------------------------------------------------------------------------
     def interval_summary(self) -> IntervalSummary:

@@ -2,11 +2,24 @@
 
 The QoS policy must decide, before every decode step, how much finetune work it can run alongside without
 breaking the TPOT SLO. Stage 1 predicts what the decode step costs on its own from its shape; stage 2
-predicts the decode-to-decode interval once finetune units share the GPU with it, as a linear blend of the
-stage-1 prediction and the units' own costs. Splitting it this way keeps each part cheap to learn: solo
-steps are plentiful and fit the shape model, unit costs come from a start-up profile and from every unit
-the trainer runs, and the interference model has only three coefficients per SM split, so it settles
-after a few dozen co-run intervals and carries over to batch shapes it has never seen co-run.
+predicts the decode-to-decode interval once finetune units share the GPU with it, from the stage-1
+prediction and the units' own costs. Splitting it this way keeps each part cheap to learn: solo steps are
+plentiful and fit the shape model, unit costs come from a start-up profile and from every unit the
+trainer runs, and the interference model has only a few coefficients per SM split, so it settles after a
+few dozen co-run intervals and carries over to batch shapes it has never seen co-run.
+
+Stage 2 has two shapes, because the two ways of sharing a device overlap differently:
+
+- ``shared`` (no partition; on CPU the only split): the units and the decode step take turns, so the
+  interval is a blend of the serial sum, ``alpha * solo + beta * work + c``.
+- a partitioned split: the units run on their SMs *while* the decode step runs on the rest, so the
+  interval is whichever finishes last, ``max(a * solo + c_decode, b * work + c_work)``: decode slowed by
+  the SMs and bandwidth it lost, or the units on the split's share. Each observation teaches the branch
+  that the current fit says bounded it (a max-affine fit, one small least-squares model per branch).
+
+Unit costs are learnt per split: a unit on a quarter of the SMs is not a unit on all of them, and costs
+pooled across splits would lock the policy into whichever split it used first. A split with no sample
+yet starts from the shared cost divided by its SM share.
 
 Everything is fitted online with forgetting, because the truth drifts while serving: clocks and thermal
 state, KV-cache fragmentation and the adapter mix all move the costs. The module needs only numpy and
@@ -58,6 +71,10 @@ _CORUN_FEATURES = ("alpha", "beta", "c")
 _CORUN_SCALES = (2.0**-6, 2.0**-6, 1.0)
 _CORUN_PRIOR = (1.0, 1.0, 0.0)
 """Serial time-sharing: the interval is the decode step followed by the finetune units."""
+_BRANCH_FEATURES = ("slope", "c")
+_BRANCH_SCALES = (2.0**-6, 1.0)
+_BRANCH_PRIOR = (1.0, 0.0)
+"""Overlap: the interval is the longer of the decode step and the units, each at its measured cost."""
 
 
 class DecodeShape(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,7 +109,8 @@ class PredictorStats(msgspec.Struct, kw_only=True):
     corun: dict[str, StageStats]
     """Per SM split."""
     units: dict[str, StageStats]
-    """Per finetune work kind."""
+    """Per finetune work kind (``forward``) on the shared split, per kind and split elsewhere
+    (``forward@ft-50%``)."""
 
 
 class OnlineLinearModel:
@@ -267,6 +285,18 @@ class LatencyPredictor:
         self._unit_errors: dict[str, ErrorStats] = {}
         self._corun: dict[str, OnlineLinearModel] = {}
         self._corun_errors: dict[str, ErrorStats] = {}
+        # Partitioned splits: the decode-bound and the work-bound branch of the max-affine stage 2.
+        self._overlap: dict[str, tuple[OnlineLinearModel, OnlineLinearModel]] = {}
+        self._shares: dict[str, float] = {}
+
+    def set_split_shares(self, shares: dict[str, float]) -> None:
+        """Finetune's SM share of each split of the menu (``shared``: 1.0); a split with a share below
+        1 overlaps decode (the max-affine stage 2), and its unit costs start from the shared ones."""
+        self._shares = {name: share for name, share in shares.items() if name != SHARED}
+
+    def overlaps(self, split: str) -> bool:
+        """Whether finetune work in ``split`` runs beside the decode step rather than taking turns."""
+        return split in self._shares
 
     @property
     def ready(self) -> bool:
@@ -289,32 +319,41 @@ class LatencyPredictor:
             self._solo_errors.add(predicted, seconds)
         self._solo.update(_solo_features(shape), seconds)
 
-    # Finetune unit costs, one model per kind.
+    # Finetune unit costs, one model per kind and split.
 
-    def unit_seconds(self, work: FinetuneWork) -> float | None:
-        model = self._units.get(work.kind)
-        if model is None:
+    def unit_seconds(self, work: FinetuneWork, split: str = SHARED) -> float | None:
+        model = self._units.get(_unit_key(work.kind, split))
+        if model is not None:
+            return max(0.0, model.predict((1.0, float(work.size))))
+        shared = self._units.get(work.kind) if split != SHARED else None
+        if shared is None:
             return None
-        return max(0.0, model.predict((1.0, float(work.size))))
+        return max(0.0, shared.predict((1.0, float(work.size)))) / self._shares.get(split, 1.0)
 
-    def work_seconds(self, work: Sequence[FinetuneWork]) -> float | None:
+    def work_seconds(self, work: Sequence[FinetuneWork], split: str = SHARED) -> float | None:
         total = 0.0
         for unit in work:
-            seconds = self.unit_seconds(unit)
+            seconds = self.unit_seconds(unit, split)
             if seconds is None:
                 return None
             total += seconds
         return total
 
-    def observe_unit(self, work: FinetuneWork, seconds: float) -> None:
+    def observe_unit(self, work: FinetuneWork, seconds: float, split: str = SHARED) -> None:
         if not _valid(seconds):
             return
-        predicted = self.unit_seconds(work)
-        if predicted is None:
-            self._new_unit_model(work.kind, prior=None)
-        else:
-            self._errors(self._unit_errors, work.kind).add(predicted, seconds)
-        self._units[work.kind].update((1.0, float(work.size)), seconds)
+        key = _unit_key(work.kind, split)
+        predicted = self.unit_seconds(work, split)
+        if key not in self._units:
+            prior = None
+            if split != SHARED and work.kind in self._units:  # the shared cost on the split's share
+                coefficients = self._units[work.kind].coefficients()
+                share = self._shares.get(split, 1.0)
+                prior = (coefficients["intercept"] / share, coefficients["size"] / share)
+            self._new_unit_model(key, prior=prior)
+        if predicted is not None:
+            self._errors(self._unit_errors, key).add(predicted, seconds)
+        self._units[key].update((1.0, float(work.size)), seconds)
 
     def set_unit_prior(self, kind: str, intercept_s: float, per_size_s: float) -> None:
         """Start the kind's model afresh from profiled costs, so the policy can admit units of that kind
@@ -335,7 +374,7 @@ class LatencyPredictor:
         Without decode work it is just the units. Without finetune work it still goes through the
         split's model, whose intercept has learnt what the engine's loop adds around a step.
         """
-        cost = self.work_seconds(work)
+        cost = self.work_seconds(work, split)
         if shape is None:
             return cost
         solo = self.solo(shape)
@@ -345,6 +384,9 @@ class LatencyPredictor:
 
     def interval(self, solo_s: float, work_s: float, split: str = SHARED) -> float:
         """Stage 2 from already predicted parts: the policy's inner loop, so it stays a few flops."""
+        if split in self._shares:
+            decode_bound, work_bound = self._branches(split)
+            return max(0.0, *self._branch_predictions(decode_bound, work_bound, solo_s, work_s))
         model = self._corun.get(split)
         if model is None:
             alpha, beta, c = _CORUN_PRIOR
@@ -370,32 +412,53 @@ class LatencyPredictor:
         if not _valid(seconds):
             return
         solo = self.solo(shape)
-        cost = self.work_seconds(work)
+        cost = self.work_seconds(work, split)
         if predicted is None and work:
             predicted = self.corun(shape, work, split)
         if predicted is not None and work:
             self._errors(self._corun_errors, split).add(predicted, seconds)
-        if solo is not None and cost is not None:
+        if solo is None or cost is None:
+            return
+        if split in self._shares and work:
+            decode_bound, work_bound = self._branches(split)
+            by_decode, by_work = self._branch_predictions(decode_bound, work_bound, solo, cost)
+            if by_work > by_decode:
+                work_bound.update((cost, 1.0), seconds)
+            else:
+                decode_bound.update((solo, 1.0), seconds)
+        elif split in self._shares:  # no finetune work: the decode step alone, as decode-bound
+            self._branches(split)[0].update((solo, 1.0), seconds)
+        else:
             self._split_model(split).update((solo, cost, 1.0), seconds)
 
     # Reporting and persistence.
 
     def snapshot(self) -> PredictorStats:
-        splits = sorted(self._corun.keys() | self._corun_errors.keys())
+        splits = sorted(self._corun.keys() | self._corun_errors.keys() | self._overlap.keys())
         return PredictorStats(
             solo=_stage_stats(self._solo, self._solo_errors),
-            corun={
-                split: _stage_stats(
-                    self._corun.get(split) or self._new_split_model(), self._corun_errors.get(split)
-                )
-                for split in splits
-            },
+            corun={split: self._corun_stats(split) for split in splits},
             units={
-                kind: _stage_stats(self._units[kind], self._unit_errors.get(kind))
-                for kind in WORK_KINDS
-                if kind in self._units
+                key: _stage_stats(self._units[key], self._unit_errors.get(key))
+                for key in sorted(self._units, key=_unit_order)
             },
         )
+
+    def _corun_stats(self, split: str) -> StageStats:
+        errors = self._corun_errors.get(split)
+        if split not in self._overlap:
+            return _stage_stats(self._corun.get(split) or self._new_split_model(), errors)
+        decode_bound, work_bound = self._overlap[split]
+        summary = (errors or ErrorStats()).summary()
+        decode, work = decode_bound.coefficients(), work_bound.coefficients()
+        return StageStats(
+            samples=decode_bound.samples + work_bound.samples,
+            mape_recent=summary.mape_recent,
+            mape_overall=summary.mape_overall,
+            coefficients={
+                "a": decode["slope"], "c_decode": decode["c"], "b": work["slope"], "c_work": work["c"]
+            },
+        )  # fmt: skip
 
     def state(self) -> dict[str, Any]:
         """A JSON-ready fit, to cache per model and hardware so a restarted server predicts at once."""
@@ -407,6 +470,7 @@ class LatencyPredictor:
             "solo": self._solo.state(),
             "units": {kind: model.state() for kind, model in self._units.items()},
             "corun": {split: model.state() for split, model in self._corun.items()},
+            "overlap": {split: [m.state() for m in models] for split, models in self._overlap.items()},
         }
 
     @classmethod
@@ -418,12 +482,17 @@ class LatencyPredictor:
         settings = {key: d[key] for key in ("forgetting", "window", "min_samples")}
         predictor = cls(**(settings | kwargs))
         predictor._solo = predictor._restore(d["solo"], _SOLO_FEATURES)
-        for kind, state in d["units"].items():
-            if kind not in WORK_KINDS:
-                raise ValueError(f"unknown work kind {kind!r} in predictor state")
-            predictor._units[kind] = predictor._restore(state, _UNIT_FEATURES)
+        for key, state in d["units"].items():
+            if key.partition("@")[0] not in WORK_KINDS:
+                raise ValueError(f"unknown work kind {key!r} in predictor state")
+            predictor._units[key] = predictor._restore(state, _UNIT_FEATURES)
         for split, state in d["corun"].items():
             predictor._corun[split] = predictor._restore(state, _CORUN_FEATURES)
+        for split, (decode_bound, work_bound) in d.get("overlap", {}).items():
+            predictor._overlap[split] = (
+                predictor._restore(decode_bound, _BRANCH_FEATURES),
+                predictor._restore(work_bound, _BRANCH_FEATURES),
+            )
         return predictor
 
     def _model(
@@ -445,8 +514,23 @@ class LatencyPredictor:
         model.forgetting = self.forgetting
         return model
 
-    def _new_unit_model(self, kind: str, prior: Sequence[float] | None) -> None:
-        self._units[kind] = self._model(_UNIT_FEATURES, scales=(1.0, _UNIT_SIZE_SCALES[kind]), prior=prior)
+    def _new_unit_model(self, key: str, prior: Sequence[float] | None) -> None:
+        scales = (1.0, _UNIT_SIZE_SCALES[key.partition("@")[0]])
+        self._units[key] = self._model(_UNIT_FEATURES, scales=scales, prior=prior)
+
+    def _branches(self, split: str) -> tuple[OnlineLinearModel, OnlineLinearModel]:
+        if split not in self._overlap:
+            self._overlap[split] = tuple(
+                self._model(_BRANCH_FEATURES, scales=_BRANCH_SCALES, prior=_BRANCH_PRIOR) for _ in range(2)
+            )
+        return self._overlap[split]
+
+    @staticmethod
+    def _branch_predictions(decode_bound, work_bound, solo_s: float, work_s: float) -> tuple[float, float]:
+        """The decode-bound and the work-bound interval; no work: the decode step alone."""
+        by_decode = decode_bound.predict((solo_s, 1.0))
+        by_work = work_bound.predict((work_s, 1.0)) if work_s > 0 else 0.0
+        return by_decode, by_work
 
     def _new_split_model(self) -> OnlineLinearModel:
         return self._model(_CORUN_FEATURES, scales=_CORUN_SCALES, prior=_CORUN_PRIOR)
@@ -460,6 +544,15 @@ class LatencyPredictor:
         if key not in table:
             table[key] = ErrorStats(self.window)
         return table[key]
+
+
+def _unit_key(kind: str, split: str) -> str:
+    return kind if split == SHARED else f"{kind}@{split}"
+
+
+def _unit_order(key: str) -> tuple[int, str]:
+    kind, _, split = key.partition("@")
+    return (WORK_KINDS.index(kind), split)
 
 
 def _solo_features(shape: DecodeShape) -> np.ndarray:

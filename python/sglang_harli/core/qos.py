@@ -156,9 +156,9 @@ class HarliPolicy(_Policy):
         solo = self.predictor.solo(decode)
         if solo is None:
             return Admission(units=0, budget_s=budget)
-        work_s = self._cumulative_work(upcoming)
         best = Admission(units=0, budget_s=budget, predicted_s=self.predictor.interval(solo, 0.0))
         for split in self.splits:
+            work_s = self._cumulative_work(upcoming, split)
             units, predicted = self._longest_prefix(solo, work_s, split, budget)
             if units > best.units:
                 best = Admission(
@@ -170,13 +170,13 @@ class HarliPolicy(_Policy):
                 )
         return best
 
-    def _cumulative_work(self, upcoming: Sequence[FinetuneWork]) -> list[float]:
-        """Predicted run time of each prefix, up to the first unit with no cost estimate yet."""
+    def _cumulative_work(self, upcoming: Sequence[FinetuneWork], split: str) -> list[float]:
+        """Predicted run time of each prefix on ``split``, up to the first unit with no cost estimate."""
         known: dict[FinetuneWork, float | None] = {}  # a plan repeats a handful of distinct units
         total, cumulative = 0.0, []
         for work in upcoming:
             if work not in known:
-                known[work] = self.predictor.unit_seconds(work)
+                known[work] = self.predictor.unit_seconds(work, split)
             if known[work] is None:
                 break
             total += known[work]

@@ -43,6 +43,7 @@ from sglang_harli.core.plan import BesideDecode, IdleSlice, Slot, WorkPlan
 from sglang_harli.core.predictor import DecodeShape
 from sglang_harli.core.stats import FinetuneStats, HarliStats, StepRecorder
 from sglang_harli.core.tensor_parallel import TensorParallelError
+from sglang_harli.core.timing import EventStopwatch, Timing, stopwatch
 from sglang_harli.models.builtin import cache_root
 from sglang_harli.srt.control import ControlDispatcher, HarliControlReq, HarliControlReqOutput
 from sglang_harli.srt.job_control import JobControl
@@ -81,10 +82,12 @@ class FinetuneService:
             logger.warning("finetuning is off: %s", exc)
         device = getattr(scheduler.tp_worker.model_runner, "device", "cpu")
         self.partitioner = make_partitioner(device, enabled=config.sm_partitions != "off")
+        self.stopwatch = stopwatch(device)
+        """Device time of units and decode steps: events on CUDA, the host clock on CPU."""
         self.profile = StartupProfile(scheduler, config, tensor_parallel)
         self.colocation = CoLocation.from_config(
             config,
-            splits=[split.name for split in self.partitioner.splits],
+            splits={split.name: split.share for split in self.partitioner.splits},
             predictor=self.profile.cached_predictor(),
         )
         self.partitioner.prepare()  # green contexts built now, not inside a token interval
@@ -115,6 +118,7 @@ class FinetuneService:
             lending=self.lending,
             agreement=self.agreement,
             tensor_parallel=tensor_parallel,
+            stopwatch=self.stopwatch,
             on_release=lambda: self.profile.save(self.colocation.predictor),
             metrics=self.metrics,
         )
@@ -145,13 +149,20 @@ class FinetuneService:
 
     # -- loop events ---------------------------------------------------------------------------------
     def forward_ran(
-        self, decode: DecodeShape | None, seconds: float, *, nothing_waiting: bool = False
+        self,
+        decode: DecodeShape | None,
+        seconds: float,
+        *,
+        device: Timing | None = None,
+        nothing_waiting: bool = False,
     ) -> None:
-        """A forward ran: a decode step of shape ``decode``, or (``None``) another batch."""
+        """A forward ran for ``seconds`` of host time (``device``: as the device timed it): a decode step
+        of shape ``decode``, or (``None``) another batch."""
         self.steps.record_forward(seconds)
         if decode is not None:
             self.steps.record_decode(seconds, decode.batch_size)
-        self.colocation.forward_ran(decode, seconds, nothing_waiting=nothing_waiting)
+        step = device if device is not None else seconds
+        self.colocation.forward_ran(decode, step, nothing_waiting=nothing_waiting)
 
     def result_arrived(self, *, decode: bool, prefill_tokens: int | None = None) -> None:
         """A batch's results were processed; ``prefill_tokens`` for an extend (prefill) batch."""
@@ -172,6 +183,11 @@ class FinetuneService:
             self.steps.record_deferred_prefill()
             return True
         return False
+
+    @property
+    def device_timed(self) -> bool:
+        """Whether decode steps are timed by device events (CUDA) rather than by the host's clock."""
+        return isinstance(self.stopwatch, EventStopwatch)
 
     def reclaim_kv(self) -> None:
         """Lent KV pages come back now if decode needs them (before SGLang admits or grows anything)."""
@@ -209,6 +225,7 @@ class FinetuneService:
 
     def _plan(self, slot: Slot) -> WorkPlan | None:
         started = time.perf_counter()
+        self.runner.read_costs()  # the previous interval's units, if the device has finished them
         upcoming = self.runner.upcoming()
         if not upcoming:
             return None

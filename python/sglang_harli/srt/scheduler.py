@@ -78,15 +78,19 @@ class HarliSchedulerMixin:
 
     # -- loop events ---------------------------------------------------------------------------------
     def run_batch(self, batch, *args, **kwargs):
-        """On CPU the forward runs inside this call, so its duration is the step's solo latency."""
+        """On CPU the forward runs inside this call, so its duration is the step's solo latency; on CUDA
+        the call launches it, and device events around it time the step (read when its result is in)."""
+        timer = self.harli.stopwatch if self.harli.device_timed else None
+        mark = timer.start() if timer is not None else None
         started = time.perf_counter()
         result = super().run_batch(batch, *args, **kwargs)
         elapsed = time.perf_counter() - started
+        device = timer.stop(mark) if timer is not None else None
         if batch.forward_mode.is_decode():
-            self.harli.forward_ran(_shape(batch.reqs, batch.seq_lens_sum or 0), elapsed)
+            self.harli.forward_ran(_shape(batch.reqs, batch.seq_lens_sum or 0), elapsed, device=device)
         else:
             waiting = not all(req.finished() for req in self.running_batch.reqs)
-            self.harli.forward_ran(None, elapsed, nothing_waiting=not waiting)
+            self.harli.forward_ran(None, elapsed, device=device, nothing_waiting=not waiting)
         return result
 
     def process_batch_result(self, batch, result):

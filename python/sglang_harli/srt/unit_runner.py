@@ -24,6 +24,7 @@ from sglang_harli.core.memory import TrainerMemoryError
 from sglang_harli.core.partition import Partitioner, SMSplit
 from sglang_harli.core.plan import IdleSlice, WorkPlan
 from sglang_harli.core.tensor_parallel import TensorParallel
+from sglang_harli.core.timing import PendingTimings, Stopwatch
 from sglang_harli.core.trainer import LoraTrainer, training_mode
 from sglang_harli.core.work import FinetuneWork, look_ahead
 from sglang_harli.srt.job_control import JobControl
@@ -52,6 +53,7 @@ class UnitRunner:
         lending: KvLending,
         agreement: RankAgreement,
         tensor_parallel: TensorParallel | None,
+        stopwatch: Stopwatch,
         on_release: Callable[[], None],
         metrics=None,
     ):
@@ -60,6 +62,10 @@ class UnitRunner:
         self.jobs, self.publishing, self.colocation = jobs, publishing, colocation
         self.partitioner, self.lending, self.agreement = partitioner, lending, agreement
         self.tensor_parallel, self.metrics = tensor_parallel, metrics
+        # Unit costs as the device measured them, read once it has finished them (``core.timing``): at
+        # once on CPU, one token interval later on CUDA, never by waiting.
+        self.stopwatch = stopwatch
+        self._costs: PendingTimings[tuple[FinetuneWork, str]] = PendingTimings()
         self._on_release = on_release  # the trainer is let go: the predictor's fit is worth caching
         self.trainer: LoraTrainer | None = None
         self.job: JobStatus | None = None
@@ -211,18 +217,26 @@ class UnitRunner:
         *,
         trainer: LoraTrainer | None = None,
     ) -> bool | None:
-        """Run one unit on ``split`` and tell the co-location loop and metrics its cost; with ``trainer``
-        (a training unit), also the tokens of the micro-batch it finished, if it finished one."""
+        """Run one unit on ``split`` and tell the co-location loop and metrics that it ran (with
+        ``trainer``, a training unit, also the tokens of the micro-batch it finished, if it finished one);
+        its cost follows when the device has measured it (``read_costs``)."""
         tokens_before = trainer.tokens_trained if trainer is not None else 0
-        started = time.perf_counter()
-        with self.partitioner.finetune(split):
+        with self.partitioner.finetune(split):  # events go on the unit's own stream in its partition
+            started = self.stopwatch.start()
             result = run()
-        elapsed = time.perf_counter() - started
+            timing = self.stopwatch.stop(started)
         trained = trainer.tokens_trained - tokens_before if trainer is not None else 0
-        self.colocation.unit_done(work, elapsed, micro_batch_tokens=trained)
+        self.colocation.unit_ran(micro_batch_tokens=trained)
+        self._costs.add((work, split.name), timing)
+        self.read_costs()
         if self.metrics is not None:
             self.metrics.unit(label, trained)
         return result
+
+    def read_costs(self) -> None:
+        """Hand the co-location loop (and so the predictor) every unit cost the device has finished."""
+        for (work, split), seconds in self._costs.ready():
+            self.colocation.unit_cost(work, seconds, split=split)
 
     def _sync(self, job: JobStatus, trainer: LoraTrainer) -> None:
         job.step, job.epoch, job.tokens_trained, job.loss = (
