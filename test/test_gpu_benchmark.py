@@ -1,0 +1,94 @@
+"""``benchmark.gpu`` at its tiny CPU shape: the code a lent GPU runs, kept running here so it cannot rot."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from benchmark import gpu
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, str]:
+    """One ``--smoke`` run, as CI and a developer without a GPU run it: (its out dir, what it printed)."""
+    out_dir = tmp_path_factory.mktemp("gpu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    command = [sys.executable, "-m", "benchmark.gpu", "--smoke", "--out", str(out_dir)]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-6000:]
+    return out_dir, out.stdout
+
+
+def test_smoke_run_reports_every_part(smoke):
+    out_dir, printed = smoke
+    result = json.loads((out_dir / "gpu.json").read_text())
+    assert result["mode"] == "smoke" and result["device"]["type"] == "cpu"
+    parts = result["parts"]
+    assert {name: part["status"] for name, part in parts.items()} == dict.fromkeys(gpu.PARTS, "ok")
+    assert "| part | status | seconds |" in printed  # the table printed last
+    assert (out_dir / "gpu.log").read_text().count("==") >= 2 * len(gpu.PARTS)
+
+    ceilings = parts["ceilings"]
+    assert ceilings["matmul_tflops"] > 0 and ceilings["copy_gbps"] > 0
+
+    trainer = parts["trainer"]
+    assert trainer["ours_tokens_per_s"] > 0 and trainer["reference_tokens_per_s"] > 0
+    assert math.isfinite(trainer["final_loss"]) and 0 < trainer["final_loss"] < 20
+    assert trainer["flops_per_token"] > 0 and 0 < trainer["mfu"]  # against the measured CPU peak
+
+    decode = parts["decode"]["rows"]
+    assert all(row["step_ms"] > 0 for row in decode)
+    for context in {row["context"] for row in decode}:
+        steps = sorted((row["batch"], row["step_ms"]) for row in decode if row["context"] == context)
+        assert len(steps) >= 3 and steps[-1][1] > steps[0][1], steps  # a 64-request step costs more than one
+
+    corun = parts["corun"]
+    assert [s["name"] for s in corun["splits"]] == ["shared"]
+    beside = [row for row in corun["rows"] if row["split"] == "shared"]
+    assert beside and all(row["finetune_tokens_per_s"] > 0 and row["interval_ms"] > 0 for row in beside)
+    assert (
+        corun["predictor"]["solo_mape"] is not None and corun["predictor"]["corun_mape"]["shared"] is not None
+    )
+
+    replay = parts["replay"]
+    runs = {run["policy"]: run for run in replay["runs"]}
+    assert set(runs) == set(gpu.POLICIES)
+    assert replay["slo_ms"] > 0 and replay["requests"] > 0
+    for policy in runs.values():
+        assert 0.0 <= policy["slo_attainment"] <= 1.0 and policy["intervals"] > 0, policy
+        assert policy["finetune_tokens_per_s"] >= 0
+    assert runs["harli"]["finetune_tokens"] > 0
+    assert runs["static"]["static_units"] == replay["static_units"]
+
+
+def _cached(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers 5
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def test_decode_stand_in_is_the_model_step():
+    """The stand-in's step over a cache filled by transformers' own prefill gives transformers' logits."""
+    base = gpu.Base(gpu.TINY, torch.device("cpu"), torch.float32, seed=0)
+    model = base.bound_model()
+    batch, context = 3, 21
+    ids = torch.randint(8, gpu.TINY.vocab, (batch, context), generator=torch.Generator().manual_seed(1))
+    decoder = gpu.Decoder(base, max_batch=4, max_context=32)
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        for layer in range(gpu.TINY.layers):
+            keys, values = _cached(cache, layer)  # [batch, kv heads, context - 1, head dim]
+            decoder.keys[layer, :batch, : context - 1] = keys.transpose(1, 2)
+            decoder.values[layer, :batch, : context - 1] = values.transpose(1, 2)
+        decoder.ids[:batch] = ids[:, -1]
+        logits = decoder.forward(batch, context, *decoder.rope(context - 1))
+        expected = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(decoder.ids[:batch], expected.argmax(-1))
