@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 import msgspec
 import msgspec.inspect as mi
 
-PolicyName = Literal["harli", "idle-only", "naive", "static"]
+PolicyName = Literal["harli", "idle-only", "naive", "static", "fixed-split"]
 
 
 class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -85,7 +85,7 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         PolicyName,
         msgspec.Meta(
             description="How finetune work joins decode: harli (SLO-aware, predictor-driven) or a "
-            "baseline: idle-only, naive, static.",
+            "baseline: idle-only, naive, static, fixed-split.",
         ),
     ] = "harli"
 
@@ -94,8 +94,8 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         msgspec.Meta(
             ge=0,
             le=10_000,
-            description="Finetune units the static baseline admits after every decode step, whatever "
-            "the latency.",
+            description="Finetune units the static (and fixed-split) baseline admits after every decode "
+            "step, whatever the latency.",
         ),
     ] = 2
 

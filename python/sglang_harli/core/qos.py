@@ -261,4 +261,27 @@ def make_policy(
         return NaivePolicy(slo_s=slo_s, idle_budget_s=idle_budget_s)
     if name == "static":
         return StaticPolicy(units_per_step=static_units, slo_s=slo_s, idle_budget_s=idle_budget_s)
+    if name == "fixed-split":
+        return FixedSplitPolicy(
+            split=splits[-1], units_per_step=static_units, slo_s=slo_s, idle_budget_s=idle_budget_s
+        )
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+
+
+class FixedSplitPolicy(_Policy):
+    """MPS-style spatial sharing: ``units_per_step`` units after every decode step, always in the same SM
+    split, without a predictor; like ``static``, tuned offline (the benchmarks tune split and units so
+    the SLO holds at the trace's peak). ``make_policy`` gives it the menu's last split, the one with the
+    most SMs for finetuning (``shared``, where there are no partitions, makes it ``static``); a benchmark
+    may pin another by setting ``split``."""
+
+    name = "fixed-split"
+
+    def __init__(self, *, split: str, units_per_step: int, slo_s: float, idle_budget_s: float):
+        super().__init__(slo_s=slo_s, idle_budget_s=idle_budget_s)
+        self.split = split
+        self.units_per_step = units_per_step
+
+    def _admit_with_decode(self, decode, upcoming) -> Admission:
+        units = min(self.units_per_step, len(upcoming))
+        return Admission(units=units, split=self.split, work=tuple(upcoming[:units]))
