@@ -49,11 +49,14 @@ class Gain(msgspec.Struct, frozen=True, kw_only=True):
         return self.ratio if self.harli_holds else None
 
 
-def gain_over_best_baseline(runs: Iterable[PolicyRun]) -> Gain:
-    """harli's gain over the best SLO-holding baseline, among the runs of one load (and seed)."""
-    runs = list(runs)
+def gain_over_best_baseline(runs: Iterable[PolicyRun], baselines: Iterable[str] = BASELINES) -> Gain:
+    """harli's gain over the best SLO-holding baseline, among the runs of one load (and seed).
+
+    ``baselines``: the policies (as the runs name them) that count as baselines; the simulator's trace
+    replay names its realistic ones apart from the oracle ``static`` tuned on the scored trace."""
+    runs, baselines = list(runs), tuple(baselines)
     harli = next((r for r in runs if r.policy == "harli"), None)
-    holding = [r for r in runs if r.policy in BASELINES and holds_slo(r)]
+    holding = [r for r in runs if r.policy in baselines and holds_slo(r)]
     best = max(holding, key=lambda r: r.finetune_tokens_per_s, default=None)
     trains_nothing = best is not None and best.finetune_tokens_per_s <= 0
     ratio = None

@@ -2,7 +2,8 @@
 
 The paper's claim (finetune throughput +46.2% on average, up to +92%, over the baselines at equal decode
 QoS) is about a LLaMA3-8B-class model decoding on an H100; a 2-core CPU cannot reach that regime. This
-package replays seeded bursty request traces against a model of such an instance and drives, step by
+package replays seeded bursty request traces (and a real one, the Azure LLM inference trace 2023,
+``benchmark.traces``) against a model of such an instance and drives, step by
 step, the very objects the server runs: ``core.qos.make_policy`` (``harli`` and the ``idle-only``,
 ``naive`` and ``static`` baselines), ``core.predictor.LatencyPredictor`` (fed only with the simulated
 observations), ``core.colocation.CoLocation`` (the loop glue the scheduler uses, built by the same
@@ -11,28 +12,36 @@ builds on an H100. Only latencies are modelled; every decision is the production
 
 - ``model``: the modelled GPU, model shape, finetune job and assumptions, and ``Roofline``, the latency
   of a decode step or a finetune unit on them (constants and their sources are listed there);
-- ``workload``: request shapes and seeded bursty arrivals (``Workload``, ``Request``);
+- ``workload``: request shapes and seeded bursty arrivals (``Workload``, ``Request``), and a real trace
+  (``benchmark.traces``) clipped to the same shapes (``recorded``, ``requests``);
 - ``loop``: the decode instance on a simulated clock (``Instance``, ``SimTrainer``) and ``simulate()``,
   one policy on one trace;
 - ``evaluate``: the experiment (``Settings``, ``QUICK``/``FULL``, ``best_static``, ``evaluate_load``,
-  ``run`` and its ``Report``), with the gain's definition;
+  ``evaluate_trace``, ``run`` and its ``Report``), with the gain's definition;
 - ``__main__``: the command line.
 
     python -m benchmark.simulate --quick        # seconds
     python -m benchmark.simulate --json benchmark/results/simulate.json
+    python -m benchmark.simulate --quick --trace-only   # only the real trace (Azure code, 2023)
 """
 
 from benchmark.simulate.evaluate import (
     FULL,
+    ORACLE,
     PAPER_AVERAGE_GAIN,
     PAPER_MAX_GAIN,
     QUICK,
+    REALISTIC,
     LoadResult,
     Report,
     Settings,
+    TraceResult,
+    TraceTuning,
     best_static,
     describe_load,
+    describe_trace,
     evaluate_load,
+    evaluate_trace,
     gains_by_load,
     run,
 )
@@ -45,9 +54,11 @@ __all__ = [
     "ATTAINMENT_TARGET",
     "BASELINES",
     "FULL",
+    "ORACLE",
     "PAPER_AVERAGE_GAIN",
     "PAPER_MAX_GAIN",
     "QUICK",
+    "REALISTIC",
     "Assumptions",
     "FinetuneSetup",
     "Gpu",
@@ -60,10 +71,14 @@ __all__ = [
     "RunResult",
     "Settings",
     "SimTrainer",
+    "TraceResult",
+    "TraceTuning",
     "Workload",
     "best_static",
     "describe_load",
+    "describe_trace",
     "evaluate_load",
+    "evaluate_trace",
     "gains_by_load",
     "run",
     "simulate",

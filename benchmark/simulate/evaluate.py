@@ -9,6 +9,17 @@ The gain is harli's finetune throughput over the best baseline (``idle-only``, `
 that holds the SLO, where harli holds it too (``benchmark.verdicts``, shared with the CPU benchmark),
 reported as a change: ratio - 1. ``run`` returns the ``Report`` that ``benchmark.run``
 writes to ``simulate.json``; ``QUICK`` and ``FULL`` are the settings of its two modes.
+
+With ``Settings.trace`` (``--trace azure-code``), ``run`` also replays a real trace (``evaluate_trace``),
+time-scaled so that its mean rate is ``trace_load`` times the saturation rate of its request mix. Its
+load moves as the recorded one did, so a budget must be picked for its peak (the busiest recorded
+minute), as an operator would: ``static/peak`` (the most units per step that hold the SLO) and
+``fixed-split/peak`` (MPS-style spatial sharing: the SM split and units per step that train the most while
+holding it) are tuned on a constant-rate window at the peak rate with the trace's request mix
+(``probe_s`` long), then scored on the trace. ``static/oracle`` is tuned on the scored trace itself, as
+the load levels tune ``static``: a reference no operator can reach, reported apart. harli's gain is
+given over the best *realistic* baseline that holds the SLO (``REALISTIC``: ``idle-only``, ``naive``,
+``static/peak``, ``fixed-split/peak``) and over the oracle.
 """
 
 from __future__ import annotations
@@ -19,13 +30,26 @@ from collections.abc import Callable
 
 import msgspec
 
+from benchmark import traces
 from benchmark.simulate.loop import RunResult, SimTrainer, simulate
 from benchmark.simulate.model import Assumptions, FinetuneSetup, Gpu, ModelShape, Roofline
-from benchmark.simulate.workload import Workload
+from benchmark.simulate.workload import (
+    RecordedLengths,
+    Workload,
+    recorded,
+    recorded_lengths,
+    requests,
+)
 from benchmark.verdicts import gain_over_best_baseline, holds_slo
+from sglang_harli.core.partition import DEFAULT_SHARES, plan_splits, sm_granularity
+from sglang_harli.core.work import SHARED
 
 PAPER_AVERAGE_GAIN = 0.462
 PAPER_MAX_GAIN = 0.920
+REALISTIC = ("idle-only", "naive", "static/peak", "fixed-split/peak")
+"""The trace replay's baselines an operator can run: none of them knows the trace in advance."""
+ORACLE = ("static/oracle",)
+"""``static`` tuned on the very trace it is scored on: a reference, not a baseline anyone can deploy."""
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -38,6 +62,20 @@ class Settings(msgspec.Struct, kw_only=True):
     """Upper end of the static search: one micro-batch's units."""
     offer_blocked: bool = True
     """Offer the policy units that cannot start for want of lendable pages, as ``srt`` does."""
+    trace: str | None = None
+    """Also replay this shipped trace (``benchmark.traces.TRACES``, e.g. ``azure-code``), once per seed."""
+    trace_load: float = 0.15
+    """The replayed trace's mean rate over the saturation rate of its request mix. Its busiest minute
+    runs several times higher (``TraceResult.peak_rate``): 0.7 of saturation for ``azure-code`` at 0.15.
+    Near 1 the KV pool is full at the peak, nothing can be lent to the trainer there, and a budget tuned
+    at the peak sees no finetune work to tune against."""
+    trace_start_s: float = 0.0
+    """Where the replayed window starts in the recorded trace, seconds."""
+    trace_span_s: float | None = None
+    """How much of the recorded trace to replay, seconds (``None``: to its end)."""
+    probe_s: float = 30.0
+    """Simulated seconds of the constant-rate window at the trace's peak that ``static/peak`` and
+    ``fixed-split/peak`` are tuned on."""
 
 
 class LoadResult(msgspec.Struct, kw_only=True):
@@ -50,6 +88,49 @@ class LoadResult(msgspec.Struct, kw_only=True):
     gain: float | None
     """harli / best baseline - 1, where harli holds the SLO too (``verdicts.Gain.claimed`` - 1)."""
     note: str = ""
+
+
+class TraceTuning(msgspec.Struct, kw_only=True):
+    """What the trace replay's tuned baselines were tuned to, and each (split, units) tried at peak."""
+
+    static_peak_units: int
+    fixed_split: str
+    fixed_split_units: int
+    oracle_units: int
+    probes: list[tuple[str, int, float, float]]
+    """Every try at peak: [policy or split, units per step, SLO attainment, finetune tokens/s]."""
+
+
+class TraceResult(msgspec.Struct, kw_only=True):
+    trace: str
+    source: str
+    """Where the shipped trace comes from, and its licence."""
+    start_s: float
+    span_s: float
+    """The recorded window replayed, seconds."""
+    seed: int
+    load: float
+    """Mean arrival rate over ``capacity_rate``."""
+    capacity_rate: float
+    """Arrivals/s at load 1.0 for the trace's request mix (``Roofline.saturation_rate``)."""
+    lengths: RecordedLengths
+    arrival_rate: float
+    peak_rate: float
+    """The busiest recorded minute's rate, time-scaled: what the ``/peak`` baselines were tuned at."""
+    duration_s: float
+    """Simulated seconds the time-scaled trace spans (the recorded span times ``time_scale``)."""
+    time_scale: float
+    requests: int
+    tuning: TraceTuning
+    runs: list[RunResult]
+    best_baseline: str | None
+    """The realistic baseline (``REALISTIC``) that trains the most while holding the SLO."""
+    gain: float | None
+    """harli / best realistic baseline - 1, where harli holds the SLO too."""
+    note: str
+    oracle_gain: float | None
+    """harli / ``static/oracle`` - 1, where both hold the SLO."""
+    oracle_note: str
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -70,18 +151,38 @@ class Report(msgspec.Struct, kw_only=True):
     average_gain: float | None
     max_gain: float | None
     seconds: float
+    replays: list[TraceResult] = msgspec.field(default_factory=list)
+    """The trace replays (``Settings.trace``), one per seed; the gains above are the load levels'."""
 
 
-def best_static(roofline: Roofline, trace, *, settings: Settings, load: float, seed: int) -> RunResult:
-    """The largest units-per-step that holds the SLO on this trace (attainment falls as units grow)."""
+def best_static(
+    roofline: Roofline,
+    trace,
+    *,
+    settings: Settings,
+    load: float,
+    seed: int,
+    duration_s: float | None = None,
+    policy: str = "static",
+    split: str | None = None,
+    tried: list[RunResult] | None = None,
+) -> RunResult:
+    """The largest units-per-step that holds the SLO on this trace (attainment falls as units grow).
+
+    ``duration_s`` the trace's (``settings.duration_s`` by default); ``policy`` ``static`` or
+    ``fixed-split`` (pinned to ``split``); every run is appended to ``tried``, its units recorded."""
     runs: dict[int, RunResult] = {}
 
     def run(units: int) -> RunResult:
         if units not in runs:
-            runs[units] = simulate(
-                roofline, "static", trace, duration_s=settings.duration_s, slo_s=settings.slo_ms / 1e3,
-                load=load, static_units=units, seed=seed,
+            result = simulate(
+                roofline, policy, trace, duration_s=settings.duration_s if duration_s is None else duration_s,
+                slo_s=settings.slo_ms / 1e3, load=load, static_units=units, seed=seed,
+                **({} if split is None else {"split": split}),
             )  # fmt: skip
+            runs[units] = msgspec.structs.replace(result, static_units=units)
+            if tried is not None:
+                tried.append(runs[units])
         return runs[units]
 
     low, high = 0, settings.max_static_units
@@ -122,6 +223,122 @@ def evaluate_load(
     )
 
 
+def partitioned_splits(gpu: Gpu) -> list[str]:
+    """The SM splits of the simulated GPU's menu (as ``loop.Instance`` builds it), ``shared`` left out."""
+    menu = plan_splits(gpu.sms, DEFAULT_SHARES, sm_granularity(*gpu.compute_capability))
+    return [split.name for split in menu if split.name != SHARED]
+
+
+def tune_at_peak(
+    roofline: Roofline, probe, *, settings: Settings, load: float, seed: int
+) -> tuple[int, str, int, list[tuple[str, int, float, float]]]:
+    """What an operator can tune before the trace: on a constant-rate window at its peak, the most
+    ``static`` units per step that hold the SLO, and the SM split and units per step of ``fixed-split``
+    that train the most while holding it. Returns (static units, split, split units, every try)."""
+    common = {"settings": settings, "load": load, "seed": seed, "duration_s": settings.probe_s}
+    tried: list[RunResult] = []
+    static = best_static(roofline, probe, **common, tried=tried)
+    probes = [("static", r.static_units or 0, r.slo_attainment, r.finetune_tokens_per_s) for r in tried]
+    best: tuple[float, str, int] | None = None
+    for split in partitioned_splits(roofline.gpu):
+        tried = []
+        run = best_static(roofline, probe, **common, policy="fixed-split", split=split, tried=tried)
+        probes += [(split, r.static_units or 0, r.slo_attainment, r.finetune_tokens_per_s) for r in tried]
+        candidate = (run.finetune_tokens_per_s if holds_slo(run) else -1.0, split, run.static_units or 0)
+        if best is None or candidate[0] > best[0]:
+            best = candidate
+    assert best is not None, "the simulated GPU has no SM partitions"
+    return static.static_units or 0, best[1], best[2], probes
+
+
+def evaluate_trace(
+    roofline: Roofline, workload: Workload, settings: Settings, *, seed: int, capacity_rate: float
+) -> TraceResult:
+    """Every policy on the time-scaled trace: harli, harli/shared, the realistic baselines (two tuned at
+    its peak) and the oracle static (tuned on it)."""
+    assert settings.trace is not None
+    window = recorded(settings.trace, workload, start_s=settings.trace_start_s, span_s=settings.trace_span_s)
+    load = settings.trace_load
+    trace = window.time_scaled(load * capacity_rate)
+    replay = requests(trace)
+    peak = trace.peak_factor() * trace.mean_rate
+    slo_s = settings.slo_ms / 1e3
+    probe = requests(trace.poisson(peak, settings.probe_s, seed))
+    static_units, split, split_units, probes = tune_at_peak(
+        roofline, probe, settings=settings, load=load, seed=seed
+    )
+    common = {"duration_s": trace.duration_s, "slo_s": slo_s, "load": load, "seed": seed}
+    offer = {"offer_blocked": settings.offer_blocked}
+    oracle = best_static(
+        roofline, replay, settings=settings, load=load, seed=seed, duration_s=trace.duration_s
+    )
+    runs = [
+        simulate(roofline, "harli", replay, **common, **offer),
+        msgspec.structs.replace(
+            simulate(roofline, "harli", replay, partitions=False, **common, **offer), policy="harli/shared"
+        ),
+        simulate(roofline, "idle-only", replay, **common),
+        simulate(roofline, "naive", replay, **common),
+        msgspec.structs.replace(
+            simulate(roofline, "static", replay, static_units=static_units, **common), policy="static/peak"
+        ),
+        msgspec.structs.replace(
+            simulate(roofline, "fixed-split", replay, static_units=split_units, split=split, **common),
+            policy="fixed-split/peak",
+            static_units=split_units,
+        ),
+        msgspec.structs.replace(oracle, policy="static/oracle"),
+    ]
+    gain = gain_over_best_baseline(runs, baselines=REALISTIC)
+    versus_oracle = gain_over_best_baseline(runs, baselines=ORACLE)
+    spec = traces.TRACES[settings.trace]
+    return TraceResult(
+        trace=settings.trace,
+        source=f"{spec.source} ({spec.licence})",
+        start_s=settings.trace_start_s,
+        span_s=window.duration_s,
+        seed=seed,
+        load=load,
+        capacity_rate=capacity_rate,
+        lengths=recorded_lengths(window),
+        arrival_rate=trace.mean_rate,
+        peak_rate=peak,
+        duration_s=trace.duration_s,
+        time_scale=trace.time_scale,
+        requests=len(trace),
+        tuning=TraceTuning(
+            static_peak_units=static_units,
+            fixed_split=split,
+            fixed_split_units=split_units,
+            oracle_units=oracle.static_units or 0,
+            probes=probes,
+        ),
+        runs=runs,
+        best_baseline=gain.best,
+        gain=None if gain.claimed is None else gain.claimed - 1,
+        note=gain.note,
+        oracle_gain=None if versus_oracle.claimed is None else versus_oracle.claimed - 1,
+        oracle_note=versus_oracle.note,
+    )
+
+
+def describe_trace(result: TraceResult) -> str:
+    parts = [
+        f"{r.policy}{'' if r.static_units is None else f'({r.static_units})'} "
+        f"{r.finetune_tokens_per_s:.0f} tok/s att {r.slo_attainment:.4f}"
+        for r in result.runs
+    ]
+    gain = f"gain {result.gain:+.1%} over {result.best_baseline}" if result.gain is not None else result.note
+    oracle = f"{result.oracle_gain:+.1%}" if result.oracle_gain is not None else result.oracle_note
+    return (
+        f"trace {result.trace} (seed {result.seed}, load {result.load:g}: {result.arrival_rate:.1f} req/s, "
+        f"peak {result.peak_rate:.1f} req/s, {result.requests} requests in {result.duration_s:.0f} s; "
+        f"fixed split {result.tuning.fixed_split}): "
+        + "; ".join(parts)
+        + f" -> {gain}; vs oracle static {oracle}"
+    )
+
+
 def run(settings: Settings, log: Callable[[str], None] = print) -> Report:
     started = time.perf_counter()
     model, gpu, assume, finetune, workload = ModelShape(), Gpu(), Assumptions(), FinetuneSetup(), Workload()
@@ -140,6 +357,15 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Report:
             results.append(result)
             log(describe_load(result))
     gains = [r.gain for r in results if r.gain is not None]
+    replays = []
+    if settings.trace is not None:
+        window = recorded(
+            settings.trace, workload, start_s=settings.trace_start_s, span_s=settings.trace_span_s
+        )
+        capacity = roofline.saturation_rate(recorded_lengths(window), settings.slo_ms / 1e3)  # type: ignore[arg-type]
+        for seed in settings.seeds:
+            replays.append(evaluate_trace(roofline, workload, settings, seed=seed, capacity_rate=capacity))
+            log(describe_trace(replays[-1]))
     return Report(
         label="SIMULATED",
         settings=settings,
@@ -156,6 +382,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> Report:
         average_gain=statistics.fmean(gains) if gains else None,
         max_gain=max(gains) if gains else None,
         seconds=time.perf_counter() - started,
+        replays=replays,
     )
 
 
@@ -179,5 +406,10 @@ def describe_load(result: LoadResult) -> str:
     return f"load {result.load:g} (seed {result.seed}, {rate}): " + "; ".join(parts) + f" -> {gain}"
 
 
-QUICK = Settings(loads=[0.2, 0.5, 0.8, 0.95], duration_s=90.0, seeds=[0, 1])
-FULL = Settings(loads=[0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95], duration_s=300.0, seeds=[0, 1, 2])
+QUICK = Settings(loads=[0.2, 0.5, 0.8, 0.95], duration_s=90.0, seeds=[0, 1], trace="azure-code")
+FULL = Settings(
+    loads=[0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95],
+    duration_s=300.0,
+    seeds=[0, 1, 2],
+    trace="azure-code",
+)

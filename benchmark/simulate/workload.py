@@ -1,10 +1,14 @@
-"""The simulated traffic: request shapes and seeded bursty arrivals (``Workload``), and ``Request``.
+"""The simulated traffic: request shapes and seeded bursty arrivals (``Workload``), a real trace replayed
+(``recorded``, ``requests``), and ``Request``.
 
 - Requests: prompt lengths log-normal (median 512, sigma 0.8, clipped to [32, 4096]), output lengths
   log-normal (median 192, sigma 0.8, clipped to [16, 1024]): assumed chat-like shapes, no dataset.
 - Arrivals: Poisson, at twice the mean rate for the first third of every 30 s period and half of it
   otherwise. Load 1.0 is the rate at which the steady-state batch fills the KV pool (or the decode step
   reaches the SLO, whichever comes first): ``model.Roofline.saturation_rate``.
+- A real trace (``benchmark.traces``, e.g. ``azure-code``): its recorded arrivals and token counts, the
+  tokens clipped to the same ranges, time-scaled (``Trace.time_scaled``) so that its mean rate is a load
+  times the saturation rate of its own request mix (``RecordedLengths``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import math
 
 import msgspec
 import numpy as np
+
+from benchmark import traces
 
 
 class Workload(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,3 +68,34 @@ class Request(msgspec.Struct, array_like=True):
     at_s: float
     prompt: int
     output: int
+
+
+class RecordedLengths(msgspec.Struct, frozen=True, kw_only=True):
+    """A recorded trace's mean token counts (after clipping): what ``Roofline.saturation_rate`` needs of a
+    workload to find the capacity for that request mix."""
+
+    prompt_mean: float
+    output_mean: float
+
+    def mean_lengths(self) -> tuple[float, float]:
+        return self.prompt_mean, self.output_mean
+
+
+def recorded(
+    name: str, workload: Workload, *, start_s: float = 0.0, span_s: float | None = None
+) -> traces.Trace:
+    """A shipped trace's window (recorded seconds), its tokens clipped to ``workload``'s ranges, as the
+    synthetic requests are."""
+    window = traces.load(name).window(start_s, span_s)
+    return window.lengths(prompt_range=workload.prompt_range, output_range=workload.output_range)
+
+
+def recorded_lengths(trace: traces.Trace) -> RecordedLengths:
+    return RecordedLengths(prompt_mean=float(trace.prompt.mean()), output_mean=float(trace.output.mean()))
+
+
+def requests(trace: traces.Trace) -> list[Request]:
+    return [
+        Request(at_s=float(t), prompt=int(p), output=int(o))
+        for t, p, o in zip(trace.at_s, trace.prompt, trace.output, strict=True)
+    ]

@@ -13,7 +13,8 @@ each returning a new one:
   to ``mean_rate`` by a seeded subset of its requests (a random thinning of a point process keeps its
   rate's shape, scaled): for an instance far slower than the trace's service, such as the CPU server,
   whose capacity would otherwise stretch an hour of trace into many;
-- ``lengths(...)``: token counts scaled and clipped to a model's context.
+- ``lengths(...)``: token counts scaled and clipped to a model's context;
+- ``poisson(rate, duration_s, seed)``: a constant-rate window with the trace's request mix.
 
 ``peak_rate(window_s)`` is the highest arrival rate over any window of that length: what an operator
 provisions a static budget for. ``peak_factor()`` is that rate over the mean at the trace's own time scale
@@ -28,11 +29,14 @@ import gzip
 import hashlib
 import io
 from pathlib import Path
+from typing import Literal, get_args
 
 import msgspec
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+TraceName = Literal["azure-code"]
+"""The names of ``TRACES``, for settings fields whose command-line choices they are."""
 PEAK_WINDOW_S = 60.0
 """The peak is the busiest minute of the recorded trace (its own time scale, before time-scaling)."""
 
@@ -58,6 +62,7 @@ TRACES: dict[str, TraceFile] = {
     ),
 }
 """The shipped traces, by the name the command lines take."""
+assert tuple(TRACES) == get_args(TraceName)
 
 
 class Trace:
@@ -157,6 +162,22 @@ class Trace:
         return self._replace(
             prompt=np.clip(np.round(self.prompt * prompt_scale), *prompt_range).astype(np.int64),
             output=np.clip(np.round(self.output * output_scale), *output_range).astype(np.int64),
+        )
+
+    def poisson(self, rate: float, duration_s: float, seed: int) -> Trace:
+        """Constant-rate Poisson arrivals for ``duration_s`` at ``rate``, each request's tokens drawn from
+        this trace's (seeded): a steady window at one rate, such as the peak a static budget is tuned
+        for, with the trace's request mix."""
+        rng = np.random.default_rng(seed)
+        count = rng.poisson(rate * duration_s)
+        at_s = np.sort(rng.uniform(0.0, duration_s, count))
+        pick = rng.integers(0, len(self), count)
+        return self._replace(
+            name=f"{self.name} (Poisson, {rate:.3g}/s)",
+            at_s=at_s,
+            prompt=self.prompt[pick],
+            output=self.output[pick],
+            duration_s=float(duration_s),
         )
 
     def peak_rate(self, window_s: float) -> float:
