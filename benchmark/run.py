@@ -7,7 +7,9 @@ Parts, run strictly in sequence (never two servers at once: the benchmark machin
 - ``overhead``: vanilla SGLang against Harli with no job, A B B A (``benchmark.overhead``).
 - ``train``: the trainer against plain transformers + PEFT (``benchmark.train_throughput``, in its own
   process so its threads and memory start clean).
-- ``gpu``: GPU co-location and trainer MFU; recorded as not run when no GPU is lent.
+- ``gpu``: GPU co-location and trainer MFU (``benchmark.gpu``, in its own process) on a CUDA machine;
+  recorded as "not run: no GPU lent" without one. On a lent GPU, ``--out $OUT`` there, then ``--merge``
+  here with the ``run.json`` it wrote, records it beside the other parts (``benchmark/README.md``).
 - ``simulate``: the SIMULATED paper-scale decode instance (``benchmark.simulate``), gain against load.
 
 Raw results go to ``--out`` (``benchmark/results``) as JSON, plots to ``<out>/plots``, and each part's
@@ -19,12 +21,14 @@ windows, drains, server start-ups) and printed before anything starts (``--plan`
     python -m benchmark.run --quick
     python -m benchmark.run                                   # full: more loads, longer, more repeats
     python -m benchmark.run --quick --only simulate,overhead --seed 1
+    python -m benchmark.run --merge /work/.device/<call>/run.json   # a lent GPU's run, recorded here
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +66,11 @@ class Plan(msgspec.Struct, kw_only=True):
     simulate: simulate.Settings
     simulate_estimate_s: float
     """Measured here: about 3 s of CPU per load level and seed for each 90 simulated seconds."""
+    gpu_args: list[str]
+    gpu_estimate_s: float
+    """``benchmark.gpu`` on an H200 by its own settings (replays of 4 policies x 60 s, or 30 s quick, plus
+    about 2 minutes of set-up, ceilings, trainer, decode and co-run tables); 1 s without CUDA, where the
+    part is only recorded as not run."""
 
     def estimates(self) -> dict[str, float]:
         return {
@@ -70,7 +79,7 @@ class Plan(msgspec.Struct, kw_only=True):
             "overhead": overhead.estimate_s(self.overhead),
             "train": self.train_estimate_s,
             "train-smollm2": self.train_estimate_s,
-            "gpu": 1.0,
+            "gpu": self.gpu_estimate_s,
             "simulate": self.simulate_estimate_s,
         }
 
@@ -101,6 +110,8 @@ def make_plan(quick: bool, seed: int) -> Plan:
             train_estimate_s=70.0,
             simulate=sim,
             simulate_estimate_s=_simulate_estimate(sim),
+            gpu_args=["--quick"],
+            gpu_estimate_s=240.0 if _cuda() else 1.0,
         )
     sim = msgspec.structs.replace(simulate.FULL, seeds=[seed, seed + 1, seed + 2])
     full_colocation = colocation.Settings(
@@ -116,7 +127,15 @@ def make_plan(quick: bool, seed: int) -> Plan:
         train_estimate_s=240.0,
         simulate=sim,
         simulate_estimate_s=_simulate_estimate(sim),
+        gpu_args=[],
+        gpu_estimate_s=390.0 if _cuda() else 1.0,
     )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _on_real_model(settings: colocation.Settings) -> colocation.Settings:
@@ -185,15 +204,28 @@ def run_train(ctx: Context, log: Callable[[str], None], real: bool = False) -> P
     subprocess.run(command, cwd=ROOT, check=True, timeout=max(600.0, 4 * ctx.plan.train_estimate_s))
     result = json.loads(raw.read_text())
     figures = [str(plots.train_throughput(result, ctx.plots / f"train_throughput{suffix}.png"))]
-    targets, table, notes = report.train_summary(result, report.machine().gpu)
+    targets, table, notes = report.train_summary(result)
     return str(raw), figures, targets, table, notes
 
 
 def run_gpu(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
     gpu = report.machine().gpu
     log(f"GPU: {gpu}")
-    targets, table, notes = report.gpu_summary(gpu)
-    return None, [], targets, table, notes
+    if gpu == "none":
+        targets, table, notes = report.gpu_summary(None, gpu)
+        return None, [], targets, table, notes
+    raw = ctx.out / "gpu.json"
+    raw.unlink(missing_ok=True)  # a figure of an earlier run must not pass for this one's
+    command = [sys.executable, "-m", "benchmark.gpu", *ctx.plan.gpu_args, "--seed", str(ctx.seed)]
+    command += ["--out", str(ctx.out)]
+    log(" ".join(command))
+    # Its parts fail on their own and it exits 1 if any did; what the others measured is still recorded.
+    subprocess.run(command, cwd=ROOT, check=False, timeout=max(900.0, 3 * ctx.plan.gpu_estimate_s))
+    if not raw.exists():
+        raise RuntimeError(f"benchmark.gpu wrote no {raw} (its output is above)")
+    result = json.loads(raw.read_text())
+    targets, table, notes = report.gpu_summary(result, gpu)
+    return str(raw), [], targets, table, notes
 
 
 def run_simulate(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
@@ -257,6 +289,27 @@ def _relative(path: str | None) -> str | None:
         return str(path)
 
 
+def merge(source: Path, out: Path) -> list[str]:
+    """Record the parts of another run's ``run.json`` (a lent GPU's, fetched from its ``$OUT``) in
+    ``<out>/run.json``, each still with the command, machine and date it ran with, its raw figures copied
+    beside it; returns the parts merged."""
+    other = report.load_manifest(source)
+    if not other.parts:
+        raise SystemExit(f"{source}: no part recorded there")
+    path = out / "run.json"
+    manifest = report.load_manifest(path)
+    for name, part in other.parts.items():
+        raw = source.parent / Path(part.result_json).name if part.result_json else None
+        if raw is not None and raw.exists():
+            target = out / raw.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(raw, target)
+            part = msgspec.structs.replace(part, result_json=_relative(str(target)))
+        manifest.parts[name] = part
+    report.save_manifest(path, manifest)
+    return list(other.parts)
+
+
 def parse_parts(value: str | None) -> list[str]:
     if not value:
         return list(PARTS)
@@ -279,7 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/harli-benchmark"), help="server logs")
     parser.add_argument("--plan", action="store_true", help="print the time budget and exit")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        metavar="RUN_JSON",
+        help="record the parts of another run's run.json (a lent GPU's) with their raw figures, and exit",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        names = merge(args.merge, args.out)
+        if not args.no_results_md:
+            manifest = report.load_manifest(args.out / "run.json")
+            report.update_results_md(args.results_md, report.render(manifest, args.results_md))
+        print(f"merged {', '.join(names)} from {args.merge} into {args.out / 'run.json'}")
+        return 0
     parts = args.only or list(PARTS)
     plan = make_plan(args.quick, args.seed)
     estimates = plan.estimates()

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
-from benchmark import gpu
+from benchmark import gpu, report, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,43 @@ def test_smoke_run_reports_every_part(smoke):
         assert policy["finetune_tokens_per_s"] >= 0
     assert runs["harli"]["finetune_tokens"] > 0
     assert runs["static"]["static_units"] == replay["static_units"]
+
+
+def test_gpu_part_is_recorded_from_a_lent_machine(smoke, tmp_path):
+    """What ``benchmark.run`` does with a GPU's run: its targets, and ``--merge`` of the run.json the
+    device brought back (here the smoke's figures stand in for an H200's)."""
+    out_dir, _ = smoke
+    result = json.loads((out_dir / "gpu.json").read_text())
+    targets, table, notes = report.gpu_summary(result, "NVIDIA H200")
+    assert [t.verdict in ("met", "missed") for t in targets] == [True, True], targets
+    assert targets[0].target.startswith("trainer MFU >= 45%") and "TFLOP/s" in targets[0].measured
+    assert "1.46x" in targets[1].target and "harli attainment" in targets[1].measured
+    assert "| policy |" in table and any("Replay:" in n for n in notes)
+    not_run, _, _ = report.gpu_summary(None, "none")
+    assert [t.verdict for t in not_run] == ["not run: no GPU lent"] * 2
+
+    device = tmp_path / "device"  # the device tool's files_at: run.json and gpu.json side by side
+    device.mkdir()
+    (device / "gpu.json").write_bytes((out_dir / "gpu.json").read_bytes())
+    record = report.PartRecord(
+        part="gpu", status="ok", command="python -m benchmark.run --only gpu --out /tmp/out", mode="full",
+        seed=0, started_utc="now", seconds=1.0, estimated_s=390.0, result_json="/tmp/out/gpu.json",
+        machine=report.Machine(
+            cpu="x", cores=16, memory_gib=128, gpu="NVIDIA H200", python="3.12", torch="2.11", sglang="-",
+            transformers="5", peft="0.1",
+        ),
+        targets=targets, table=table, notes=notes,
+    )  # fmt: skip
+    report.save_manifest(device / "run.json", report.Manifest(parts={"gpu": record}))
+    results = tmp_path / "results"
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n")
+    argv = ["--merge", str(device / "run.json"), "--out", str(results), "--results-md", str(results_md)]
+    assert run.main(argv) == 0
+    merged = msgspec.json.decode((results / "run.json").read_bytes(), type=report.Manifest).parts["gpu"]
+    assert merged.machine.gpu == "NVIDIA H200" and Path(merged.result_json).name == "gpu.json"
+    assert (results / "gpu.json").read_bytes() == (out_dir / "gpu.json").read_bytes()
+    assert "### GPU co-location and trainer MFU" in results_md.read_text()
 
 
 def _cached(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
