@@ -19,7 +19,8 @@ table is printed at the end:
   (``Partitioner.finetune``): latency inflation, finetune tokens/s, and the MAPE of
   ``core.predictor.LatencyPredictor`` fed with those observations, solo and co-run per split.
 - ``replay``: a bursty trace (60 s, 30 s with ``--quick``) replayed on the stand-in for each policy
-  (``harli``, ``idle-only``, ``naive``, ``static`` tuned once for the trace's peak) through the real
+  (``harli``, ``idle-only``, ``naive``, ``static`` tuned once for the trace's peak, and where the menu has
+  SM partitions ``fixed-split``, MPS-style, tuned likewise) through the real
   ``core.colocation.CoLocation`` (``admit``, ``unit_done``, ``decode_done``, ``idle``, as the server
   calls them): SLO attainment, TPOT p50/p99 and finetune tokens/s, and harli's gain over the best
   baseline that holds the SLO.
@@ -37,8 +38,8 @@ as a wheel. Once, here, in the repository root (pip needs the network)::
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl msgspec==0.23.0
 
-Then, on a lent H200, through the device tool's ``run`` (about 6 minutes of device time; ``--quick``
-about 4), with ``carry: [".whl"]`` and ``timeout_s: 570``::
+Then, on a lent H200, through the device tool's ``run`` (estimated at about 7.5 minutes of device time;
+``--quick`` 4.5), with ``carry: [".whl"]`` and ``timeout_s: 570``::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/python || exit; set -o pipefail;
@@ -82,6 +83,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmark" / "results" / "gpu"
 PARTS = ("ceilings", "trainer", "decode", "corun", "replay")
 POLICIES = ("harli", "idle-only", "naive", "static")
+SPATIAL = "fixed-split"
+"""The MPS-style baseline (one SM split, fixed units, tuned once for the peak): replayed too where the
+menu has partitions, and counted among the realistic baselines."""
 GIB = 2**30
 
 
@@ -1044,7 +1048,7 @@ def _weighted(values: list[float], weights: list[int], q: float) -> float | None
 
 def part_replay(run: Run) -> dict[str, Any]:
     from benchmark.load import bursty_trace
-    from benchmark.verdicts import gain_over_best_baseline
+    from benchmark.verdicts import BASELINES, gain_over_best_baseline
 
     s = run.settings
     menu = run.menu()
@@ -1081,6 +1085,11 @@ def part_replay(run: Run) -> dict[str, Any]:
     peak_s, half_s = solo_interval(s.replay_max_batch), solo_interval(half)
     slo_s = s.slo_ms / 1e3 if s.slo_ms else s.slo_factor * peak_s
     static_units = max(0, math.floor((0.9 * slo_s - peak_s) / unit_s)) if unit_s > 0 else 0
+    policies, fixed_units = list(POLICIES), 0
+    if menu[-1].partitioned:  # fixed-split runs in the menu's largest split, beside the step
+        fixed_costs = [colocated.idle_unit(menu[-1])[1] for _ in range(trainer.units_per_micro_batch)]
+        fixed_units = max(0, math.floor(0.9 * slo_s / statistics.median(fixed_costs)))
+        policies.append(SPATIAL)
     lifetime_s = statistics.fmean(s.output_tokens) * half_s
     burst_rate = s.burst_fill * s.replay_max_batch / lifetime_s
     quiet_rate = burst_rate * s.quiet_share
@@ -1094,13 +1103,16 @@ def part_replay(run: Run) -> dict[str, Any]:
     run.log(
         f"replay: unit {unit_s * 1e3:.3f} ms, solo interval {peak_s * 1e3:.3f} ms at batch "
         f"{s.replay_max_batch} and {half_s * 1e3:.3f} ms at {half} (context {mid_context}); SLO "
-        f"{slo_s * 1e3:.3f} ms; static {static_units} units/step; {len(requests)} requests in "
+        f"{slo_s * 1e3:.3f} ms; static {static_units} units/step"
+        + (f", {SPATIAL} {fixed_units} in {menu[-1].name}" if SPATIAL in policies else "")
+        + f"; {len(requests)} requests in "
         f"{s.replay_s:g} s (burst {burst_rate:.2f}/s, quiet {quiet_rate:.2f}/s)"
     )
     runs, failures = [], {}
-    for policy in POLICIES:
+    for policy in policies:
+        units = fixed_units if policy == SPATIAL else static_units
         try:
-            result = _replay_policy(run, colocated, policy, requests, slo_s, static_units, buckets)
+            result = _replay_policy(run, colocated, policy, requests, slo_s, units, buckets)
         except Exception as exc:  # the other policies still replay, and the gain says what is missing
             traceback.print_exc()
             failures[policy] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -1113,7 +1125,7 @@ def part_replay(run: Run) -> dict[str, Any]:
             f"{_f(result['tpot_p99_ms'], '.3f')} ms, finetune {result['finetune_tokens_per_s']:.0f} "
             f"tokens/s, units by split {result['split_units']}"
         )
-    gain = gain_over_best_baseline(_PolicyRun(r) for r in runs)
+    gain = gain_over_best_baseline((_PolicyRun(r) for r in runs), baselines=(*BASELINES, SPATIAL))
     return {
         "duration_s": s.replay_s,
         "slo_ms": slo_s * 1e3,
@@ -1126,6 +1138,10 @@ def part_replay(run: Run) -> dict[str, Any]:
         "static_units": static_units,
         "static_rule": "the most units whose cost fits between the solo interval at the peak batch and 90% "
         "of the SLO (tuned once, for the trace's peak)",
+        "fixed_split": menu[-1].name if SPATIAL in policies else None,
+        "fixed_split_units": fixed_units if SPATIAL in policies else None,
+        "fixed_split_rule": "the most units whose cost in the split (they overlap the step) fits in 90% of "
+        "the SLO",
         "burst_rate": burst_rate,
         "quiet_rate": quiet_rate,
         "period_s": s.period_s,
@@ -1242,7 +1258,7 @@ def _replay_policy(run: Run, colocated: Colocated, policy: str, requests, slo_s,
     p50, p99 = _weighted(gaps, weights, 0.5), _weighted(gaps, weights, 0.99)
     return {
         "policy": policy,
-        "static_units": static_units if policy == "static" else None,
+        "static_units": static_units if policy in ("static", SPATIAL) else None,
         "slo_attainment": held / sum(weights) if weights else None,
         "tpot_p50_ms": None if p50 is None else p50 * 1e3,
         "tpot_p99_ms": None if p99 is None else p99 * 1e3,
@@ -1383,7 +1399,7 @@ def run_parts(run: Run, parts: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer cells, 30 s replays (about 4 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer cells, 30 s replays (about 4.5 minutes)")
     parser.add_argument("--smoke", action="store_true", help="the tiny CPU shape (automatic without CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="gpu.json and gpu.log here ($OUT if set)")
     parser.add_argument("--only", help=f"comma-separated parts of {','.join(PARTS)}")

@@ -390,12 +390,18 @@ def gpu_summary(result: dict | None, gpu: str) -> tuple[list[Target], str, list[
             + f"); decode {corun['decode_mode']}."
         )
     if replay.get("status") == "ok":
+        spatial = (
+            f"; `fixed-split` {replay['fixed_split_units']} units/step in {replay['fixed_split']} "
+            f"({replay['fixed_split_rule']})"
+            if replay.get("fixed_split")
+            else ""
+        )
         notes.append(
             f"Replay: {replay['duration_s']:g} s per policy, {replay['requests']} requests (bursty, "
             f"{replay['burst_rate']:.2f}/s for the first third of every {replay['period_s']:g} s, "
             f"{replay['quiet_rate']:.2f}/s otherwise), at most {replay['max_batch']} running; SLO "
             f"{replay['slo_ms']:.2f} ms ({replay['slo_rule']}); `static` {replay['static_units']} units/step "
-            f"({replay['static_rule']})."
+            f"({replay['static_rule']}){spatial}."
         )
     for name in ("corun", "replay"):
         if parts.get(name, {}).get("failures"):

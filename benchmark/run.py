@@ -68,9 +68,9 @@ class Plan(msgspec.Struct, kw_only=True):
     """Measured here: about 3 s of CPU per load level and seed for each 90 simulated seconds."""
     gpu_args: list[str]
     gpu_estimate_s: float
-    """``benchmark.gpu`` on an H200 by its own settings (replays of 4 policies x 60 s, or 30 s quick, plus
-    about 2 minutes of set-up, ceilings, trainer, decode and co-run tables); 1 s without CUDA, where the
-    part is only recorded as not run."""
+    """``benchmark.gpu`` on an H200 by its own settings (replays of 5 policies, fixed-split included where
+    there are SM partitions, x 60 s, or 30 s quick, plus about 2.5 minutes of set-up, ceilings, trainer,
+    decode and co-run tables); 1 s without CUDA, where the part is only recorded as not run."""
 
     def estimates(self) -> dict[str, float]:
         return {
@@ -111,7 +111,7 @@ def make_plan(quick: bool, seed: int) -> Plan:
             simulate=sim,
             simulate_estimate_s=_simulate_estimate(sim),
             gpu_args=["--quick"],
-            gpu_estimate_s=240.0 if _cuda() else 1.0,
+            gpu_estimate_s=270.0 if _cuda() else 1.0,
         )
     sim = msgspec.structs.replace(simulate.FULL, seeds=[seed, seed + 1, seed + 2])
     full_colocation = colocation.Settings(
@@ -128,7 +128,7 @@ def make_plan(quick: bool, seed: int) -> Plan:
         simulate=sim,
         simulate_estimate_s=_simulate_estimate(sim),
         gpu_args=[],
-        gpu_estimate_s=390.0 if _cuda() else 1.0,
+        gpu_estimate_s=450.0 if _cuda() else 1.0,
     )
 
 
