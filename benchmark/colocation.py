@@ -17,6 +17,14 @@ tuned so the SLO holds at peak, as the issue defines it: starting from as many u
 between the ``harli`` run's p99 decode step and 90% of the SLO at its p99 unit time, the peak level is
 probed alone in a server of its own and the units stepped down until it holds (or one is left).
 
+With ``--trace azure-code`` every level replays a real trace instead (``benchmark.traces``: the Azure LLM
+inference trace 2023, code, CC-BY 4.0): the recorded window (``--trace-start-s``/``--trace-span-s``,
+recorded seconds) squeezed into the level's window and thinned to the bursty level's long-run mean rate
+(``benchmark.load.bursty_mean_rate``) times the load (``benchmark.load.recorded_trace``), its token
+counts scaled to the bursty traces' means; ``static`` is then tuned on a constant-rate window at the
+trace's peak (its busiest recorded minute's rate), with the trace's request mix. ``fixed-split`` is not
+run here: on CPU there are no SM partitions, so it would be ``static``.
+
 ``--max-drain-s`` bounds each level: requests still streaming that long after the window are cut (the
 client closes the stream, SGLang aborts them) and count as truncated, not failed; their token intervals up
 to the cut are kept. Without it every request runs to completion, as in the figures of issue 4.
@@ -24,6 +32,7 @@ to the cut are kept. Without it every request runs to completion, as in the figu
     python -m benchmark.colocation                       # figures in RESULTS.md (about 8 minutes)
     python -m benchmark.colocation --duration 20 --policies harli idle-only   # a quick look
     python -m benchmark.colocation --loads 0.5 1 1.5 --duration 30 --max-drain-s 3
+    python -m benchmark.colocation --trace azure-code --duration 90 --max-drain-s 5   # the real trace
 """
 
 from __future__ import annotations
@@ -45,7 +54,18 @@ import requests
 from msgspec import Meta
 
 from benchmark.cli import add_settings_flags, settings_from_flags
-from benchmark.load import SERVER_START_S, SERVER_STOP_S, WORDS, Arrival, bursty_trace, replay
+from benchmark.load import (
+    SERVER_START_S,
+    SERVER_STOP_S,
+    WORDS,
+    Arrival,
+    bursty_mean_rate,
+    bursty_trace,
+    recorded_peak,
+    recorded_trace,
+    replay,
+)
+from benchmark.traces import TraceName
 from benchmark.verdicts import gain_over_best_baseline, holds_slo
 from sglang_harli.core.work import SHARED
 from sglang_harli.models.builtin import PRESET_SCHEME
@@ -148,6 +168,20 @@ class Settings(msgspec.Struct, kw_only=True):
     ] = None
     poll_s: Annotated[float, Meta(description="Period of the GET /harli/stats polls, seconds.")] = 0.5
     seed: Annotated[int, Meta(description="Seed of the traces and of the finetune job.")] = 0
+    trace: Annotated[
+        TraceName | None,
+        Meta(
+            description="Replay this real trace (benchmark/traces) in every level instead of the bursty "
+            "one: squeezed into --duration, thinned to the bursty mean rate x load."
+        ),
+    ] = None
+    trace_start_s: Annotated[
+        float, Meta(ge=0, description="Start of the replayed window in the recorded trace, seconds.")
+    ] = 0.0
+    trace_span_s: Annotated[
+        Annotated[float, Meta(gt=0)] | None,
+        Meta(description="Length of the replayed window, recorded seconds (none: to its end)."),
+    ] = None
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -158,14 +192,24 @@ class Report(msgspec.Struct, kw_only=True):
     timelines: list[Timeline]
 
 
-def level_trace(settings: Settings, load: float) -> list[Arrival]:
-    return bursty_trace(
-        settings.seed,
-        settings.duration_s,
-        burst_rate=settings.burst_rate * load,
-        quiet_rate=settings.quiet_rate * load,
-        period_s=settings.period_s,
+def level_trace(settings: Settings, load: float, *, peak: bool = False) -> list[Arrival]:
+    """The level's arrivals: bursty, or the real trace at the bursty level's mean rate; ``peak``: with a
+    real trace, the constant-rate window at its peak that ``static`` is tuned on."""
+    if settings.trace is None:
+        return bursty_trace(
+            settings.seed,
+            settings.duration_s,
+            burst_rate=settings.burst_rate * load,
+            quiet_rate=settings.quiet_rate * load,
+            period_s=settings.period_s,
+        )
+    rate = load * bursty_mean_rate(
+        burst_rate=settings.burst_rate, quiet_rate=settings.quiet_rate, period_s=settings.period_s
     )
+    window = {"start_s": settings.trace_start_s, "span_s": settings.trace_span_s}
+    if peak:
+        return recorded_peak(settings.trace, settings.seed, settings.duration_s, rate, **window)[1]
+    return recorded_trace(settings.trace, settings.seed, settings.duration_s, rate, **window)
 
 
 class StatsPoller:
@@ -251,9 +295,11 @@ def server_flags(settings: Settings, policy: str, static_units: int | None) -> l
     return flags
 
 
-def run_level(server: ServerProcess, settings: Settings, policy: str, load: float, static_units):
+def run_level(
+    server: ServerProcess, settings: Settings, policy: str, load: float, static_units, *, peak: bool = False
+):
     """One load level in a running server: the trace, the job's progress over it, the stats polled."""
-    trace = level_trace(settings, load)
+    trace = level_trace(settings, load, peak=peak)
     deadline = None if settings.max_drain_s is None else settings.duration_s + settings.max_drain_s
     before, tokens = server.get("/harli/stats").json(), job_tokens(server)
     started = time.perf_counter()
@@ -301,8 +347,10 @@ def run_policy(
     *,
     static_units: int | None = None,
     log: Callable[[str], None] = print,
+    peak: bool = False,
 ) -> tuple[list[LevelResult], dict, list[Timeline]]:
-    """One fresh server for the policy; every load level in it, light to heavy."""
+    """One fresh server for the policy; every load level in it, light to heavy (``peak``: each level a
+    real trace's peak window, ``level_trace``)."""
     extra: dict = {}
     levels, timelines = [], []
     with ServerProcess(server_flags(settings, policy, static_units), log_dir / f"{policy}.log") as server:
@@ -321,7 +369,7 @@ def run_policy(
         time.sleep(1.0)
         stats = {}
         for load in sorted(settings.loads):
-            result, timeline, stats = run_level(server, settings, policy, load, static_units)
+            result, timeline, stats = run_level(server, settings, policy, load, static_units, peak=peak)
             levels.append(result)
             timelines.append(timeline)
             log(json.dumps(msgspec.to_builtins(result)))
@@ -347,14 +395,16 @@ def tune_static(
     """Units per step for ``static``, tuned so the SLO holds at peak load, as token-budget co-serving
     systems are tuned: from the estimate, probe the peak level alone and step down until it holds (or
     one unit is left). An estimate is not enough: it cannot see arrivals landing in a step's finetune
-    work, which is what breaks the SLO at peak."""
+    work, which is what breaks the SLO at peak. With a real trace, the peak level is its peak window."""
     units = estimated_static_units(settings, harli)
     probe_settings = msgspec.structs.replace(settings, loads=[max(settings.loads)], alone_s=0.0)
     probe_dir = log_dir / "static-probe"
     probe_dir.mkdir(parents=True, exist_ok=True)
     probes = []
     while True:
-        (peak, *_), _, _ = run_policy("static", probe_settings, probe_dir, static_units=units, log=log)
+        (peak, *_), _, _ = run_policy(
+            "static", probe_settings, probe_dir, static_units=units, log=log, peak=settings.trace is not None
+        )
         probes.append(StaticProbe(units=units, load=peak.load, slo_attainment=peak.slo_attainment))
         if holds_slo(peak) or units == 1:
             return units, probes
@@ -438,10 +488,12 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> None:
     settings, args = parse(argv)
     counts = {load: len(level_trace(settings, load)) for load in settings.loads}
+    shape = f"bursts {settings.burst_rate}/s, quiet {settings.quiet_rate}/s"
+    if settings.trace is not None:
+        shape = f"trace {settings.trace} at the mean rate of {shape}"
     print(
         f"{platform.processor() or platform.machine()}, requests per level {counts} over "
-        f"{settings.duration_s:.0f} s (bursts {settings.burst_rate}/s, quiet {settings.quiet_rate}/s, x "
-        f"load; seed {settings.seed}), SLO {settings.slo_ms} ms",
+        f"{settings.duration_s:.0f} s ({shape}, x load; seed {settings.seed}), SLO {settings.slo_ms} ms",
         flush=True,
     )
     report = run(settings, args.log_dir, log=lambda line: print(line, flush=True))

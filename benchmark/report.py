@@ -257,11 +257,21 @@ def colocation_summary(report: colocation.Report) -> tuple[list[Target], str, li
         if settings.max_drain_s is None
         else f"requests still streaming {settings.max_drain_s:g} s after it were cut"
     )
+    arrivals = (
+        f"Poisson arrivals (x load: {settings.burst_rate}/s in the first third of every "
+        f"{settings.period_s:g} s, {settings.quiet_rate}/s otherwise)"
+    )
+    if settings.trace is not None:
+        span = "to its end" if settings.trace_span_s is None else f"for {settings.trace_span_s:g} s"
+        arrivals = (
+            f"the real trace `{settings.trace}` (`benchmark/traces`, CC-BY 4.0; recorded from "
+            f"{settings.trace_start_s:g} s {span}) squeezed into it and thinned to the long-run mean rate of "
+            f"{arrivals}; `static` tuned on a constant-rate window at the trace's peak minute's rate"
+        )
     notes.append(
         f"Model `harli:{settings.model}`, SLO {settings.slo_ms:g} ms; each level a {settings.duration_s:g} s "
-        f"window of Poisson arrivals (x load: {settings.burst_rate}/s in the first third of every "
-        f"{settings.period_s:g} s, {settings.quiet_rate}/s otherwise); {drain}. One fresh server per policy "
-        "with a finetune job running, levels light to heavy."
+        f"window of {arrivals}; {drain}. One fresh server per policy with a finetune job running, levels "
+        "light to heavy."
     )
     return targets, table, notes
 
