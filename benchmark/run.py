@@ -145,7 +145,9 @@ def _on_real_model(settings: colocation.Settings) -> colocation.Settings:
 
 
 def _simulate_estimate(settings: simulate.Settings) -> float:
-    return 3.5 * len(settings.loads) * len(settings.seeds) * settings.duration_s / 90.0 + 3.0
+    levels = 3.5 * len(settings.loads) * len(settings.seeds) * settings.duration_s / 90.0
+    replays = 12.0 * len(settings.seeds) if settings.trace else 0.0  # measured: about 12 s a seed
+    return levels + replays + 3.0
 
 
 class Context(msgspec.Struct, kw_only=True):
