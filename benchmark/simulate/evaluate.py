@@ -195,6 +195,19 @@ def best_static(
     return run(low)
 
 
+def _untuned_runs(roofline, trace, common: dict, offer: dict) -> list[RunResult]:
+    """The policies that need no tuning, on one trace: ``harli``, ``harli/shared`` (no SM partitions, to
+    show what the splits add), ``idle-only`` and ``naive``."""
+    return [
+        simulate(roofline, "harli", trace, **common, **offer),
+        msgspec.structs.replace(
+            simulate(roofline, "harli", trace, partitions=False, **common, **offer), policy="harli/shared"
+        ),
+        simulate(roofline, "idle-only", trace, **common),
+        simulate(roofline, "naive", trace, **common),
+    ]
+
+
 def evaluate_load(
     roofline: Roofline, workload: Workload, settings: Settings, *, load, seed, rate
 ) -> LoadResult:
@@ -203,12 +216,7 @@ def evaluate_load(
     common = {"duration_s": settings.duration_s, "slo_s": settings.slo_ms / 1e3, "load": load, "seed": seed}
     offer = {"offer_blocked": settings.offer_blocked}
     runs = [
-        simulate(roofline, "harli", trace, **common, **offer),
-        msgspec.structs.replace(
-            simulate(roofline, "harli", trace, partitions=False, **common, **offer), policy="harli/shared"
-        ),
-        simulate(roofline, "idle-only", trace, **common),
-        simulate(roofline, "naive", trace, **common),
+        *_untuned_runs(roofline, trace, common, offer),
         best_static(roofline, trace, settings=settings, load=load, seed=seed),
     ]
     gain = gain_over_best_baseline(runs)
@@ -273,12 +281,7 @@ def evaluate_trace(
         roofline, replay, settings=settings, load=load, seed=seed, duration_s=trace.duration_s
     )
     runs = [
-        simulate(roofline, "harli", replay, **common, **offer),
-        msgspec.structs.replace(
-            simulate(roofline, "harli", replay, partitions=False, **common, **offer), policy="harli/shared"
-        ),
-        simulate(roofline, "idle-only", replay, **common),
-        simulate(roofline, "naive", replay, **common),
+        *_untuned_runs(roofline, replay, common, offer),
         msgspec.structs.replace(
             simulate(roofline, "static", replay, static_units=static_units, **common), policy="static/peak"
         ),

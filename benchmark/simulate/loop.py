@@ -135,6 +135,8 @@ class _Unobserved:
 
     def observe_corun(self, *args, **kwargs) -> None: ...
 
+    def set_split_shares(self, shares) -> None: ...
+
     def snapshot(self):
         return LatencyPredictor().snapshot()
 

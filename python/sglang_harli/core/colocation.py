@@ -154,7 +154,7 @@ class CoLocation:
         one, or a stand-in the baselines never consult; ``clock`` the simulator's time in place of the
         host's."""
         predictor = predictor if predictor is not None else new_predictor()
-        if isinstance(splits, Mapping) and hasattr(predictor, "set_split_shares"):
+        if isinstance(splits, Mapping):
             predictor.set_split_shares({name: share for name, share in splits.items() if share < 1.0})
         slo_s = config.tpot_slo_ms / 1e3
         policy = make_policy(
