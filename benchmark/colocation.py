@@ -22,8 +22,12 @@ inference trace 2023, code, CC-BY 4.0): the recorded window (``--trace-start-s``
 recorded seconds) squeezed into the level's window and thinned to the bursty level's long-run mean rate
 (``benchmark.load.bursty_mean_rate``) times the load (``benchmark.load.recorded_trace``), its token
 counts scaled to the bursty traces' means; ``static`` is then tuned on a constant-rate window at the
-trace's peak (its busiest recorded minute's rate), with the trace's request mix. ``fixed-split`` is not
-run here: on CPU there are no SM partitions, so it would be ``static``.
+trace's peak (its busiest recorded minute's rate), with the trace's request mix, and recorded as
+``static/peak``: what an operator who must pick a budget before the load arrives can run. Beside it,
+``static/oracle`` is ``static`` tuned on the scored trace itself (from ``static/peak``'s units, one more
+per step in a fresh server while every level still holds the SLO, or fewer where it does not, at most
+``--oracle-probes`` servers): a reference no deployment can reach, never counted as a baseline.
+``fixed-split`` is not run here: on CPU there are no SM partitions, so it would be ``static``.
 
 ``--max-drain-s`` bounds each level: requests still streaming that long after the window are cut (the
 client closes the stream, SGLang aborts them) and count as truncated, not failed; their token intervals up
@@ -182,6 +186,10 @@ class Settings(msgspec.Struct, kw_only=True):
         Annotated[float, Meta(gt=0)] | None,
         Meta(description="Length of the replayed window, recorded seconds (none: to its end)."),
     ] = None
+    oracle_probes: Annotated[
+        int,
+        Meta(ge=0, description="With --trace: at most this many servers tune static/oracle."),
+    ] = 3
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -348,12 +356,15 @@ def run_policy(
     static_units: int | None = None,
     log: Callable[[str], None] = print,
     peak: bool = False,
+    label: str | None = None,
 ) -> tuple[list[LevelResult], dict, list[Timeline]]:
     """One fresh server for the policy; every load level in it, light to heavy (``peak``: each level a
-    real trace's peak window, ``level_trace``)."""
+    real trace's peak window, ``level_trace``). ``label``: the name its results go by (``static/peak``)."""
     extra: dict = {}
     levels, timelines = [], []
-    with ServerProcess(server_flags(settings, policy, static_units), log_dir / f"{policy}.log") as server:
+    name = label or policy
+    log_file = log_dir / f"{name.replace('/', '-')}{'' if static_units is None else f'-{static_units}'}.log"
+    with ServerProcess(server_flags(settings, policy, static_units), log_file) as server:
         resp = server.post("/harli/jobs", job_spec(settings.seed))
         assert resp.status_code == 201, resp.text
         while server.get("/harli/jobs/bench").json()["step"] < 1:
@@ -369,7 +380,7 @@ def run_policy(
         time.sleep(1.0)
         stats = {}
         for load in sorted(settings.loads):
-            result, timeline, stats = run_level(server, settings, policy, load, static_units, peak=peak)
+            result, timeline, stats = run_level(server, settings, name, load, static_units, peak=peak)
             levels.append(result)
             timelines.append(timeline)
             log(json.dumps(msgspec.to_builtins(result)))
@@ -411,19 +422,79 @@ def tune_static(
         units -= 1
 
 
+PolicyRun = tuple[list[LevelResult], dict, list[Timeline]]
+"""What ``run_policy`` returns: the levels, the server's measured figures, the timelines."""
+
+
+def tune_oracle(
+    settings: Settings, peak_units: int, peak_run: PolicyRun, log_dir: Path, log: Callable[[str], None]
+) -> tuple[int, PolicyRun, list[StaticProbe]]:
+    """``static/oracle``: ``static`` tuned on the scored trace itself, the most units per step with which
+    every level holds the SLO. ``static/peak``'s scored run is its first probe (same trace, same units);
+    from there one more unit per step in a fresh server while every level holds, or one fewer until one
+    does, at most ``oracle_probes`` servers. The probe that holds is also the oracle's scored run: tuning
+    on the scored trace is what makes it an oracle."""
+    loads = max(settings.loads)
+
+    def probe(units: int, run: PolicyRun) -> StaticProbe:
+        return StaticProbe(units=units, load=loads, slo_attainment=min(r.slo_attainment for r in run[0]))
+
+    def holds(run: PolicyRun) -> bool:
+        return all(holds_slo(r) for r in run[0])
+
+    probes = [probe(peak_units, peak_run)]
+    best = (peak_units, peak_run) if holds(peak_run) else None
+    step = 1 if best else -1
+    units, last = peak_units + step, (peak_units, peak_run)
+    oracle_dir = log_dir / "static-oracle"
+    oracle_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(settings.oracle_probes):
+        if units < 1:
+            break
+        run = run_policy(
+            "static", msgspec.structs.replace(settings, alone_s=0.0), oracle_dir, static_units=units, log=log,
+            label="static/oracle",
+        )  # fmt: skip
+        probes.append(probe(units, run))
+        last = (units, run)
+        if step > 0 and not holds(run):
+            break
+        if holds(run):
+            best = (units, run)
+            if step < 0:
+                break
+        units += step
+    units, run = best or last
+    levels, extra, timelines = run
+    relabel = {"policy": "static/oracle"}
+    run = (
+        [msgspec.structs.replace(r, **relabel) for r in levels],
+        extra,
+        [msgspec.structs.replace(t, **relabel) for t in timelines],
+    )
+    return units, run, probes
+
+
 def run(settings: Settings, log_dir: Path, log: Callable[[str], None] = print) -> Report:
     log_dir.mkdir(parents=True, exist_ok=True)
     levels, measured, timelines = [], {}, []
     for policy in [p for p in POLICIES if p in settings.policies]:
-        static_units, probes = None, None
+        static_units, probes, label = None, None, None
         if policy == "static":
             static_units, probes = tune_static(settings, measured.get("harli"), log_dir, log)
-        result, extra, timeline = run_policy(policy, settings, log_dir, static_units=static_units, log=log)
+            label = "static/peak" if settings.trace is not None else None
+        result = run_policy(policy, settings, log_dir, static_units=static_units, log=log, label=label)
         if probes is not None:
-            extra["tuning"] = msgspec.to_builtins(probes)
-        levels += result
-        timelines += timeline
-        measured[policy] = extra
+            result[1]["tuning"] = msgspec.to_builtins(probes)
+        runs = [(label or policy, result)]
+        if label is not None:
+            _, oracle, oracle_probes = tune_oracle(settings, static_units, result, log_dir, log)
+            oracle[1]["tuning"] = msgspec.to_builtins(oracle_probes)
+            runs.append(("static/oracle", oracle))
+        for name, (result_levels, extra, result_timelines) in runs:
+            levels += result_levels
+            timelines += result_timelines
+            measured[name] = extra
     return Report(settings=settings, levels=levels, measured=measured, timelines=timelines)
 
 
@@ -444,7 +515,9 @@ def estimate_s(settings: Settings) -> float:
     alone = settings.alone_s if "harli" in settings.policies else 0.0
     # tuning static probes the peak level at least once, in a server of its own
     probe = per_policy - (len(settings.loads) - 1) * per_level if "static" in settings.policies else 0.0
-    return len(settings.policies) * per_policy + alone + probe
+    # with a real trace, static/oracle tries up to oracle_probes more servers on the scored levels
+    oracle = per_policy * settings.oracle_probes if settings.trace and "static" in settings.policies else 0.0
+    return len(settings.policies) * per_policy + alone + probe + oracle
 
 
 def print_report(report: Report) -> None:

@@ -20,6 +20,8 @@ POLICY_STYLE = {
     "harli": ("tab:red", "o"),
     "harli/shared": ("tab:pink", "v"),
     "static": ("tab:blue", "s"),
+    "static/peak": ("tab:blue", "s"),
+    "static/oracle": ("tab:cyan", "D"),
     "idle-only": ("tab:green", "^"),
     "naive": ("tab:gray", "x"),
 }
@@ -37,7 +39,7 @@ def _save(fig, path: Path) -> Path:
 def colocation_tradeoff(report: colocation.Report, path: Path) -> Path:
     """Per policy, finetune throughput against SLO attainment, one point per load level."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy in report.settings.policies:
+    for policy in dict.fromkeys(r.policy for r in report.levels):
         rows = sorted((r for r in report.levels if r.policy == policy), key=lambda r: r.load)
         if not rows:
             continue

@@ -4,6 +4,9 @@ Parts, run strictly in sequence (never two servers at once: the benchmark machin
 
 - ``colocation``: every policy on the real CPU server at several load levels (``benchmark.colocation``);
   plots throughput against SLO attainment, and the ``harli`` timeline.
+- ``colocation-trace`` (and ``-smollm2``): the same servers replaying the real Azure code trace (issue 18):
+  ``harli`` against ``idle-only``, ``naive``, ``static`` tuned at the trace's peak, and the oracle ``static``
+  tuned on the scored trace itself.
 - ``overhead``: vanilla SGLang against Harli with no job, A B B A (``benchmark.overhead``).
 - ``train``: the trainer against plain transformers + PEFT (``benchmark.train_throughput``, in its own
   process so its threads and memory start clean).
@@ -15,7 +18,7 @@ Parts, run strictly in sequence (never two servers at once: the benchmark machin
 Raw results go to ``--out`` (``benchmark/results``) as JSON, plots to ``<out>/plots``, and each part's
 record (command, machine, seed, timing, targets met or missed) to ``<out>/run.json``, from which the
 section of ``RESULTS.md`` between its markers is regenerated after every part. ``--quick`` is sized to
-finish within 22 minutes on a 2-core CPU; its budget is computed from the parts' own settings (trace
+finish within 45 minutes on a 2-core CPU; its budget is computed from the parts' own settings (trace
 windows, drains, server start-ups) and printed before anything starts (``--plan`` prints only that).
 
     python -m benchmark.run --quick
@@ -41,7 +44,12 @@ import msgspec
 from benchmark import colocation, overhead, report, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("colocation", "colocation-smollm2", "overhead", "train", "train-smollm2", "gpu", "simulate")
+PARTS = (
+    "colocation",
+    "colocation-smollm2",
+    "colocation-trace",
+    "colocation-trace-smollm2",
+    "overhead", "train", "train-smollm2", "gpu", "simulate")
 REAL_MODEL = "smollm2-135m"
 """The real pretrained preset measured beside the random-weight ``small``: 30 thin layers (hidden 576)
 instead of 8 wide ones, tied embeddings and a 49k vocabulary, so per-unit overheads weigh more."""
@@ -57,6 +65,9 @@ class Plan(msgspec.Struct, kw_only=True):
     mode: str
     colocation: colocation.Settings
     colocation_real: colocation.Settings
+    colocation_trace: colocation.Settings
+    """The real trace replayed on ``small``, every baseline (issue 18)."""
+    colocation_trace_real: colocation.Settings
     """The same measurement on ``REAL_MODEL``."""
     overhead: overhead.Settings
     train_args: list[str]
@@ -76,6 +87,8 @@ class Plan(msgspec.Struct, kw_only=True):
         return {
             "colocation": colocation.estimate_s(self.colocation),
             "colocation-smollm2": colocation.estimate_s(self.colocation_real),
+            "colocation-trace": colocation.estimate_s(self.colocation_trace),
+            "colocation-trace-smollm2": colocation.estimate_s(self.colocation_trace_real),
             "overhead": overhead.estimate_s(self.overhead),
             "train": self.train_estimate_s,
             "train-smollm2": self.train_estimate_s,
@@ -95,6 +108,8 @@ def make_plan(quick: bool, seed: int) -> Plan:
             colocation=quick_colocation,
             # one load level (the trace's x1) keeps the quick suite near 20 minutes with both models
             colocation_real=_on_real_model(msgspec.structs.replace(quick_colocation, loads=[1.0])),
+            colocation_trace=(quick_trace := _on_trace(quick_colocation, duration_s=30.0, oracle_probes=2)),
+            colocation_trace_real=_on_real_model(quick_trace),
             overhead=overhead.Settings(rounds=1, duration_s=8.0, batch=8, batch_tokens=32, seed=seed),
             train_args=["--model", "small", "--examples", "24", "--max-seq-len", "128", "--repeats", "3"],
             train_real_args=[
@@ -121,6 +136,8 @@ def make_plan(quick: bool, seed: int) -> Plan:
         mode="full",
         colocation=full_colocation,
         colocation_real=_on_real_model(full_colocation),
+        colocation_trace=(full_trace := _on_trace(full_colocation, duration_s=60.0, oracle_probes=3)),
+        colocation_trace_real=_on_real_model(full_trace),
         overhead=overhead.Settings(rounds=2, duration_s=30.0, seed=seed),
         train_args=["--model", "small", "--repeats", "3"],
         train_real_args=["--model", REAL_MODEL, "--repeats", "3"],
@@ -142,6 +159,20 @@ def _on_real_model(settings: colocation.Settings) -> colocation.Settings:
     # Its 30 layers make a decode step slower than small's 8 on 2 cores, so the SLO is set higher: about
     # twice vanilla SGLang's p99 TPOT on it (279 ms measured with bench_serving, issue 21).
     return msgspec.structs.replace(settings, model=REAL_MODEL, slo_ms=300.0)
+
+
+def _on_trace(settings: colocation.Settings, *, duration_s: float, oracle_probes: int) -> colocation.Settings:
+    # ten recorded minutes (its first: a quiet start, two bursts of several times the mean rate, a lull)
+    # squeezed into the window at the bursty level's mean rate; one load, as the trace itself varies
+    return msgspec.structs.replace(
+        settings,
+        loads=[1.0],
+        duration_s=duration_s,
+        trace="azure-code",
+        trace_start_s=0.0,
+        trace_span_s=600.0,
+        oracle_probes=oracle_probes,
+    )
 
 
 def _simulate_estimate(settings: simulate.Settings) -> float:
@@ -169,10 +200,19 @@ def _write(path: Path, value) -> str:
     return str(path)
 
 
-def run_colocation(ctx: Context, log: Callable[[str], None], real: bool = False) -> PartOutcome:
+def run_colocation(
+    ctx: Context, log: Callable[[str], None], real: bool = False, trace: bool = False
+) -> PartOutcome:
     from benchmark import plots
 
-    settings, suffix = (ctx.plan.colocation_real, "_smollm2") if real else (ctx.plan.colocation, "")
+    plan = ctx.plan
+    settings = {
+        (False, False): plan.colocation,
+        (True, False): plan.colocation_real,
+        (False, True): plan.colocation_trace,
+        (True, True): plan.colocation_trace_real,
+    }[real, trace]
+    suffix = ("_trace" if trace else "") + ("_smollm2" if real else "")
     result = colocation.run(settings, ctx.log_dir, log=log)
     raw = _write(ctx.out / f"colocation{suffix}.json", result)
     figures = [
@@ -243,6 +283,8 @@ def run_simulate(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
 RUNNERS: dict[str, Callable[[Context, Callable[[str], None]], PartOutcome]] = {
     "colocation": run_colocation,
     "colocation-smollm2": lambda ctx, log: run_colocation(ctx, log, real=True),
+    "colocation-trace": lambda ctx, log: run_colocation(ctx, log, trace=True),
+    "colocation-trace-smollm2": lambda ctx, log: run_colocation(ctx, log, real=True, trace=True),
     "overhead": run_overhead,
     "train": run_train,
     "train-smollm2": lambda ctx, log: run_train(ctx, log, real=True),
@@ -324,7 +366,7 @@ def parse_parts(value: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the short suite (under 22 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="the short suite (under 45 minutes on 2 cores)")
     parser.add_argument("--only", type=parse_parts, help=f"comma-separated parts of {','.join(PARTS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

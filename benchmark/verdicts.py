@@ -19,6 +19,11 @@ ATTAINMENT_TARGET = 0.99
 """A policy "holds the SLO" when this share of client-side token intervals is within it (p99)."""
 BASELINES = ("idle-only", "static", "naive")
 """The policies harli is compared with."""
+REALISTIC = ("idle-only", "naive", "static/peak", "fixed-split/peak")
+"""A real-trace replay's baselines an operator can run: none of them knows the trace in advance
+(``fixed-split`` needs SM partitions, so only the simulator and a GPU run it)."""
+ORACLE = ("static/oracle",)
+"""``static`` tuned on the very trace it is scored on: a reference, not a baseline anyone can deploy."""
 
 
 class PolicyRun(Protocol):

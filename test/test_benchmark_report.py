@@ -95,12 +95,54 @@ def test_plots_and_results_section(tmp_path):
     assert report.load_manifest(tmp_path / "run.json") == manifest
 
 
+def test_trace_report_scores_realistic_baselines_apart_from_the_oracle(tmp_path):
+    """On a real trace, ``static`` is ``static/peak``, the oracle tuned on the scored trace is shown beside
+    harli but never counted as a baseline, and the slack and static/peak targets are the issue's."""
+    coloc = colocation_report()
+    settings = msgspec.structs.replace(coloc.settings, loads=[1.0], trace="azure-code", trace_span_s=600.0)
+    base = next(r for r in coloc.levels if r.policy == "harli" and r.load == 1.0)
+    rates = {"harli": 190.0, "static/peak": 100.0, "static/oracle": 200.0, "idle-only": 0.0, "naive": 300.0}
+    attainments = {"naive": 0.9}
+    levels = [
+        msgspec.structs.replace(
+            base, policy=p, finetune_tokens_per_s=rate, slo_attainment=attainments.get(p, 0.995),
+            static_units={"static/peak": 2, "static/oracle": 4}.get(p),
+        )
+        for p, rate in rates.items()
+    ]  # fmt: skip
+    probes = [
+        {"units": 2, "load": 1.0, "slo_attainment": 0.995},
+        {"units": 3, "load": 1.0, "slo_attainment": 0.991},
+    ]
+    measured = {
+        "harli": {"alone_tokens_per_s": 400.0},
+        "static/peak": {"tuning": coloc.measured["static"]["tuning"]},
+        "static/oracle": {"tuning": probes},
+    }
+    traced = colocation.Report(settings=settings, levels=levels, timelines=[], measured=measured)
+    targets, table, notes = report.colocation_summary(traced)
+    by_target = {t.target: t for t in targets}
+    where = "on the `azure-code` trace at load x1"
+    gain = by_target[f"`harli` >= 1.46x the best realistic SLO-holding baseline {where}"]
+    # naive misses the SLO and the oracle is no baseline: the best realistic one is static/peak
+    assert gain.measured.startswith("1.90x over `static/peak`") and gain.verdict == "met"
+    assert "1.90x vs `static/peak`; 0.95x vs `static/oracle`" in table
+    slack = by_target[f"`harli` >= 90% of the slack ceiling {where}"]
+    assert slack.measured.startswith("0.79 (190 of 240") and slack.verdict == "missed"
+    beats = next(t for t in targets if t.target.startswith("`harli` beats `static/peak`"))
+    assert beats.verdict == "met" and "1.90x `static/peak`; the slack ceiling allows 2.40x" in beats.measured
+    oracle_note = next(n for n in notes if "`static/oracle` tuned on the scored trace" in n)
+    assert "3/step 0.991 (holds)" in oracle_note
+    assert plots.colocation_tradeoff(traced, tmp_path / "trace.png").exists()
+
+
 def test_quick_budget_by_construction():
     plan = run.make_plan(quick=True, seed=0)
     estimates = plan.estimates()
     # The estimate is a bound by construction (every level has its drain limit); the last quick run took
-    # 80% of it, so one minute to spare is enough. Both models' co-location and trainer parts: 22 minutes.
-    assert sum(estimates.values()) + run.REPORT_S < 22 * 60
+    # 80% of it. Both models' co-location (bursty levels and the real trace, issue 18) and trainer parts:
+    # 45 minutes.
+    assert sum(estimates.values()) + run.REPORT_S < 45 * 60
     assert estimates["colocation"] == colocation.estimate_s(plan.colocation)
     assert set(estimates) == set(run.PARTS)
     full = run.make_plan(quick=False, seed=0)

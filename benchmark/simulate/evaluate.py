@@ -40,16 +40,12 @@ from benchmark.simulate.workload import (
     recorded_lengths,
     requests,
 )
-from benchmark.verdicts import gain_over_best_baseline, holds_slo
+from benchmark.verdicts import ORACLE, REALISTIC, gain_over_best_baseline, holds_slo
 from sglang_harli.core.partition import DEFAULT_SHARES, plan_splits, sm_granularity
 from sglang_harli.core.work import SHARED
 
 PAPER_AVERAGE_GAIN = 0.462
 PAPER_MAX_GAIN = 0.920
-REALISTIC = ("idle-only", "naive", "static/peak", "fixed-split/peak")
-"""The trace replay's baselines an operator can run: none of them knows the trace in advance."""
-ORACLE = ("static/oracle",)
-"""``static`` tuned on the very trace it is scored on: a reference, not a baseline anyone can deploy."""
 
 
 class Settings(msgspec.Struct, kw_only=True):
