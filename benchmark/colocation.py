@@ -4,7 +4,13 @@ Each policy gets a fresh server (built-in ``small`` model, LoRA on) with a long 
 and the same open-loop traces of streaming ``/generate`` requests: bursts of arrivals, then quiet, at one
 or more load levels (``--loads`` multiplies both arrival rates), replayed light to heavy in that one
 server. The client measures every request's time per output token from the streamed chunks themselves
-(not server counters). Finetune throughput is the job's trained tokens over each level's window, read
+(not server counters), with ``sglang.bench_serving``'s definitions: a request's TPOT is (latency - TTFT) /
+(output tokens - 1), the gap from its first streamed token to its last over the tokens after the first,
+and SLO attainment is the share of completed requests whose TPOT is within the SLO (requests cut at the
+window's drain limit have no TPOT); ITL is every gap between two tokens of a request, reported beside it.
+``harli`` holds the SLO per request (the server's default ``--harli-slo-metric tpot``); ``harli/itl`` is
+the same policy holding every token interval (``--harli-slo-metric itl``), to show what banked slack
+buys. Finetune throughput is the job's trained tokens over each level's window, read
 from its status. While a level runs, a client thread polls ``GET /harli/stats`` every ``--poll-s``
 seconds; its recent token intervals (batch size, predicted and observed interval, units admitted) and
 the KV tokens lent at each poll make the timeline plot and the lent-memory column. Server timestamps are
@@ -70,12 +76,12 @@ from benchmark.load import (
     replay,
 )
 from benchmark.traces import TraceName
-from benchmark.verdicts import gain_over_best_baseline, holds_slo
+from benchmark.verdicts import BASELINES, REALISTIC, gain_over_best_baseline, holds_slo
 from sglang_harli.core.work import SHARED
 from sglang_harli.models.builtin import PRESET_SCHEME
 from sglang_harli.server_process import ServerProcess
 
-Policy = Literal["harli", "static", "idle-only", "naive"]
+Policy = Literal["harli", "harli/itl", "static", "idle-only", "naive"]
 POLICIES: tuple[Policy, ...] = get_args(Policy)
 """In the order they run."""
 # What a policy's server costs besides its traces and its start and stop (``benchmark.load``), for the
@@ -95,7 +101,9 @@ class LevelResult(msgspec.Struct, kw_only=True):
     truncated: int
     tpot_p50_ms: float
     tpot_p99_ms: float
+    """Completed requests' TPOT, (latency - TTFT) / (output tokens - 1), as ``sglang.bench_serving``."""
     slo_attainment: float
+    """Share of completed requests whose TPOT met the SLO."""
     finetune_tokens_per_s: float
     finetune_tokens: int
     trace_s: float
@@ -109,9 +117,17 @@ class LevelResult(msgspec.Struct, kw_only=True):
     """Units admitted beside decode steps during this level."""
     margin_ms: float | None
     server_tpot_p99_ms: float | None
-    """The same intervals as the server saw them (decode result to decode result), for comparison."""
+    """Token intervals as the server saw them (decode result to decode result): its ITL p99."""
     server_slo_attainment: float | None
+    """The share of those intervals within the SLO."""
     static_units: int | None = None
+    server_request_attainment: float | None = None
+    """Per-request TPOT attainment as the server's ledger saw it (``/harli/stats``), over its window."""
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
+    itl_attainment: float | None = None
+    """Every gap between two tokens of a request (cut requests' too): their percentiles and share within
+    the SLO. (``None`` in results recorded before issue 21, whose ``tpot_*`` fields were these gaps.)"""
 
 
 class StepSample(msgspec.Struct, array_like=True):
@@ -185,6 +201,10 @@ class Settings(msgspec.Struct, kw_only=True):
     trace_span_s: Annotated[
         Annotated[float, Meta(gt=0)] | None,
         Meta(description="Length of the replayed window, recorded seconds (none: to its end)."),
+    ] = None
+    max_itl_ms: Annotated[
+        Annotated[float, Meta(gt=0)] | None,
+        Meta(description="The harli server's --harli-max-itl-ms: a hard cap on any one token interval."),
     ] = None
     oracle_probes: Annotated[
         int,
@@ -293,11 +313,16 @@ def job_tokens(server: ServerProcess) -> int:
 
 
 def server_flags(settings: Settings, policy: str, static_units: int | None) -> list[str]:
+    name, _, metric = policy.partition("/")  # harli/itl: harli holding every token interval
     flags = [
         "--model-path", f"{PRESET_SCHEME}{settings.model}",
         "--enable-lora", "--max-lora-rank", "16", "--lora-target-modules", "all",
-        "--harli-policy", policy, "--harli-tpot-slo-ms", str(settings.slo_ms),
+        "--harli-policy", name, "--harli-tpot-slo-ms", str(settings.slo_ms),
     ]  # fmt: skip
+    if metric:
+        flags += ["--harli-slo-metric", metric]
+    elif name == "harli" and settings.max_itl_ms is not None:
+        flags += ["--harli-max-itl-ms", str(settings.max_itl_ms)]
     if static_units is not None:
         flags += ["--harli-static-units", str(static_units)]
     return flags
@@ -317,6 +342,8 @@ def run_level(
         trained = job_tokens(server) - tokens
     stats = server.get("/harli/stats").json()
     gaps = np.array([g for r in results for g in r.gaps_s]) * 1e3
+    # bench_serving's TPOT: a completed request's first streamed token to its last, over the tokens after
+    tpots = np.array([sum(r.gaps_s) / len(r.gaps_s) for r in results if r.ok and r.gaps_s]) * 1e3
     colocation = stats["colocation"]
     predictor = colocation["predictor"]
     corun = predictor["corun"].get(SHARED) or {}
@@ -327,9 +354,12 @@ def run_level(
         requests=len(results),
         failed=sum(not r.ok and not r.truncated for r in results),
         truncated=sum(r.truncated for r in results),
-        tpot_p50_ms=float(np.percentile(gaps, 50)) if gaps.size else math.nan,
-        tpot_p99_ms=float(np.percentile(gaps, 99)) if gaps.size else math.nan,
-        slo_attainment=float(np.mean(gaps <= settings.slo_ms)) if gaps.size else math.nan,
+        tpot_p50_ms=float(np.percentile(tpots, 50)) if tpots.size else math.nan,
+        tpot_p99_ms=float(np.percentile(tpots, 99)) if tpots.size else math.nan,
+        slo_attainment=float(np.mean(tpots <= settings.slo_ms)) if tpots.size else math.nan,
+        itl_p50_ms=float(np.percentile(gaps, 50)) if gaps.size else math.nan,
+        itl_p99_ms=float(np.percentile(gaps, 99)) if gaps.size else math.nan,
+        itl_attainment=float(np.mean(gaps <= settings.slo_ms)) if gaps.size else math.nan,
         finetune_tokens_per_s=trained / trace_s,
         finetune_tokens=trained,
         trace_s=trace_s,
@@ -343,6 +373,7 @@ def run_level(
         margin_ms=colocation["policy"]["margin_ms"],
         server_tpot_p99_ms=colocation["token_intervals"]["p99_ms"],
         server_slo_attainment=colocation["token_intervals"]["slo_attainment"],
+        server_request_attainment=colocation["requests"]["slo_attainment"],
         static_units=static_units,
     )
     return result, poller.timeline(policy, load, settings.slo_ms), stats
@@ -525,16 +556,19 @@ def print_report(report: Report) -> None:
     alone = report.measured.get("harli", {}).get("alone_tokens_per_s")
     print(f"\nfinetune alone: {alone:.0f} tokens/s" if alone else "")
     header = (
-        "load  policy      req  fail  cut  TPOT p50  TPOT p99  SLO att.  finetune tok/s  lent MiB  vs best"
+        "load  policy         req  fail  cut  TPOT p50  TPOT p99  SLO att.  ITL p99  ITL att.  finetune tok/s"
+        "  lent MiB  vs best"
     )
     print(header + "\n" + "-" * len(header))
+    baselines = REALISTIC if settings.trace is not None else BASELINES
     for load in sorted(settings.loads):
-        gain = gain_over_best_baseline(r for r in report.levels if r.load == load).ratio
+        gain = gain_over_best_baseline((r for r in report.levels if r.load == load), baselines).ratio
         for r in (r for r in report.levels if r.load == load):
             ratio = f"{gain:.2f}x" if gain is not None and r.policy == "harli" else "-"
             print(
-                f"{load:<5g} {r.policy:<10} {r.requests:>4} {r.failed:>5} {r.truncated:>4} "
+                f"{load:<5g} {r.policy:<13} {r.requests:>4} {r.failed:>5} {r.truncated:>4} "
                 f"{r.tpot_p50_ms:>8.1f}  {r.tpot_p99_ms:>8.1f}  {r.slo_attainment:>8.3f}  "
+                f"{r.itl_p99_ms or math.nan:>7.1f}  {r.itl_attainment or math.nan:>8.3f}  "
                 f"{r.finetune_tokens_per_s:>14.0f}  {r.lent_mib_mean:>8.1f}  {ratio:>7}"
             )
     harli = [r for r in report.levels if r.policy == "harli"]

@@ -1121,8 +1121,9 @@ def part_replay(run: Run) -> dict[str, Any]:
             continue
         runs.append(result)
         run.log(
-            f"replay {policy}: attainment {_f(result['slo_attainment'], '.4f')}, TPOT p99 "
-            f"{_f(result['tpot_p99_ms'], '.3f')} ms, finetune {result['finetune_tokens_per_s']:.0f} "
+            f"replay {policy}: attainment {_f(result['slo_attainment'], '.4f')} of requests, TPOT p99 "
+            f"{_f(result['tpot_p99_ms'], '.3f')} ms, ITL p99 {_f(result['itl_p99_ms'], '.3f')} ms, "
+            f"finetune {result['finetune_tokens_per_s']:.0f} "
             f"tokens/s, units by split {result['split_units']}"
         )
     gain = gain_over_best_baseline((_PolicyRun(r) for r in runs), baselines=(*BASELINES, SPATIAL))
@@ -1192,7 +1193,9 @@ def _replay_policy(run: Run, colocated: Colocated, policy: str, requests, slo_s,
     peek = look_ahead(trainer.units_per_micro_batch)
     tokens_before = trainer.tokens_trained
     pending, queue = deque(requests), deque()
-    running: list[list[int]] = []  # [context, tokens still to generate]
+    running: list[list[int]] = []  # [context, tokens still to generate, id, tokens generated]
+    arrived = 0
+    tpots: list[float] = []
     gaps: list[float] = []
     weights: list[int] = []
     split_units = {split.name: 0 for split in menu}
@@ -1206,7 +1209,8 @@ def _replay_policy(run: Run, colocated: Colocated, policy: str, requests, slo_s,
         joined = 0
         while queue and len(running) < s.replay_max_batch:
             request = queue.popleft()
-            running.append([request.prompt, request.output])
+            running.append([request.prompt, request.output, arrived, 0])
+            arrived += 1
             joined += 1
         if not running:
             chained = False
@@ -1247,6 +1251,9 @@ def _replay_policy(run: Run, colocated: Colocated, policy: str, requests, slo_s,
         for r in running:
             r[0] += 1
             r[1] -= 1
+            r[3] += 1
+        # per-request TPOT from each request's first decode token, as the server's ledger keeps it
+        tpots += colocation.tokens_out([(str(r[2]), r[3], r[1] <= 0) for r in running], decode=True)
         finished += sum(1 for r in running if r[1] <= 0)
         running = [r for r in running if r[1] > 0]
     elapsed = time.perf_counter() - start
@@ -1256,12 +1263,20 @@ def _replay_policy(run: Run, colocated: Colocated, policy: str, requests, slo_s,
     stats = colocation.snapshot()
     corun = {name: st.mape_overall for name, st in stats.predictor.corun.items()}
     p50, p99 = _weighted(gaps, weights, 0.5), _weighted(gaps, weights, 0.99)
+    ones = [1] * len(tpots)
+    tpot_p50, tpot_p99 = _weighted(tpots, ones, 0.5), _weighted(tpots, ones, 0.99)
     return {
         "policy": policy,
         "static_units": static_units if policy in ("static", SPATIAL) else None,
-        "slo_attainment": held / sum(weights) if weights else None,
-        "tpot_p50_ms": None if p50 is None else p50 * 1e3,
-        "tpot_p99_ms": None if p99 is None else p99 * 1e3,
+        # per request, as sglang.bench_serving: (last token - first token) / (output tokens - 1)
+        "slo_attainment": sum(t <= slo_s for t in tpots) / len(tpots) if tpots else None,
+        "tpot_p50_ms": None if tpot_p50 is None else tpot_p50 * 1e3,
+        "tpot_p99_ms": None if tpot_p99 is None else tpot_p99 * 1e3,
+        "requests_finished": len(tpots),
+        # every token interval, weighed by the requests that waited through it
+        "itl_attainment": held / sum(weights) if weights else None,
+        "itl_p50_ms": None if p50 is None else p50 * 1e3,
+        "itl_p99_ms": None if p99 is None else p99 * 1e3,
         "intervals": len(gaps),
         "finetune_tokens": tokens,
         "finetune_tokens_per_s": tokens / elapsed,
@@ -1359,11 +1374,15 @@ def tables(result: dict[str, Any]) -> str:
         rows = [
             [f"`{r['policy']}`" + (f" ({r['static_units']}/step)" if r["static_units"] is not None else ""),
              _f(r["slo_attainment"], ".4f"), _f(r["tpot_p50_ms"], ".2f"), _f(r["tpot_p99_ms"], ".2f"),
+             _f(r.get("itl_attainment"), ".4f"), _f(r.get("itl_p99_ms"), ".2f"),
              _f(r["finetune_tokens_per_s"], ".0f"), _f(r["mean_batch"], ".1f"),
              ", ".join(f"{k} {v}" for k, v in r["split_units"].items() if v)]
             for r in p["runs"]
         ]  # fmt: skip
-        header = ["policy", "SLO att.", "TPOT p50 ms", "TPOT p99 ms", "finetune tok/s", "mean batch", "units"]
+        header = [
+            "policy", "SLO att. (requests)", "TPOT p50 ms", "TPOT p99 ms", "ITL att.", "ITL p99 ms",
+            "finetune tok/s", "mean batch", "units",
+        ]  # fmt: skip
         blocks.append(_table(header, rows))
         gain = p["gain"]
         versus = f"{gain['ratio']:.2f}x over `{gain['best']}`" if gain["ratio"] is not None else "-"

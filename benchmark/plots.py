@@ -19,6 +19,7 @@ from benchmark import colocation, overhead, simulate, verdicts  # noqa: E402
 POLICY_STYLE = {
     "harli": ("tab:red", "o"),
     "harli/shared": ("tab:pink", "v"),
+    "harli/itl": ("tab:orange", "P"),
     "static": ("tab:blue", "s"),
     "static/peak": ("tab:blue", "s"),
     "static/oracle": ("tab:cyan", "D"),

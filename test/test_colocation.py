@@ -65,6 +65,8 @@ def test_training_beside_decode_changes_no_token(server):
     # it really co-ran: units were admitted between decode steps, not only while idle
     assert colocation["policy"]["admitted_units"] > before["admitted_units"]
     assert colocation["token_intervals"]["count"] > 0
+    # both SLO measures: every streamed request's TPOT was kept by the server's ledger, per request
+    assert colocation["slo_metric"] == "tpot" and colocation["requests"]["count"] >= 8 * LOAD_ROUNDS
     assert any(step[4] > 0 for step in colocation["recent_steps"])  # [at, batch, pred, obs, units, split]
     # clients sent their next prompt as one finished, while units ran: those prefills came after a
     # decode step (and the outputs above are still token for token the reference)
@@ -89,4 +91,5 @@ def test_training_beside_decode_changes_no_token(server):
     ]
     assert admitted and float(admitted[0].rsplit(" ", 1)[1]) > 0
     assert "harli:predictor_mape" in metrics and "harli:token_interval_seconds_bucket" in metrics
+    assert "harli:request_tpot_seconds_bucket" in metrics and "harli:request_slo_attainment" in metrics
     assert "harli:kv_lent_tokens" in metrics and "harli:activation_bytes{" in metrics

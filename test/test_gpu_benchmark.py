@@ -64,6 +64,7 @@ def test_smoke_run_reports_every_part(smoke):
     assert replay["slo_ms"] > 0 and replay["requests"] > 0
     for policy in runs.values():
         assert 0.0 <= policy["slo_attainment"] <= 1.0 and policy["intervals"] > 0, policy
+        assert 0.0 <= policy["itl_attainment"] <= 1.0 and policy["requests_finished"] > 0, policy
         assert policy["finetune_tokens_per_s"] >= 0
     assert runs["harli"]["finetune_tokens"] > 0
     assert runs["static"]["static_units"] == replay["static_units"]

@@ -63,6 +63,8 @@ class ScriptedPredictor:
 
 
 def harli(predictor=None, **kwargs):
+    """The policy holding the SLO per token interval (``itl``), unless ``metric`` says otherwise."""
+    kwargs.setdefault("metric", "itl")
     return HarliPolicy(predictor or ScriptedPredictor(), slo_s=SLO, idle_budget_s=0.05, **kwargs)
 
 

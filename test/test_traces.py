@@ -167,7 +167,8 @@ def test_simulated_trace_replay_gives_every_policy_a_result(replay):
     (result,) = replay.replays
     policies = [r.policy for r in result.runs]
     assert policies == [
-        "harli", "harli/shared", "idle-only", "naive", "static/peak", "fixed-split/peak", "static/oracle"
+        "harli", "harli/shared", "harli/itl", "idle-only", "naive", "static/peak", "fixed-split/peak",
+        "static/oracle",
     ]  # fmt: skip
     assert result.requests == sum(traces.load("azure-code").at_s < 600)
     assert result.arrival_rate == pytest.approx(0.2 * result.capacity_rate)

@@ -1,13 +1,15 @@
 """The experiment: every policy on the same seeded traces at several loads, and harli's gain.
 
 For each load and seed, one trace (``workload.Workload.trace``) is replayed under ``harli``,
-``harli/shared``, ``idle-only``, ``naive`` and the best ``static``. The ``static`` baseline is tuned
-offline the strongest way: for every load level, the largest number of units per step that still holds
-the SLO on that very trace (a search over simulations, ``best_static``). ``harli/shared`` is harli with SM
-partitions off (time-sharing only), to separate what the splits add from what adapting per step adds.
-The gain is harli's finetune throughput over the best baseline (``idle-only``, ``static``, ``naive``)
-that holds the SLO, where harli holds it too (``benchmark.verdicts``, shared with the CPU benchmark),
-reported as a change: ratio - 1. ``run`` returns the ``Report`` that ``benchmark.run``
+``harli/shared``, ``harli/itl``, ``idle-only``, ``naive`` and the best ``static``. The SLO is judged per
+request (``RunResult.slo_attainment``: TPOT as ``sglang.bench_serving`` defines it), for every policy;
+``harli/itl`` is harli holding every token interval instead, to show what banked slack is worth. The
+``static`` baseline is tuned offline the strongest way: for every load level, the largest number of units
+per step that still holds the SLO on that very trace (a search over simulations, ``best_static``).
+``harli/shared`` is harli with SM partitions off (time-sharing only), to separate what the splits add from
+what adapting per step adds. The gain is harli's finetune throughput over the best baseline (``idle-only``,
+``static``, ``naive``) that holds the SLO, where harli holds it too (``benchmark.verdicts``, shared with the
+CPU benchmark), reported as a change: ratio - 1. ``run`` returns the ``Report`` that ``benchmark.run``
 writes to ``simulate.json``; ``QUICK`` and ``FULL`` are the settings of its two modes.
 
 With ``Settings.trace`` (``--trace azure-code``), ``run`` also replays a real trace (``evaluate_trace``),
@@ -193,11 +195,15 @@ def best_static(
 
 def _untuned_runs(roofline, trace, common: dict, offer: dict) -> list[RunResult]:
     """The policies that need no tuning, on one trace: ``harli``, ``harli/shared`` (no SM partitions, to
-    show what the splits add), ``idle-only`` and ``naive``."""
+    show what the splits add), ``harli/itl`` (holding every token interval instead of each request's
+    TPOT, to show what banked slack adds), ``idle-only`` and ``naive``."""
     return [
         simulate(roofline, "harli", trace, **common, **offer),
         msgspec.structs.replace(
             simulate(roofline, "harli", trace, partitions=False, **common, **offer), policy="harli/shared"
+        ),
+        msgspec.structs.replace(
+            simulate(roofline, "harli", trace, slo_metric="itl", **common, **offer), policy="harli/itl"
         ),
         simulate(roofline, "idle-only", trace, **common),
         simulate(roofline, "naive", trace, **common),

@@ -10,8 +10,14 @@ when both are done. With no request running the trainer gets idle slices of ``--
 (yielding at a unit boundary when a request arrives). Saved activations of the micro-batch in flight live
 in lent KV pages: a micro-batch starts only when the free pool can lend them, and a request that needs
 those pages back takes them, dropping the micro-batch (its progress is lost and replayed), as the
-server's lending does. Client-side TPOT is the gap between consecutive tokens of a request; a request's
-first token (from the prefill instance) and its wait for memory are TTFT, not TPOT.
+server's lending does. A request's first token (from the prefill instance) and its wait for memory are
+TTFT; its first token here is its first decode step's. Both SLO metrics are reported, as
+``sglang.bench_serving`` defines them: a request's TPOT is the time from that first token to its last
+over the tokens after the first, and its attainment the share of requests within the SLO; ITL is the
+gap between consecutive tokens of a request, each weighed by the requests that waited through it. The
+verdicts (``slo_attainment``) are per request. With ``--harli-slo-metric tpot`` the policy is told the
+smallest slack in the batch (``core.tpot``), kept here in closed form (``_Batch.slack``), and each
+finished request's TPOT.
 
 The co-location is built as the server builds it, by ``core.colocation.CoLocation.from_config`` from a
 ``HarliConfig`` (policy, SLO, static units), the SM split menu ``core.partition.plan_splits`` gives an
@@ -31,6 +37,7 @@ policy itself takes, and finetune work overlapping the next token interval.
 
 from __future__ import annotations
 
+import heapq
 import math
 import statistics
 from collections import deque
@@ -147,8 +154,14 @@ class RunResult(msgspec.Struct, kw_only=True):
     static_units: int | None
     finetune_tokens_per_s: float
     slo_attainment: float
+    """Share of finished requests whose TPOT met the SLO (per request, as ``bench_serving``)."""
     tpot_p50_ms: float
     tpot_p99_ms: float
+    """Per-request TPOT: (last token - first token) / (output tokens - 1)."""
+    itl_attainment: float
+    """Share of token intervals within the SLO, each weighed by the requests that waited through it."""
+    itl_p50_ms: float
+    itl_p99_ms: float
     decode_tokens_per_s: float
     mean_batch: float
     requests: int
@@ -168,32 +181,59 @@ class RunResult(msgspec.Struct, kw_only=True):
 
 class _Batch:
     """The running requests, kept as totals: a step touches every request, so per-request state would
-    make each step cost the batch size; a request's end is known when it joins."""
+    make each step cost the batch size; a request's end is known when it joins.
 
-    def __init__(self):
+    Per-request TPOT needs only each request's first and last step: with ``times[k]`` the time step
+    ``k``'s results came out, a request that joined before step ``s + 1`` (its first token) and ends at
+    step ``e`` has TPOT ``(times[e] - times[s + 1]) / (e - s - 1)``. Its slack after step ``k`` is
+    ``SLO x (k - s) - (times[k] - times[s + 1])``, whose only per-request part is ``times[s + 1] - SLO x s``:
+    the smallest slack is a heap minimum, entries leaving it lazily when their request ends."""
+
+    def __init__(self, slo_s: float):
+        self.slo_s = slo_s
         self.size = 0
         self.context = 0
         self.step = 0
-        self._ending: dict[int, list[tuple[int, int]]] = {}  # step -> [(final context, reserved)]
+        self.times: list[float] = [0.0]
+        # step -> [(final context, reserved, joined at step)]
+        self._ending: dict[int, list[tuple[int, int, int]]] = {}
+        self._first: dict[int, list[int]] = {}  # step -> end steps of the requests it gives a first token
+        self._slack: list[tuple[float, int]] = []  # (times[s + 1] - SLO x s, end step)
 
     def join(self, request: Request) -> int:
         reserved = request.prompt + request.output
         self.size += 1
         self.context += request.prompt
-        self._ending.setdefault(self.step + request.output, []).append(
-            (request.prompt + request.output, reserved)
-        )
+        end = self.step + request.output
+        self._ending.setdefault(end, []).append((request.prompt + request.output, reserved, self.step))
+        self._first.setdefault(self.step + 1, []).append(end)
         return reserved
 
-    def advance(self) -> tuple[int, int]:
-        """One decode step: every request gains a token; returns (requests finished, tokens released)."""
+    def advance(self, now: float) -> tuple[int, int, list[float]]:
+        """One decode step, its results out at ``now``: every request gains a token; returns (requests
+        finished, tokens released, the TPOT of each finished request with more than one token)."""
         self.step += 1
+        self.times.append(now)
         self.context += self.size
+        joined_at = self.step - 1
+        for end in self._first.pop(self.step, []):
+            heapq.heappush(self._slack, (now - self.slo_s * joined_at, end))
         ended = self._ending.pop(self.step, [])
-        for context, _ in ended:
+        tpots = []
+        for context, _, joined in ended:
             self.context -= context
+            if self.step - joined >= 2:
+                tpots.append((now - self.times[joined + 1]) / (self.step - joined - 1))
         self.size -= len(ended)
-        return len(ended), sum(reserved for _, reserved in ended)
+        return len(ended), sum(reserved for _, reserved, _ in ended), tpots
+
+    def slack(self) -> float | None:
+        """The smallest slack of the running requests past their first token, for the next interval."""
+        while self._slack and self._slack[0][1] <= self.step:
+            heapq.heappop(self._slack)
+        if not self._slack:
+            return None
+        return self.slo_s * self.step - self.times[-1] + self._slack[0][0]
 
 
 class Instance:
@@ -209,14 +249,18 @@ class Instance:
         seed: int = 0,
         partitions: bool = True,
         offer_blocked: bool = True,
+        slo_metric: str = "tpot",
     ):
         self.roofline, self.slo_s, self.offer_blocked = roofline, slo_s, offer_blocked
+        self.slo_metric = slo_metric
         gpu = roofline.gpu
         shares = DEFAULT_SHARES if partitions else ()
         menu = plan_splits(gpu.sms, shares, sm_granularity(*gpu.compute_capability))
         self.splits = {split.name: split.share for split in menu}
         self.clock = _Clock()
-        config = HarliConfig(tpot_slo_ms=slo_s * 1e3, policy=policy, static_units=static_units)  # type: ignore[arg-type]
+        config = HarliConfig(
+            tpot_slo_ms=slo_s * 1e3, policy=policy, static_units=static_units, slo_metric=slo_metric  # type: ignore[arg-type]
+        )
         self.colocation = CoLocation.from_config(
             config,
             splits=self.splits,
@@ -283,7 +327,9 @@ class Instance:
     def run(self, trace: Sequence[Request], duration_s: float) -> dict:
         clock, colocation = self.clock, self.colocation
         queue: deque[Request] = deque()
-        batch = _Batch()
+        batch = _Batch(self.slo_s)
+        tpots: list[float] = []
+        tracks_slack = self.slo_metric == "tpot"
         arrivals = iter(trace)
         upcoming_arrival = next(arrivals, None)
         gaps: list[tuple[float, int]] = []  # (token interval, requests that waited for it)
@@ -312,7 +358,9 @@ class Instance:
                 continue
             shape = DecodeShape(batch_size=batch.size, context_tokens=batch.context)
             if chained:
-                interval, step_s, solo = self._interval(shape, colocation.admit(shape, self._offer()))
+                slack = batch.slack() if tracks_slack else None
+                admission = colocation.admit(shape, self._offer(), slack_s=slack)
+                interval, step_s, solo = self._interval(shape, admission)
             else:  # the first step after idle closes no interval; nothing is admitted before it
                 step_s = self._decode_s(shape)
                 interval, solo = step_s, True
@@ -324,11 +372,15 @@ class Instance:
                 gaps.append((interval, batch.size - joined))
             chained = True
             decode_tokens += batch.size
-            ended, released = batch.advance()
+            ended, released, done = batch.advance(clock.now)
+            for tpot in done:
+                colocation.request_finished(tpot)
+            tpots += done
             finished += ended
             self.free += released
         return {
             "gaps": gaps,
+            "tpots": tpots,
             "decode_tokens": decode_tokens,
             "finished": finished,
             "lent_time": lent_time,
@@ -382,8 +434,10 @@ def simulate(
     partitions: bool = True,
     offer_blocked: bool = True,
     split: str | None = None,
+    slo_metric: str = "tpot",
 ) -> RunResult:
-    """``split``: the SM split ``fixed-split`` is pinned to (by default the menu's largest)."""
+    """``split``: the SM split ``fixed-split`` is pinned to (by default the menu's largest);
+    ``slo_metric``: what ``harli`` holds (``--harli-slo-metric``)."""
     instance = Instance(
         roofline,
         policy,
@@ -392,14 +446,18 @@ def simulate(
         seed=seed,
         partitions=partitions,
         offer_blocked=offer_blocked,
+        slo_metric=slo_metric,
     )
     if split is not None:
         instance.policy.split = split  # type: ignore[attr-defined]
     out = instance.run(trace, duration_s)
     intervals = np.array([g for g, _ in out["gaps"]] or [math.nan])
     weights = np.array([w for _, w in out["gaps"]] or [1])
-    p50, p99 = _weighted_percentiles(intervals * 1e3, weights, (0.50, 0.99))
-    attainment = float(weights[intervals <= slo_s].sum() / weights.sum()) if out["gaps"] else math.nan
+    itl_p50, itl_p99 = _weighted_percentiles(intervals * 1e3, weights, (0.50, 0.99))
+    itl_attainment = float(weights[intervals <= slo_s].sum() / weights.sum()) if out["gaps"] else math.nan
+    tpots = np.array(out["tpots"] or [math.nan])
+    p50, p99 = (float(v) for v in np.percentile(tpots * 1e3, [50, 99]))
+    attainment = float(np.mean(tpots <= slo_s)) if out["tpots"] else math.nan
     stats = instance.colocation.snapshot()
     corun = [s.mape_overall for s in stats.predictor.corun.values() if s.mape_overall is not None]
     return RunResult(
@@ -410,6 +468,9 @@ def simulate(
         slo_attainment=attainment,
         tpot_p50_ms=p50,
         tpot_p99_ms=p99,
+        itl_attainment=itl_attainment,
+        itl_p50_ms=itl_p50,
+        itl_p99_ms=itl_p99,
         decode_tokens_per_s=out["decode_tokens"] / duration_s,
         mean_batch=out["batch_time"] / duration_s,
         requests=len(trace),

@@ -15,6 +15,11 @@ intervals), gives the policy its feedback, and keeps the per-step record that ``
 benchmarks read. It imports no engine, so SGLang's scheduler, the GPU decode stand-in and the trace
 simulator all drive the same code.
 
+It also keeps the per-request TPOT ledger (``core.tpot``): the engine passes each batch's requests with
+its results (``result_arrived(requests=...)``), admission reads the smallest slack in the batch from it,
+and each finished request's TPOT goes to the policy and to the stats. A loop that keeps per-request time
+itself passes the slack to ``admit`` and reports finished requests (``request_finished``).
+
 A *token interval* is the time between two consecutive decode steps' results: what a streaming client
 sees as its time per output token. With finetune work admitted after step ``k``, interval ``k+1`` holds
 that work plus step ``k+1``, which is exactly what the stage-2 predictor is asked to predict. When a
@@ -31,10 +36,11 @@ from collections.abc import Callable, Mapping, Sequence
 import msgspec
 import numpy as np
 
-from sglang_harli.core.config import HarliConfig
+from sglang_harli.core.config import HarliConfig, SloMetric
 from sglang_harli.core.predictor import DecodeShape, LatencyPredictor, PredictorStats
 from sglang_harli.core.qos import Admission, PolicyStats, QosPolicy, make_policy
 from sglang_harli.core.timing import Timing
+from sglang_harli.core.tpot import RequestTokens, TpotLedger, TpotSummary
 from sglang_harli.core.work import SHARED, FinetuneWork
 
 PREDICTOR_FORGETTING = 0.995
@@ -72,6 +78,10 @@ class CoLocationStats(msgspec.Struct, kw_only=True):
     policy: PolicyStats
     predictor: PredictorStats
     token_intervals: IntervalSummary
+    requests: TpotSummary
+    """Per-request TPOT of finished requests (``sglang.bench_serving``'s definition) and its attainment."""
+    slo_metric: str
+    """What the policy holds the SLO on: ``tpot`` (per request) or ``itl`` (per token interval)."""
     decode_tokens_per_s: float
     finetune_tokens_per_s: float
     """Tokens of micro-batches completed per second, over the rate window."""
@@ -116,8 +126,13 @@ class CoLocation:
         rate_window_s: float = 30.0,
         recent: int = 64,
         clock: Callable[[], float] = time.perf_counter,
+        slo_metric: SloMetric = "tpot",
     ):
         self.predictor, self.policy, self.slo_s, self.clock = predictor, policy, slo_s, clock
+        self.requests = TpotLedger(slo_s, window)
+        self.just_finished: list[float] = []
+        """TPOTs of the requests the latest ``result_arrived`` finished (for the engine's metrics)."""
+        self.slo_metric = slo_metric
         self._intervals: deque[float] = deque(maxlen=window)
         self._decisions: deque[float] = deque(maxlen=window)
         self._units: deque[float] = deque(maxlen=window)
@@ -165,8 +180,11 @@ class CoLocation:
             percentile=config.slo_percentile,
             static_units=config.static_units,
             splits=list(splits),
+            metric=config.slo_metric,
+            max_itl_s=None if config.max_itl_ms is None else config.max_itl_ms / 1e3,
         )
-        return cls(predictor, policy, slo_s=slo_s, window=config.stats_window, clock=clock)
+        window = config.stats_window
+        return cls(predictor, policy, slo_s=slo_s, window=window, clock=clock, slo_metric=config.slo_metric)
 
     # -- events from an engine that launches forwards and collects their results ------------------------
     def forward_ran(
@@ -181,9 +199,13 @@ class CoLocation:
             self._chain_broken = True
             self._fresh_batch = nothing_waiting
 
-    def result_arrived(self, *, decode: bool) -> StepRecord | None:
-        """A batch's results are out; for a decode batch, returns the token interval it closed, if any."""
+    def result_arrived(
+        self, *, decode: bool, requests: Sequence[RequestTokens] = ()
+    ) -> StepRecord | None:
+        """A batch's results are out; for a decode batch, returns the token interval it closed, if any.
+        ``requests``: the batch's requests, each with the output tokens it has and whether it finished."""
         record = None
+        self.tokens_out(requests, decode=decode)
         if not decode:
             if self._fresh_batch:  # only new requests: their first tokens start the chain
                 self.chain_restarts()
@@ -211,7 +233,20 @@ class CoLocation:
         waits, self._decode_first = self._decode_first, False
         return waits
 
+    def tokens_out(self, requests: Sequence[RequestTokens], *, decode: bool) -> list[float]:
+        """A batch's requests got their tokens now (``result_arrived`` calls it; a loop that keeps its own
+        clock calls it after ``decode_done``); returns the TPOTs of those it finished."""
+        self.just_finished = self.requests.results(self.clock(), requests, decode=decode) if requests else []
+        for tpot in self.just_finished:
+            self.policy.observe_request(tpot)
+        return self.just_finished
+
     # -- events from a loop that keeps its own clock (and the primitives of those above) --------------
+    def request_finished(self, tpot_s: float) -> None:
+        """A request finished with this TPOT (a loop that keeps per-request time itself)."""
+        self.requests.finished(tpot_s)
+        self.policy.observe_request(tpot_s)
+
     def decode_done(self, shape: DecodeShape, step_s: float, *, solo: bool = True) -> StepRecord | None:
         """A decode step's results are out. ``solo``: the step ran with no finetune work beside it.
 
@@ -277,11 +312,17 @@ class CoLocation:
         upcoming: Sequence[FinetuneWork],
         *,
         started: float | None = None,
+        slack_s: float | None = None,
     ) -> Admission:
         """Ask the policy; ``started`` (a ``perf_counter`` reading) when the caller's own preparation,
-        such as listing the coming units, should count as decision time too."""
+        such as listing the coming units, should count as decision time too. ``slack_s``: the smallest
+        per-request slack in the batch, from a loop that tracks it itself; otherwise the ledger's, for the
+        interval counted from the last decode result."""
         started = time.perf_counter() if started is None else started
-        admission = self.policy.admit(next_decode, upcoming)
+        if slack_s is None and next_decode is not None and self.slo_metric == "tpot":
+            last = self._last_decode_done
+            slack_s = self.requests.slack(self.clock() if last is None else last)
+        admission = self.policy.admit(next_decode, upcoming, slack_s=slack_s)
         self._decisions.append(time.perf_counter() - started)
         if next_decode is not None:
             self._pending, self._ran = admission, 0
@@ -327,6 +368,8 @@ class CoLocation:
             policy=self.policy.snapshot(),
             predictor=self.predictor.snapshot(),
             token_intervals=self.interval_summary(),
+            requests=self.requests.summary(),
+            slo_metric=self.slo_metric,
             decode_tokens_per_s=self._decode_tokens.per_s(),
             finetune_tokens_per_s=self._finetune_tokens.per_s(),
             finetune_busy_fraction=min(self._finetune_busy.per_s(), 1.0),

@@ -24,6 +24,7 @@ import msgspec
 import msgspec.inspect as mi
 
 PolicyName = Literal["harli", "idle-only", "naive", "static", "fixed-split"]
+SloMetric = Literal["tpot", "itl"]
 
 
 class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -31,8 +32,8 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         float,
         msgspec.Meta(
             gt=0,
-            description="Decode time-per-output-token SLO in milliseconds: each decode step should finish "
-            "within it.",
+            description="Decode time-per-output-token SLO in milliseconds, held as --harli-slo-metric "
+            "says.",
         ),
     ] = 100.0
 
@@ -41,9 +42,28 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         msgspec.Meta(
             gt=0,
             le=100,
-            description="Percentile of decode steps that must meet --harli-tpot-slo-ms (99 means p99).",
+            description="Percentile that must meet --harli-tpot-slo-ms (99 means p99): of requests with "
+            "--harli-slo-metric tpot, of token intervals with itl.",
         ),
     ] = 99.0
+
+    slo_metric: Annotated[
+        SloMetric,
+        msgspec.Meta(
+            description="What the SLO is held on: tpot, each request's time per output token as "
+            "sglang.bench_serving reports it, (latency - TTFT) / (output tokens - 1), so a request "
+            "whose tokens came fast banks slack a later interval may spend; or itl, every token interval "
+            "(the gap between two tokens of a request).",
+        ),
+    ] = "tpot"
+
+    max_itl_ms: Annotated[
+        Annotated[float, msgspec.Meta(gt=0)] | None,
+        msgspec.Meta(
+            description="With --harli-slo-metric tpot, a hard cap in milliseconds on each token interval: "
+            "banked slack is never spent past it (held at --harli-slo-percentile of intervals).",
+        ),
+    ] = None
 
     stats_window: Annotated[
         int,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -44,6 +44,7 @@ from sglang_harli.core.predictor import DecodeShape
 from sglang_harli.core.stats import FinetuneStats, HarliStats, StepRecorder
 from sglang_harli.core.tensor_parallel import TensorParallelError
 from sglang_harli.core.timing import EventStopwatch, Timing, stopwatch
+from sglang_harli.core.tpot import RequestTokens
 from sglang_harli.models.builtin import cache_root
 from sglang_harli.srt.control import ControlDispatcher, HarliControlReq, HarliControlReqOutput
 from sglang_harli.srt.job_control import JobControl
@@ -164,17 +165,24 @@ class FinetuneService:
         step = device if device is not None else seconds
         self.colocation.forward_ran(decode, step, nothing_waiting=nothing_waiting)
 
-    def result_arrived(self, *, decode: bool, prefill_tokens: int | None = None) -> None:
-        """A batch's results were processed; ``prefill_tokens`` for an extend (prefill) batch."""
+    def result_arrived(
+        self, *, decode: bool, prefill_tokens: int | None = None, requests: Sequence[RequestTokens] = ()
+    ) -> None:
+        """A batch's results were processed; ``prefill_tokens`` for an extend (prefill) batch;
+        ``requests``: its requests with their output tokens so far and whether each finished."""
         if prefill_tokens is not None:
             self.steps.record_prefill(prefill_tokens)
-        record = self.colocation.result_arrived(decode=decode)
-        if record is not None and self.metrics is not None:
-            self.metrics.interval(record)
-            self.metrics.refresh(self.colocation, self.lending)
+        record = self.colocation.result_arrived(decode=decode, requests=requests)
+        if self.metrics is not None:
+            if self.colocation.just_finished:
+                self.metrics.requests(self.colocation.just_finished)
+            if record is not None:
+                self.metrics.interval(record)
+                self.metrics.refresh(self.colocation, self.lending)
 
     def went_idle(self) -> None:
         self.colocation.idle()
+        self.colocation.requests.clear()
 
     def prefill_waits(self, *, decoding: bool) -> bool:
         """Whether the next prefill waits one decode step, because a request arrived during finetune

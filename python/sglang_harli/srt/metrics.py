@@ -27,7 +27,7 @@ class HarliMetrics:
         buckets = sorted({round(slo_s * f, 6) for f in (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4)})
         self.token_interval = Histogram(
             "harli:token_interval_seconds",
-            "Time between consecutive decode steps' results (client-side TPOT).",
+            "Time between consecutive decode steps' results (a streaming client's inter-token latency).",
             names,
             buckets=buckets,
         )
@@ -43,6 +43,15 @@ class HarliMetrics:
             "harli:admitted_units", "Units admitted beside the last decode step.", ["split"]
         )
         self.attainment = gauge("harli:slo_attainment", "Share of recent token intervals within the SLO.")
+        self.request_tpot = Histogram(
+            "harli:request_tpot_seconds",
+            "Finished requests' TPOT: (latency - TTFT) / (output tokens - 1), as sglang.bench_serving.",
+            names,
+            buckets=buckets,
+        )
+        self.request_attainment = gauge(
+            "harli:request_slo_attainment", "Share of recent finished requests whose TPOT met the SLO."
+        )
         self.margin = gauge("harli:qos_margin_seconds", "The QoS policy's current safety margin.")
         self.mape = gauge("harli:predictor_mape", "Predictor error (fraction).", ["stage", "window"])
         self.decode_rate = gauge("harli:decode_tokens_per_second", "Decode tokens/s over the rate window.")
@@ -75,6 +84,10 @@ class HarliMetrics:
             self.predicted.labels(**self.labels).set(step.predicted_ms / 1e3)
         self.admitted.labels(**self.labels, split=step.split).set(step.units)
 
+    def requests(self, tpots: list[float]) -> None:
+        for tpot in tpots:
+            self.request_tpot.labels(**self.labels).observe(tpot)
+
     def unit(self, when: str, micro_batch_tokens: int) -> None:
         self.units.labels(**self.labels, when=when).inc()
         if micro_batch_tokens:
@@ -96,6 +109,8 @@ class HarliMetrics:
         stats = colocation.snapshot()
         if stats.token_intervals.slo_attainment is not None:
             self.attainment.labels(**self.labels).set(stats.token_intervals.slo_attainment)
+        if stats.requests.slo_attainment is not None:
+            self.request_attainment.labels(**self.labels).set(stats.requests.slo_attainment)
         if stats.policy.margin_ms is not None:
             self.margin.labels(**self.labels).set(stats.policy.margin_ms / 1e3)
         self.decode_rate.labels(**self.labels).set(stats.decode_tokens_per_s)

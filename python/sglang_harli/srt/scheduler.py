@@ -99,6 +99,7 @@ class HarliSchedulerMixin:
         self.harli.result_arrived(
             decode=batch.forward_mode.is_decode(),
             prefill_tokens=int(batch.extend_num_tokens or 0) if extend else None,
+            requests=[(req.rid, len(req.output_ids), req.finished()) for req in batch.reqs],
         )
         if self.harli.has_work:
             self.harli.train(lambda: self._harli_slot_after(batch), should_yield=self._harli_request_pending)
