@@ -6,8 +6,9 @@ or more load levels (``--loads`` multiplies both arrival rates), replayed light 
 server. The client measures every request's time per output token from the streamed chunks themselves
 (not server counters), with ``sglang.bench_serving``'s definitions: a request's TPOT is (latency - TTFT) /
 (output tokens - 1), the gap from its first streamed token to its last over the tokens after the first,
-and SLO attainment is the share of completed requests whose TPOT is within the SLO (requests cut at the
-window's drain limit have no TPOT); ITL is every gap between two tokens of a request, reported beside it.
+and SLO attainment is the share of requests whose TPOT is within the SLO (a request cut at the window's
+drain limit counts with the tokens it had: leaving it out would leave out what a slow policy leaves
+streaming); ITL is every gap between two tokens of a request, reported beside it.
 ``harli`` holds the SLO per request (the server's default ``--harli-slo-metric tpot``); ``harli/itl`` is
 the same policy holding every token interval (``--harli-slo-metric itl``), to show what banked slack
 buys. Finetune throughput is the job's trained tokens over each level's window, read
@@ -101,9 +102,10 @@ class LevelResult(msgspec.Struct, kw_only=True):
     truncated: int
     tpot_p50_ms: float
     tpot_p99_ms: float
-    """Completed requests' TPOT, (latency - TTFT) / (output tokens - 1), as ``sglang.bench_serving``."""
+    """Requests' TPOT, (latency - TTFT) / (output tokens - 1), as ``sglang.bench_serving``; a request cut
+    at the drain limit with its tokens so far."""
     slo_attainment: float
-    """Share of completed requests whose TPOT met the SLO."""
+    """Share of those requests whose TPOT met the SLO."""
     finetune_tokens_per_s: float
     finetune_tokens: int
     trace_s: float
@@ -342,8 +344,11 @@ def run_level(
         trained = job_tokens(server) - tokens
     stats = server.get("/harli/stats").json()
     gaps = np.array([g for r in results for g in r.gaps_s]) * 1e3
-    # bench_serving's TPOT: a completed request's first streamed token to its last, over the tokens after
-    tpots = np.array([sum(r.gaps_s) / len(r.gaps_s) for r in results if r.ok and r.gaps_s]) * 1e3
+    # bench_serving's TPOT: a request's first streamed token to its last, over the tokens after it. A request
+    # cut at the window's drain limit counts with its tokens so far: dropping it would drop exactly the
+    # requests a slow policy leaves streaming, and a policy could then "hold" the SLO on a handful.
+    counted = [r for r in results if r.gaps_s and (r.ok or r.truncated)]
+    tpots = np.array([sum(r.gaps_s) / len(r.gaps_s) for r in counted]) * 1e3
     colocation = stats["colocation"]
     predictor = colocation["predictor"]
     corun = predictor["corun"].get(SHARED) or {}
