@@ -230,6 +230,18 @@ def prepare(argv: list[str]):
         raise UsageError(f"invalid arguments (exit {exc.code})") from None
     except (ValueError, TypeError, AssertionError) as exc:
         raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if config.peers:
+        from sglang_harli.core.fleet import parse_peers
+
+        try:
+            peers = parse_peers(config.peers)
+        except ValueError as exc:
+            raise UsageError(f"argument --harli-peers: {exc}") from None
+        own = {f"http://{server_args.host}:{server_args.port}", f"http://localhost:{server_args.port}"}
+        config = msgspec.structs.replace(config, peers=",".join(p for p in peers if p not in own))
+        server_args._harli_config = config
+        if not server_args.admin_api_key:  # peer calls must be refusable
+            raise UsageError("argument --harli-peers: needs --admin-api-key (the same on every instance)")
     if config.state_dir and server_args.dp_size > 1:  # every rank would resume the same jobs
         raise UsageError("argument --harli-state-dir: not supported with --dp-size above 1 yet")
     if config.state_dir and server_args.tp_size > 1:  # checkpoints would need every rank's optimizer slice

@@ -33,7 +33,9 @@ class ServerProcess:
         log_path: Path | str,
         port: int | None = None,
         module: str = "sglang_harli.launch_server",
+        env: dict[str, str] | None = None,
     ):
+        """``env``: variables set for the server over this process's environment (``OMP_NUM_THREADS``)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -42,6 +44,7 @@ class ServerProcess:
             [sys.executable, "-m", module, "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env},
             start_new_session=True,  # its own process group, so stop() reaches every child
         )
 

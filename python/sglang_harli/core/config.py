@@ -162,6 +162,16 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = 0.0
 
+    peers: Annotated[
+        str,
+        msgspec.Meta(
+            description="The other Harli instances of this model's fleet, as comma-separated base URLs "
+            "(http://host:port): every adapter version a job publishes is served on each of them too, and "
+            "this instance catches up on theirs before it reports healthy; needs --admin-api-key, the "
+            "same on every instance. Empty: no fleet.",
+        ),
+    ] = ""
+
     state_dir: Annotated[
         str,
         msgspec.Meta(

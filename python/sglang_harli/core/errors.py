@@ -39,6 +39,14 @@ class SpecInvalid(SpecError):
     contradiction between fields."""
 
 
+class Unauthorized(HarliError):
+    """A fleet peer route was called without the admin key."""
+
+
+class Forbidden(HarliError):
+    """A fleet peer route on an instance with no admin key: such calls are never accepted."""
+
+
 class NotFound(HarliError):
     """No job (or job version) by that name."""
 
@@ -66,6 +74,8 @@ class StorageFailed(HarliError):
 HTTP_STATUS: dict[type[HarliError], int] = {
     SpecError: 400,
     SpecInvalid: 422,
+    Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     TooLarge: 413,

@@ -17,6 +17,7 @@ import numpy as np
 
 from sglang_harli.core.colocation import CoLocationStats
 from sglang_harli.core.config import HarliConfig
+from sglang_harli.core.fleet import FleetStats
 from sglang_harli.core.memory import MemoryStats
 from sglang_harli.core.work import WorkKind
 
@@ -168,3 +169,5 @@ class HarliStats(StepStats, kw_only=True):
 
     finetune: FinetuneStats
     colocation: CoLocationStats
+    fleet: FleetStats | None = None
+    """With --harli-peers: the peers, alive or not, and the adapter versions exchanged (``core.fleet``)."""

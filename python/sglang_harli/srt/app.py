@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 from sglang.srt.entrypoints import http_server
 
 from sglang_harli.core.config import HarliConfig
+from sglang_harli.core.fleet import parse_peers
+from sglang_harli.models.builtin import cache_root
 from sglang_harli.srt import publisher
 from sglang_harli.srt.control import control_client, register_control_types
+from sglang_harli.srt.fleet import Fleet
 from sglang_harli.srt.openapi import document_routes
 from sglang_harli.srt.pd_guard import install_pd_guard
 from sglang_harli.srt.routes import router
@@ -36,6 +40,16 @@ def _with_harli_startup(lifespan):
                 await publisher.serve_again(tokenizer_manager)
             except Exception:  # serving without them beats not serving; each job shows what failed
                 logger.exception("re-publishing adapters at start-up failed")
+        if config.peers:
+            fleet = Fleet(
+                tokenizer_manager,
+                parse_peers(config.peers),
+                tokenizer_manager.server_args.admin_api_key,
+                Path(config.output_dir or cache_root() / "adapters") / ".peers",
+            )
+            tokenizer_manager.harli_fleet = fleet
+            await fleet.catch_up()  # the peers' newest adapters serve here before this reports healthy
+            fleet.start()
         async with lifespan(app) as state:
             yield state
 
@@ -58,8 +72,9 @@ def install(app=None) -> None:
         return
     for route in router.routes:
         app.add_api_route(
-            route.path, route.endpoint, methods=sorted(route.methods), name=route.name, tags=["harli"]
-        )
+            route.path, route.endpoint, methods=sorted(route.methods), name=route.name, tags=["harli"],
+            include_in_schema=route.include_in_schema,
+        )  # fmt: skip
     if not getattr(app.router.lifespan_context, "harli", False):
         app.router.lifespan_context = _with_harli_startup(app.router.lifespan_context)
     document_routes(app)

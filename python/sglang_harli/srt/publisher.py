@@ -52,7 +52,8 @@ def install_receiver(tokenizer_manager) -> None:
 
 
 async def publish_and_answer(tokenizer_manager, adapter: AdapterVersion) -> None:
-    """Serve ``adapter`` and tell the scheduler whether it serves (``AdapterServed``)."""
+    """Serve ``adapter``, tell the scheduler whether it serves (``AdapterServed``), and hand it to the
+    fleet's peers, if there are any (``srt.fleet``)."""
     error = None
     try:
         await publish_adapter(tokenizer_manager, adapter.name, adapter.version, adapter.path)
@@ -61,6 +62,9 @@ async def publish_and_answer(tokenizer_manager, adapter: AdapterVersion) -> None
         error = f"{type(exc).__name__}: {exc}"
     answer = AdapterServed(name=adapter.name, version=adapter.version, error=error)
     await control_client(tokenizer_manager).call(answer)
+    fleet = getattr(tokenizer_manager, "harli_fleet", None)
+    if error is None and fleet is not None:
+        fleet.published(adapter.name, adapter.version, adapter.path)
 
 
 async def serve_again(tokenizer_manager) -> None:
@@ -102,6 +106,7 @@ async def publish_adapter(tokenizer_manager, name: str, version: int, path: str)
             registry._registry[name] = public
         tm.lora_ref_cache[name] = public
         _live_versions[name] = version
+        _live_paths[name] = path
         logger.info("adapter %s now serves version %d (%s)", name, version, path)
     if old is None:
         return None
@@ -113,6 +118,12 @@ async def publish_adapter(tokenizer_manager, name: str, version: int, path: str)
 
 _retiring: set[asyncio.Task] = set()
 _live_versions: dict[str, int] = {}
+_live_paths: dict[str, str] = {}
+
+
+def live_adapters() -> dict[str, tuple[int, str]]:
+    """Every adapter this process has published, with the version that serves and its directory."""
+    return {name: (version, _live_paths[name]) for name, version in _live_versions.items()}
 
 
 async def _retire(tm, name: str, old: LoRARef) -> None:

@@ -3,12 +3,17 @@
 Routes never touch scheduler state directly: they send a typed request (``core.control``) through the
 tokenizer manager (``srt.control``) and relay the scheduler's reply, so every number they return is the
 scheduler's. Read-only routes use SGLang's normal API-key rule; routes that change state are marked
-``AuthLevel.ADMIN_OPTIONAL`` like SGLang's own admin endpoints.
+``AuthLevel.ADMIN_OPTIONAL`` like SGLang's own admin endpoints. The fleet's peer routes
+(``/harli/fleet/...``, ``srt.fleet``) open only to the admin key, and are refused outright without one;
+they check it themselves, as SGLang's own admin-only endpoints do, because marking a route
+``ADMIN_FORCE`` would put every SGLang request through the API-key middleware. They are internal, so
+they are left out of the OpenAPI document.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import msgspec
 from fastapi import APIRouter, Request, Response
@@ -18,7 +23,16 @@ from sglang.srt.utils.auth import AuthLevel, auth_level
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.control import CancelJob, ControlRequest, GetJob, GetStats, ListJobs, SubmitJob
 from sglang_harli.core.data import load_examples
-from sglang_harli.core.errors import Conflict, HarliError, SpecError, TooLarge
+from sglang_harli.core.errors import (
+    Conflict,
+    Forbidden,
+    HarliError,
+    NotAvailable,
+    NotFound,
+    SpecError,
+    TooLarge,
+    Unauthorized,
+)
 from sglang_harli.core.evaluation import build_eval_data
 from sglang_harli.core.job_store import discard_staged, stage_examples
 from sglang_harli.core.jobs import decode_spec
@@ -67,8 +81,16 @@ async def _body(request: Request, limit_mb: float) -> bytes:
 
 @router.get("/stats")
 async def harli_stats() -> Response:
-    """Decode step counters, recent step latency percentiles, SLO attainment and the config in force."""
-    return await _relay(GetStats())
+    """Decode step counters, recent step latency percentiles, SLO attainment and the config in force;
+    with --harli-peers, what this instance knows of its fleet (``fleet``)."""
+    response = await _relay(GetStats())
+    fleet = _fleet()
+    if fleet is None or response.status_code != 200:
+        return response
+    stats = msgspec.json.decode(response.body)
+    if isinstance(stats, dict) and "dp_ranks" not in stats:
+        stats["fleet"] = fleet.stats()
+    return _json(stats)
 
 
 @router.post("/jobs")
@@ -145,3 +167,61 @@ async def get_job(name: str) -> Response:
 async def cancel_job(name: str, request: Request) -> Response:
     """Stop a queued, running or publishing job; versions it already published stay served."""
     return await _relay(CancelJob(name=name))
+
+
+# -- the fleet's peer routes (srt.fleet) ---------------------------------------------------------------
+
+
+def _fleet():
+    return getattr(_tokenizer_manager(), "harli_fleet", None)
+
+
+def _fleet_or_refuse(request: Request):
+    """The fleet, for a caller holding the admin key; else a ``HarliError`` to answer with."""
+    key = _tokenizer_manager().server_args.admin_api_key
+    if not key:
+        raise Forbidden("authorization", "peer routes need --admin-api-key on this instance")
+    if not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
+        raise Unauthorized("authorization", "peer routes need the admin key (Authorization: Bearer <key>)")
+    fleet = _fleet()
+    if fleet is None:
+        raise NotAvailable("fleet", "this instance runs without --harli-peers")
+    return fleet
+
+
+@router.post("/fleet/adapters", include_in_schema=False)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def receive_adapter(request: Request) -> Response:
+    """A peer hands over a version it published (``core.fleet.AdapterBundle``, msgpack): checked, written
+    under this instance's own directory and served here under the job's name."""
+    try:
+        fleet = _fleet_or_refuse(request)
+        served = await fleet.receive(await _body(request, _config().max_request_mb * 16))
+    except HarliError as exc:
+        return _json(exc.body(), status=exc.status)
+    except RuntimeError as exc:  # SGLang refused to load it (srt.publisher): the sender reports it
+        return _json({"error": f"bundle: not served here: {exc}", "field": "bundle"}, status=500)
+    return _json(served)
+
+
+@router.get("/fleet/adapters", include_in_schema=False)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def served_adapters(request: Request) -> Response:
+    """Every adapter this instance serves, with its newest version: what a peer catches up on."""
+    try:
+        return _json(_fleet_or_refuse(request).served())
+    except HarliError as exc:
+        return _json(exc.body(), status=exc.status)
+
+
+@router.get("/fleet/adapters/{name}", include_in_schema=False)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def adapter_bundle(name: str, request: Request) -> Response:
+    """The newest version of one adapter served here, as a bundle (msgpack)."""
+    try:
+        bundle = await asyncio.to_thread(_fleet_or_refuse(request).bundle, name)
+        if bundle is None:
+            raise NotFound("name", f"no adapter named {name!r} serves here")
+    except HarliError as exc:
+        return _json(exc.body(), status=exc.status)
+    return Response(content=msgspec.msgpack.encode(bundle), media_type="application/msgpack")

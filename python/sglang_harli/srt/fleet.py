@@ -1,0 +1,188 @@
+"""The fleet's control plane, in the HTTP server process (``core.fleet`` says what a fleet is).
+
+``Fleet`` checks every peer of ``--harli-peers`` every ``CHECK_PERIOD_S`` (``GET /health``, never
+waited for by anything else), hands every version a job publishes here to every live peer
+(``published``, called by ``srt.publisher`` once the version serves here), serves the versions peers
+hand it (``receive``), and at start-up pulls from its peers the newest version of each adapter they serve
+and it does not (``catch_up``, run before the server reports healthy). The peer routes are
+``/harli/fleet/adapters`` in ``srt.routes``; every call between instances carries the admin key.
+
+A push never blocks decode or a job: it runs as a background task of this process, one peer after the
+other, and a peer that fails it is reported (``FleetStats``), not retried; the peer catches up when it
+restarts. A version already served here in a newer form is refused (``srt.publisher``: never backwards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import aiohttp
+import msgspec
+
+from sglang_harli.core.fleet import (
+    CHECK_PERIOD_S,
+    PEER_TIMEOUT_S,
+    AdapterBundle,
+    FleetStats,
+    PeerState,
+    ServedAdapter,
+    decode_bundle,
+    read_bundle,
+    write_bundle,
+)
+from sglang_harli.srt import publisher
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_TYPE = "application/msgpack"
+TRANSFER_TIMEOUT_S = 120.0
+"""An adapter of a large model at a high rank is hundreds of MB; a push or pull may take this long."""
+
+
+class _Peer:
+    def __init__(self, url: str):
+        self.url = url
+        self.alive = False
+        self.seen_at: float | None = None
+        self.error: str | None = None
+        self.pushed = 0
+
+    def state(self) -> PeerState:
+        since = None if self.seen_at is None else time.monotonic() - self.seen_at
+        return PeerState(
+            url=self.url, alive=self.alive, last_seen_s=since, error=self.error, adapters_pushed=self.pushed
+        )
+
+
+class Fleet:
+    def __init__(self, tokenizer_manager, peers: list[str], admin_key: str, root: str | Path):
+        self.tokenizer_manager = tokenizer_manager
+        self.peers = [_Peer(url) for url in peers]
+        self.root = Path(root)
+        """Where versions received from peers are written (``<root>/<job>/v<NNNN>``)."""
+        self._headers = {"Authorization": f"Bearer {admin_key}"}
+        self._tasks: set[asyncio.Task] = set()
+        self._pushes = asyncio.Lock()  # versions reach a peer in the order they were published here
+        self.received = 0
+        self.push_failures = 0
+
+    # -- peers -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Check the peers from now on, in the background."""
+        self._spawn(self._check_forever())
+
+    async def _check_forever(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(CHECK_PERIOD_S)
+
+    async def check(self) -> None:
+        """One round of health checks, all peers at once."""
+        await asyncio.gather(*(self._check(peer) for peer in self.peers))
+
+    async def _check(self, peer: _Peer) -> None:
+        try:
+            timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(f"{peer.url}/health") as resp:
+                    alive = resp.status == 200
+                    error = None if alive else f"GET /health answered {resp.status}"
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            alive, error = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if alive:
+            peer.seen_at = time.monotonic()
+            if not peer.alive:
+                logger.info("fleet peer %s is up", peer.url)
+        elif peer.alive:
+            logger.warning("fleet peer %s is down: %s", peer.url, error)
+        peer.alive, peer.error = alive, error
+
+    def stats(self) -> FleetStats:
+        return FleetStats(
+            peers=[peer.state() for peer in self.peers],
+            adapters_received=self.received,
+            push_failures=self.push_failures,
+        )
+
+    # -- handing versions out --------------------------------------------------------------------------
+    def published(self, name: str, version: int, path: str) -> None:
+        """A version of ``name`` serves here now: hand it to every live peer, in the background."""
+        self._spawn(self._push(name, version, path))
+
+    async def _push(self, name: str, version: int, path: str) -> None:
+        async with self._pushes:
+            bundle = await asyncio.to_thread(read_bundle, name, version, path)
+            body = msgspec.msgpack.encode(bundle)
+            for peer in (p for p in self.peers if p.alive):
+                try:
+                    status, text = await self._post(peer.url, "/harli/fleet/adapters", body)
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    status, text = None, f"{type(exc).__name__}: {exc}"
+                if status == 200:
+                    peer.pushed += 1
+                    continue
+                self.push_failures += 1
+                peer.error = f"push of {name} v{version}: {status or ''} {text[:300]}".strip()
+                logger.warning("fleet: %s", peer.error)
+
+    async def _post(self, url: str, route: str, body: bytes) -> tuple[int, str]:
+        timeout = aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S)
+        headers = {**self._headers, "Content-Type": BUNDLE_TYPE}
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.post(f"{url}{route}", data=body, headers=headers) as resp:
+                return resp.status, await resp.text()
+
+    # -- taking versions in ----------------------------------------------------------------------------
+    async def receive(self, body: bytes) -> ServedAdapter:
+        """A peer's bundle: check it (``SpecError`` naming the field), write it, serve it here."""
+        bundle = decode_bundle(body)
+        return await self._serve(bundle)
+
+    async def _serve(self, bundle: AdapterBundle) -> ServedAdapter:
+        live = publisher.live_adapters().get(bundle.name)
+        if live is not None and live[0] >= bundle.version:  # already serving it, or newer
+            return ServedAdapter(name=bundle.name, version=live[0])
+        path = await asyncio.to_thread(write_bundle, self.root, bundle)
+        await publisher.publish_adapter(self.tokenizer_manager, bundle.name, bundle.version, str(path))
+        self.received += 1
+        logger.info("fleet: serving %s version %d from a peer", bundle.name, bundle.version)
+        return ServedAdapter(name=bundle.name, version=bundle.version)
+
+    def served(self) -> list[ServedAdapter]:
+        return [ServedAdapter(name=n, version=v) for n, (v, _) in sorted(publisher.live_adapters().items())]
+
+    def bundle(self, name: str) -> AdapterBundle | None:
+        """The newest version of ``name`` served here, as a bundle (read from disk)."""
+        live = publisher.live_adapters().get(name)
+        return None if live is None else read_bundle(name, live[0], live[1])
+
+    async def catch_up(self) -> None:
+        """Start-up: serve the newest version of every adapter a live peer serves and this instance does
+        not (or serves older), before the server reports healthy."""
+        await self.check()
+        timeout = aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout, headers=self._headers) as session:
+            for peer in (p for p in self.peers if p.alive):
+                try:
+                    async with session.get(f"{peer.url}/harli/fleet/adapters") as resp:
+                        resp.raise_for_status()
+                        served = msgspec.json.decode(await resp.read(), type=list[ServedAdapter])
+                    for adapter in served:
+                        live = publisher.live_adapters().get(adapter.name)
+                        if live is not None and live[0] >= adapter.version:
+                            continue
+                        async with session.get(f"{peer.url}/harli/fleet/adapters/{adapter.name}") as resp:
+                            resp.raise_for_status()
+                            bundle = decode_bundle(await resp.read())
+                        await self._serve(bundle)
+                except Exception as exc:  # one peer's failure must not keep this instance from serving
+                    peer.error = f"catch-up: {type(exc).__name__}: {exc}"
+                    logger.warning("fleet: %s from %s", peer.error, peer.url)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
