@@ -40,7 +40,7 @@ from sglang_harli.core.config import HarliConfig, SloMetric
 from sglang_harli.core.predictor import DecodeShape, LatencyPredictor, PredictorStats
 from sglang_harli.core.qos import Admission, PolicyStats, QosPolicy, make_policy
 from sglang_harli.core.timing import Timing
-from sglang_harli.core.tpot import RequestTokens, TpotLedger, TpotSummary
+from sglang_harli.core.tpot import LatencySummary, RequestTokens, TpotLedger, TpotSummary
 from sglang_harli.core.work import SHARED, FinetuneWork
 
 PREDICTOR_FORGETTING = 0.995
@@ -66,12 +66,8 @@ class StepRecord(msgspec.Struct, array_like=True):
     split: str
 
 
-class IntervalSummary(msgspec.Struct, kw_only=True):
-    count: int
-    p50_ms: float | None
-    p99_ms: float | None
-    slo_attainment: float | None
-    """Fraction of token intervals within the TPOT SLO: what streaming clients experience."""
+class IntervalSummary(LatencySummary, kw_only=True):
+    """Token intervals over the stats window: what streaming clients experience between two tokens."""
 
 
 class CoLocationStats(msgspec.Struct, kw_only=True):
@@ -352,16 +348,7 @@ class CoLocation:
 
     # -- stats ---------------------------------------------------------------------------------------
     def interval_summary(self) -> IntervalSummary:
-        if not self._intervals:
-            return IntervalSummary(count=0, p50_ms=None, p99_ms=None, slo_attainment=None)
-        ms = np.fromiter(self._intervals, dtype=np.float64) * 1e3
-        p50, p99 = np.percentile(ms, [50, 99])
-        return IntervalSummary(
-            count=int(ms.size),
-            p50_ms=float(p50),
-            p99_ms=float(p99),
-            slo_attainment=float(np.mean(ms <= self.slo_s * 1e3)),
-        )
+        return IntervalSummary.of(self._intervals, self.slo_s)
 
     def snapshot(self) -> CoLocationStats:
         return CoLocationStats(

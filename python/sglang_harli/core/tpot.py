@@ -41,15 +41,30 @@ RequestTokens = tuple[str, int, bool]
 """One request in a batch's results: (request id, output tokens generated so far, finished)."""
 
 
-class TpotSummary(msgspec.Struct, kw_only=True):
-    """Finished requests' TPOT over the stats window, with ``bench_serving``'s definition."""
+class LatencySummary(msgspec.Struct, kw_only=True):
+    """A window of latencies against the SLO: how many, p50/p99, and the share within the SLO."""
 
     count: int
-    """Finished requests with at least two output tokens (TPOT is undefined for one)."""
     p50_ms: float | None
     p99_ms: float | None
     slo_attainment: float | None
-    """Share of those requests whose TPOT met the SLO."""
+    """Share of them within the SLO."""
+
+    @classmethod
+    def of(cls, seconds: Iterable[float], slo_s: float, **extra):
+        """The summary of ``seconds`` (``None`` figures when there are none); ``extra``: subclass fields."""
+        ms = np.fromiter(seconds, dtype=np.float64) * 1e3
+        if not ms.size:
+            return cls(count=0, p50_ms=None, p99_ms=None, slo_attainment=None, **extra)
+        p50, p99 = np.percentile(ms, [50, 99])
+        held = float(np.mean(ms <= slo_s * 1e3))
+        return cls(count=int(ms.size), p50_ms=float(p50), p99_ms=float(p99), slo_attainment=held, **extra)
+
+
+class TpotSummary(LatencySummary, kw_only=True):
+    """Finished requests' TPOT over the stats window, with ``bench_serving``'s definition: ``count`` is
+    the finished requests with at least two output tokens (TPOT is undefined for one)."""
+
     open: int
     """Requests being decoded now."""
 
@@ -114,14 +129,4 @@ class TpotLedger:
         self._open.clear()
 
     def summary(self) -> TpotSummary:
-        if not self._finished:
-            return TpotSummary(count=0, p50_ms=None, p99_ms=None, slo_attainment=None, open=len(self._open))
-        ms = np.fromiter(self._finished, dtype=np.float64) * 1e3
-        p50, p99 = np.percentile(ms, [50, 99])
-        return TpotSummary(
-            count=int(ms.size),
-            p50_ms=float(p50),
-            p99_ms=float(p99),
-            slo_attainment=float(np.mean(ms <= self.slo_s * 1e3)),
-            open=len(self._open),
-        )
+        return TpotSummary.of(self._finished, self.slo_s, open=len(self._open))
