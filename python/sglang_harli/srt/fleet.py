@@ -8,8 +8,11 @@ and it does not (``catch_up``, run before the server reports healthy). The peer 
 ``/harli/fleet/adapters`` in ``srt.routes``; every call between instances carries the admin key.
 
 A push never blocks decode or a job: it runs as a background task of this process, one peer after the
-other, and a peer that fails it is reported (``FleetStats``), not retried; the peer catches up when it
-restarts. A version already served here in a newer form is refused (``srt.publisher``: never backwards).
+other, and a peer that fails it is reported (``FleetStats``). Whenever a peer is seen coming up (at the
+first check that reaches it, or again after it was down), this instance hands it the newest version of
+every adapter served here that it lacks (``_sync``): so a version published while a peer was starting,
+down, or not yet checked reaches it as soon as it answers. A version already served in a newer form is
+refused (``srt.publisher``: never backwards).
 """
 
 from __future__ import annotations
@@ -92,13 +95,16 @@ class Fleet:
                     error = None if alive else f"GET /health answered {resp.status}"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             alive, error = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        came_up = alive and not peer.alive
         if alive:
             peer.seen_at = time.monotonic()
-            if not peer.alive:
+            if came_up:
                 logger.info("fleet peer %s is up", peer.url)
         elif peer.alive:
             logger.warning("fleet peer %s is down: %s", peer.url, error)
         peer.alive, peer.error = alive, error
+        if came_up and publisher.live_adapters():
+            self._spawn(self._sync(peer))
 
     def stats(self) -> FleetStats:
         return FleetStats(
@@ -114,19 +120,39 @@ class Fleet:
 
     async def _push(self, name: str, version: int, path: str) -> None:
         async with self._pushes:
-            bundle = await asyncio.to_thread(read_bundle, name, version, path)
-            body = msgspec.msgpack.encode(bundle)
+            body = msgspec.msgpack.encode(await asyncio.to_thread(read_bundle, name, version, path))
             for peer in (p for p in self.peers if p.alive):
-                try:
-                    status, text = await self._post(peer.url, "/harli/fleet/adapters", body)
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    status, text = None, f"{type(exc).__name__}: {exc}"
-                if status == 200:
-                    peer.pushed += 1
-                    continue
-                self.push_failures += 1
-                peer.error = f"push of {name} v{version}: {status or ''} {text[:300]}".strip()
-                logger.warning("fleet: %s", peer.error)
+                await self._push_to(peer, name, version, body)
+
+    async def _sync(self, peer: _Peer) -> None:
+        """``peer`` came up: hand it the newest version of each adapter served here that it lacks."""
+        async with self._pushes:
+            try:
+                timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S * 5)
+                async with aiohttp.ClientSession(timeout=timeout, headers=self._headers) as session:
+                    async with session.get(f"{peer.url}/harli/fleet/adapters") as resp:
+                        resp.raise_for_status()
+                        served = msgspec.json.decode(await resp.read(), type=list[ServedAdapter])
+            except Exception as exc:  # it will be synced again when it next comes up
+                peer.error = f"sync: {type(exc).__name__}: {exc}"
+                return
+            theirs = {adapter.name: adapter.version for adapter in served}
+            for name, (version, path) in publisher.live_adapters().items():
+                if theirs.get(name, 0) < version:
+                    body = msgspec.msgpack.encode(await asyncio.to_thread(read_bundle, name, version, path))
+                    await self._push_to(peer, name, version, body)
+
+    async def _push_to(self, peer: _Peer, name: str, version: int, body: bytes) -> None:
+        try:
+            status, text = await self._post(peer.url, "/harli/fleet/adapters", body)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            status, text = None, f"{type(exc).__name__}: {exc}"
+        if status == 200:
+            peer.pushed += 1
+            return
+        self.push_failures += 1
+        peer.error = f"push of {name} v{version}: {status or ''} {text[:300]}".strip()
+        logger.warning("fleet: %s", peer.error)
 
     async def _post(self, url: str, route: str, body: bytes) -> tuple[int, str]:
         timeout = aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S)
