@@ -38,6 +38,13 @@ class SpecInvalid(SpecError):
     """Well-formed JSON whose fields break the schema: a wrong type, a value out of range, a
     contradiction between fields."""
 
+    @classmethod
+    def from_validation(cls, exc: Exception) -> SpecInvalid:
+        """From msgspec's ``ValidationError``: its ``- at `$.<path>``` suffix becomes ``field``."""
+        message = str(exc)
+        field = message.rsplit(" - at `$.", 1)[1].rstrip("`") if " - at `$." in message else "body"
+        return cls(field, message.split(" - at ")[0])
+
 
 class Unauthorized(HarliError):
     """A fleet peer route was called without the admin key."""

@@ -120,9 +120,7 @@ def decode_bundle(body: bytes) -> AdapterBundle:
     try:
         bundle = msgspec.msgpack.decode(body, type=AdapterBundle)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        field = message.rsplit(" - at `$.", 1)[1].rstrip("`") if " - at `$." in message else "body"
-        raise SpecInvalid(field, message.split(" - at ")[0]) from None
+        raise SpecInvalid.from_validation(exc) from None
     except msgspec.DecodeError as exc:
         raise SpecError("bundle", f"not a msgpack adapter bundle: {exc}") from None
     for file_name in bundle.files:

@@ -218,9 +218,7 @@ def _decode_spec(body: bytes) -> FinetuneJobSpec:
     try:
         return msgspec.json.decode(body, type=FinetuneJobSpec)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        field = message.rsplit(" - at `$.", 1)[1].rstrip("`") if " - at `$." in message else "body"
-        raise SpecInvalid(field, message.split(" - at ")[0]) from None
+        raise SpecInvalid.from_validation(exc) from None
     except msgspec.DecodeError as exc:
         raise SpecError("body", f"not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:

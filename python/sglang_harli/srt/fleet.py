@@ -120,7 +120,7 @@ class Fleet:
 
     async def _push(self, name: str, version: int, path: str) -> None:
         async with self._pushes:
-            body = msgspec.msgpack.encode(await asyncio.to_thread(read_bundle, name, version, path))
+            body = await _bundle_body(name, version, path)
             for peer in (p for p in self.peers if p.alive):
                 await self._push_to(peer, name, version, body)
 
@@ -130,17 +130,14 @@ class Fleet:
             try:
                 timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S * 5)
                 async with aiohttp.ClientSession(timeout=timeout, headers=self._headers) as session:
-                    async with session.get(f"{peer.url}/harli/fleet/adapters") as resp:
-                        resp.raise_for_status()
-                        served = msgspec.json.decode(await resp.read(), type=list[ServedAdapter])
+                    served = await _served_by(session, peer)
             except Exception as exc:  # it will be synced again when it next comes up
                 peer.error = f"sync: {type(exc).__name__}: {exc}"
                 return
             theirs = {adapter.name: adapter.version for adapter in served}
             for name, (version, path) in publisher.live_adapters().items():
                 if theirs.get(name, 0) < version:
-                    body = msgspec.msgpack.encode(await asyncio.to_thread(read_bundle, name, version, path))
-                    await self._push_to(peer, name, version, body)
+                    await self._push_to(peer, name, version, await _bundle_body(name, version, path))
 
     async def _push_to(self, peer: _Peer, name: str, version: int, body: bytes) -> None:
         try:
@@ -193,10 +190,7 @@ class Fleet:
         async with aiohttp.ClientSession(timeout=timeout, headers=self._headers) as session:
             for peer in (p for p in self.peers if p.alive):
                 try:
-                    async with session.get(f"{peer.url}/harli/fleet/adapters") as resp:
-                        resp.raise_for_status()
-                        served = msgspec.json.decode(await resp.read(), type=list[ServedAdapter])
-                    for adapter in served:
+                    for adapter in await _served_by(session, peer):
                         live = publisher.live_adapters().get(adapter.name)
                         if live is not None and live[0] >= adapter.version:
                             continue
@@ -212,3 +206,15 @@ class Fleet:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _served_by(session: aiohttp.ClientSession, peer: _Peer) -> list[ServedAdapter]:
+    """The adapters ``peer`` serves, with their newest versions (``GET /harli/fleet/adapters``)."""
+    async with session.get(f"{peer.url}/harli/fleet/adapters") as resp:
+        resp.raise_for_status()
+        return msgspec.json.decode(await resp.read(), type=list[ServedAdapter])
+
+
+async def _bundle_body(name: str, version: int, path: str) -> bytes:
+    """A version's bundle as it goes over the wire, read off the event loop."""
+    return msgspec.msgpack.encode(await asyncio.to_thread(read_bundle, name, version, path))
