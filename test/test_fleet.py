@@ -2,6 +2,8 @@
 joiner catches up before it reports healthy, a dead peer is reported and skipped, and peer calls need
 the admin key. Each instance runs with one thread (two torch processes on two cores)."""
 
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -10,7 +12,6 @@ import requests
 
 from sglang_harli.core.errors import SpecError, SpecInvalid
 from sglang_harli.core.fleet import AdapterBundle, bundle_digest, decode_bundle, parse_peers, write_bundle
-from sglang_harli.launch_server import UsageError, prepare
 from sglang_harli.server_process import ServerProcess, free_port
 from test_jobs import PROMPTS, job_spec, wait_for
 
@@ -25,13 +26,27 @@ def test_peers_parse_and_bad_ones_are_named():
             parse_peers(bad)
 
 
+def _prepared(*argv: str) -> str:
+    """``prepare(argv)`` in a process of its own (it sets SGLang's process-wide state, which would leak
+    into later tests' in-process references): the peers it keeps, or its usage error."""
+    code = (
+        "import sys\nfrom sglang_harli.launch_server import UsageError, prepare\n"
+        "try:\n    print(prepare(sys.argv[1:])._harli_config.peers)\n"
+        "except UsageError as exc:\n    print(f'UsageError: {exc}')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 def test_the_launcher_refuses_a_fleet_without_an_admin_key():
-    with pytest.raises(UsageError, match="--harli-peers: needs --admin-api-key"):
-        prepare(["--harli-peers", "http://127.0.0.1:1"])
-    with pytest.raises(UsageError, match="--harli-peers"):
-        prepare(["--harli-peers", "nowhere", "--admin-api-key", KEY])
-    args = prepare(["--harli-peers", "http://10.0.0.2:30000", "--admin-api-key", KEY])
-    assert args._harli_config.peers == "http://10.0.0.2:30000"
+    assert _prepared("--harli-peers", "http://127.0.0.1:1").startswith(
+        "UsageError: argument --harli-peers: needs --admin-api-key"
+    )
+    assert _prepared("--harli-peers", "nowhere", "--admin-api-key", KEY).startswith(
+        "UsageError: argument --harli-peers"
+    )
+    assert _prepared("--harli-peers", "http://10.0.0.2:30000", "--admin-api-key", KEY) == "http://10.0.0.2:30000"
 
 
 def test_a_bundle_is_checked_before_anything_is_written(tmp_path):
