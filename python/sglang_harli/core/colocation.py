@@ -83,6 +83,8 @@ class CoLocationStats(msgspec.Struct, kw_only=True):
     """Tokens of micro-batches completed per second, over the rate window."""
     finetune_busy_fraction: float
     """Share of the rate window spent running finetune units."""
+    decode_busy_fraction: float
+    """Share of the rate window spent in decode forwards (what a fleet's placement leaves to decode)."""
     unit_ms: dict[str, float | None]
     """Run time of recent finetune units (p50/p99)."""
     decision_us: dict[str, float | None]
@@ -148,6 +150,7 @@ class CoLocation:
         self._decode_tokens = _Rate(rate_window_s, clock)
         self._finetune_tokens = _Rate(rate_window_s, clock)
         self._finetune_busy = _Rate(rate_window_s, clock)
+        self._decode_busy = _Rate(rate_window_s, clock)
 
     @classmethod
     def from_config(
@@ -195,9 +198,7 @@ class CoLocation:
             self._chain_broken = True
             self._fresh_batch = nothing_waiting
 
-    def result_arrived(
-        self, *, decode: bool, requests: Sequence[RequestTokens] = ()
-    ) -> StepRecord | None:
+    def result_arrived(self, *, decode: bool, requests: Sequence[RequestTokens] = ()) -> StepRecord | None:
         """A batch's results are out; for a decode batch, returns the token interval it closed, if any.
         ``requests``: the batch's requests, each with the output tokens it has and whether it finished."""
         record = None
@@ -249,6 +250,7 @@ class CoLocation:
         Returns the token interval it closed, if decode results came before it with no idle gap."""
         now = self.clock()
         self._decode_tokens.add(shape.batch_size)
+        self._decode_busy.add(step_s)
         record = None
         if self._last_decode_done is not None:
             interval = now - self._last_decode_done
@@ -350,6 +352,9 @@ class CoLocation:
     def interval_summary(self) -> IntervalSummary:
         return IntervalSummary.of(self._intervals, self.slo_s)
 
+    def decode_busy_fraction(self) -> float:
+        return min(self._decode_busy.per_s(), 1.0)
+
     def snapshot(self) -> CoLocationStats:
         return CoLocationStats(
             policy=self.policy.snapshot(),
@@ -360,6 +365,7 @@ class CoLocation:
             decode_tokens_per_s=self._decode_tokens.per_s(),
             finetune_tokens_per_s=self._finetune_tokens.per_s(),
             finetune_busy_fraction=min(self._finetune_busy.per_s(), 1.0),
+            decode_busy_fraction=self.decode_busy_fraction(),
             unit_ms=_p50_p99(self._units, 1e3),
             decision_us=_p50_p99(self._decisions, 1e6),
             recent_steps=list(self._recent),

@@ -166,9 +166,10 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         str,
         msgspec.Meta(
             description="The other Harli instances of this model's fleet, as comma-separated base URLs "
-            "(http://host:port): every adapter version a job publishes is served on each of them too, and "
-            "this instance catches up on theirs before it reports healthy; needs --admin-api-key, the "
-            "same on every instance. Empty: no fleet.",
+            "(http://host:port): a job submitted to any instance is placed where there is slack and can "
+            "train on several (training.instances), every adapter version a job publishes is served on "
+            "each of them too, and this instance catches up on theirs before it reports healthy; needs "
+            "--admin-api-key, the same on every instance. Empty: no fleet.",
         ),
     ] = ""
 

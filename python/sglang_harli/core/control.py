@@ -19,8 +19,10 @@ import msgspec
 
 from sglang_harli.core.data import Example
 from sglang_harli.core.evaluation import EvalData
+from sglang_harli.core.fleet import FleetCapacity
 from sglang_harli.core.job_store import StagedExamples
 from sglang_harli.core.jobs import FinetuneJobSpec, JobStatus
+from sglang_harli.core.local_sgd import GroupAssignment
 from sglang_harli.core.stats import HarliStats
 
 
@@ -56,6 +58,9 @@ class SubmitJob(ControlRequest):
     """With --harli-state-dir: where the HTTP process wrote them instead (``core.job_store``)."""
     evaluation: EvalData | None = None
     """The job's tokenized eval set and retention probes (``core.evaluation``), if it has ``eval``."""
+    group: GroupAssignment | None = None
+    """This instance's place in a job trained on several instances (``training.instances``): the
+    examples are then its shard."""
 
 
 class ListJobs(ControlRequest):
@@ -86,6 +91,12 @@ class GetStats(ControlRequest):
     Reply = HarliStats
 
 
+class GetCapacity(ControlRequest):
+    """What this instance has to give a new job now (a fleet's placement, ``core.fleet``)."""
+
+    Reply = FleetCapacity
+
+
 class AdapterServed(ControlRequest):
     """Tokenizer manager -> scheduler: the version it was asked to serve serves now, or ``error``."""
 
@@ -108,6 +119,7 @@ CONTROL_REQUESTS: tuple[type[ControlRequest], ...] = (
     GetJob,
     CancelJob,
     GetStats,
+    GetCapacity,
     AdapterServed,
     AdaptersToServe,
 )

@@ -74,6 +74,10 @@ class NotAvailable(HarliError):
     """This server configuration cannot do it (finetuning or evaluation with ``--tp-size`` > 1)."""
 
 
+class Unavailable(HarliError):
+    """An instance of the fleet it needs is down or cannot finetune now, or too few are alive; retry."""
+
+
 class StorageFailed(HarliError):
     """The job could not be recorded under ``--harli-state-dir`` (disk full, permissions)."""
 
@@ -88,6 +92,7 @@ HTTP_STATUS: dict[type[HarliError], int] = {
     TooLarge: 413,
     TooManyJobs: 429,
     NotAvailable: 501,
+    Unavailable: 503,
     StorageFailed: 507,
 }
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -54,6 +55,18 @@ def parse_peers(value: str, *, own_port: int | None = None) -> list[str]:
     return peers
 
 
+def own_url(host: str, port: int) -> str:
+    """This instance's base URL as its peers know it: ``--host``, or this machine's name when that is a
+    wildcard address."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://{host}:{port}"
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
 class PeerState(msgspec.Struct, kw_only=True):
     """What this instance knows of one peer."""
 
@@ -76,6 +89,35 @@ class FleetStats(msgspec.Struct, kw_only=True):
     """Adapter versions peers handed this instance (pushed, or pulled at start-up), now served here."""
     push_failures: int
     """Versions that did not reach a live peer (it died meanwhile, or refused them)."""
+
+
+class FleetCapacity(msgspec.Struct, kw_only=True):
+    """What an instance has to give a new job right now (``GET /harli/fleet/capacity``), from its
+    co-location figures over the recent rate window."""
+
+    finetunes: bool
+    """It can finetune at all (LoRA enabled, a supported device and model)."""
+    active_jobs: int
+    """Jobs queued, running or publishing there: a new one shares the spare time with them."""
+    free_share: float
+    """Share of recent time decode left free (idle, or already given to finetune work)."""
+    finetune_tokens_per_s: float
+    lendable_tokens: int
+    """KV-cache tokens free to lend as activation memory (0 without lending)."""
+    store_port: int | None = None
+    """The instance's rendezvous store for jobs trained on several instances (``core.local_sgd``)."""
+
+    @property
+    def score(self) -> tuple[float, int]:
+        """What placement ranks by: the free share a new job would get, then memory to lend."""
+        return (self.free_share / (self.active_jobs + 1), self.lendable_tokens)
+
+
+def place(capacities: dict[str, FleetCapacity], count: int) -> list[str]:
+    """The ``count`` instances (base URLs) with the most to give a new job, best first; ties keep the
+    order given (this instance first). Fewer when fewer can finetune."""
+    able = [url for url, capacity in capacities.items() if capacity.finetunes]
+    return sorted(able, key=lambda url: capacities[url].score, reverse=True)[:count]
 
 
 class AdapterBundle(msgspec.Struct, kw_only=True):

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sglang_harli.core.errors import Conflict, NotFound, SpecError, SpecInvalid
+from sglang_harli.core.local_sgd import GroupStatus
 
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?!\n)$"
 """A job's name is a directory name: no separators, no leading dot. ``(?!\n)`` because Python's ``$`` also
@@ -63,6 +64,11 @@ class TrainingSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Stop after this many optimizer steps even if epochs remain."""
     early_stopping: EarlyStoppingSpec | None = None
     """Stop once the eval loss stops improving (needs ``eval`` with an eval set)."""
+    instances: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    """Train data-parallel on this many instances of the fleet (``--harli-peers``), each on its shard,
+    averaging their adapters every ``average_every`` steps (``core.local_sgd``); 1 trains here only."""
+    average_every: Annotated[int, msgspec.Meta(ge=1)] = 8
+    """With ``instances`` above 1: local optimizer steps between two averages (local SGD's K)."""
 
 
 class EarlyStoppingSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -126,6 +132,9 @@ class FinetuneJobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     publish: PublishSpec | Literal["last", "best"] = msgspec.field(default_factory=PublishSpec)
     eval: EvalSpec | None = None
     """Eval loss and token accuracy on an eval set, and retention probes, during and after training."""
+    placement: str | None = None
+    """With ``--harli-peers``: the instance (base URL, this one's or a peer's) to train on, in place of
+    the one with the most spare capacity now."""
 
     def __post_init__(self):
         if isinstance(self.publish, str):
@@ -197,6 +206,11 @@ class JobStatus(msgspec.Struct, kw_only=True):
     started_at: float | None = None
     finished_at: float | None = None
     spec: FinetuneJobSpec | None = None
+    instance: str | None = None
+    """With ``--harli-peers``: the instance (base URL) this entry's job runs on."""
+    group: GroupStatus | None = None
+    """A job trained on several instances (``training.instances``): this member's place and everyone's
+    contribution."""
 
 
 class ServingLimits(msgspec.Struct, kw_only=True, frozen=True):
@@ -250,6 +264,17 @@ def check_eval(spec: FinetuneJobSpec) -> None:
         raise SpecInvalid(
             "publish", '"best" is chosen by eval loss: give eval.records, eval.path or eval.split'
         )
+    training = spec.training
+    if training.instances > 1:
+        if evaluation is not None:
+            raise SpecInvalid("eval", "is not available with training.instances above 1 yet")
+        every = spec.publish.every_steps
+        if every % training.average_every:
+            raise SpecInvalid(
+                "publish.every_steps",
+                f"must be a multiple of training.average_every ({training.average_every}) with several "
+                "instances: a version is published right after an average, when every member holds it",
+            )
 
 
 def check_servable(spec: FinetuneJobSpec, limits: ServingLimits) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from sglang.srt.entrypoints import http_server
 
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.fleet import parse_peers
+from sglang_harli.core.fleet import own_url, parse_peers
 from sglang_harli.models.builtin import cache_root
 from sglang_harli.srt import publisher
 from sglang_harli.srt.control import control_client, register_control_types
@@ -41,8 +41,10 @@ def _with_harli_startup(lifespan):
             except Exception:  # serving without them beats not serving; each job shows what failed
                 logger.exception("re-publishing adapters at start-up failed")
         if config.peers:
+            server_args = tokenizer_manager.server_args
             fleet = Fleet(
                 tokenizer_manager,
+                own_url(server_args.host, server_args.port),
                 parse_peers(config.peers),
                 tokenizer_manager.server_args.admin_api_key,
                 Path(config.output_dir or cache_root() / "adapters") / ".peers",

@@ -31,13 +31,16 @@ from sglang_harli.core.control import (
     AdapterServed,
     AdaptersToServe,
     CancelJob,
+    GetCapacity,
     GetJob,
     GetStats,
     ListJobs,
     SubmitJob,
 )
+from sglang_harli.core.fleet import FleetCapacity
 from sglang_harli.core.job_store import JobStore
 from sglang_harli.core.jobs import FINISHED_STATES, ServingLimits
+from sglang_harli.core.local_sgd import host_store
 from sglang_harli.core.partition import make_partitioner
 from sglang_harli.core.plan import BesideDecode, IdleSlice, Slot, WorkPlan
 from sglang_harli.core.predictor import DecodeShape
@@ -93,6 +96,9 @@ class FinetuneService:
         )
         self.partitioner.prepare()  # green contexts built now, not inside a token interval
         self.lending = KvLending(scheduler, config)
+        self.rendezvous = host_store() if config.peers else None
+        """With --harli-peers: this instance's store for jobs trained on several instances."""
+        self._unsupported = unsupported
         store = AdapterStore(config.output_dir or cache_root() / "adapters")
         self.jobs = JobControl(
             max_jobs=config.max_jobs,
@@ -101,6 +107,7 @@ class FinetuneService:
             limits=self.limits,
             unsupported=unsupported,
             tensor_parallel=tensor_parallel is not None,
+            fleet=self.rendezvous is not None,
         )
         self.publishing = Publishing(
             jobs=self.jobs,
@@ -122,6 +129,7 @@ class FinetuneService:
             stopwatch=self.stopwatch,
             on_release=lambda: self.profile.save(self.colocation.predictor),
             metrics=self.metrics,
+            rendezvous=self.rendezvous,
         )
         self.handle: Callable[[HarliControlReq], HarliControlReqOutput] = ControlDispatcher(
             {
@@ -130,6 +138,7 @@ class FinetuneService:
                 GetJob: self.jobs.get,
                 CancelJob: self.jobs.cancel,
                 GetStats: self.stats,
+                GetCapacity: self.capacity,
                 AdapterServed: self.publishing.served,
                 AdaptersToServe: self.publishing.to_serve,
             }
@@ -244,6 +253,17 @@ class FinetuneService:
         return BesideDecode(units=admission.units, split=split)
 
     # -- stats ---------------------------------------------------------------------------------------
+    def capacity(self, request: GetCapacity) -> FleetCapacity:
+        memory = self.lending.snapshot()
+        return FleetCapacity(
+            finetunes=self._unsupported is None and self.limits().enable_lora,
+            active_jobs=self.jobs.book.active(),
+            free_share=max(0.0, 1.0 - self.colocation.decode_busy_fraction()),
+            finetune_tokens_per_s=self.colocation.snapshot().finetune_tokens_per_s,
+            lendable_tokens=memory.free_tokens if memory.enabled else 0,
+            store_port=self.rendezvous.port if self.rendezvous is not None else None,
+        )
+
     def stats(self, request: GetStats | None = None) -> HarliStats:
         states = [job.state for job in self.jobs.book.all()]
         durable = self.jobs.durable

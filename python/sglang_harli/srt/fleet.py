@@ -61,12 +61,15 @@ class _Peer:
 
 
 class Fleet:
-    def __init__(self, tokenizer_manager, peers: list[str], admin_key: str, root: str | Path):
+    def __init__(self, tokenizer_manager, url: str, peers: list[str], admin_key: str, root: str | Path):
         self.tokenizer_manager = tokenizer_manager
+        self.url = url
+        """This instance's base URL, as its peers know it."""
         self.peers = [_Peer(url) for url in peers]
         self.root = Path(root)
         """Where versions received from peers are written (``<root>/<job>/v<NNNN>``)."""
-        self._headers = {"Authorization": f"Bearer {admin_key}"}
+        self.headers = {"Authorization": f"Bearer {admin_key}"}
+        """What every call to a peer carries: the fleet's admin key."""
         self._tasks: set[asyncio.Task] = set()
         self._pushes = asyncio.Lock()  # versions reach a peer in the order they were published here
         self.received = 0
@@ -106,6 +109,10 @@ class Fleet:
         if came_up and publisher.live_adapters():
             self._spawn(self._sync(peer))
 
+    def live(self) -> list[str]:
+        """The peers that answered their last check."""
+        return [peer.url for peer in self.peers if peer.alive]
+
     def stats(self) -> FleetStats:
         return FleetStats(
             peers=[peer.state() for peer in self.peers],
@@ -129,7 +136,7 @@ class Fleet:
         async with self._pushes:
             try:
                 timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S * 5)
-                async with aiohttp.ClientSession(timeout=timeout, headers=self._headers) as session:
+                async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
                     served = await _served_by(session, peer)
             except Exception as exc:  # it will be synced again when it next comes up
                 peer.error = f"sync: {type(exc).__name__}: {exc}"
@@ -153,7 +160,7 @@ class Fleet:
 
     async def _post(self, url: str, route: str, body: bytes) -> tuple[int, str]:
         timeout = aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S)
-        headers = {**self._headers, "Content-Type": BUNDLE_TYPE}
+        headers = {**self.headers, "Content-Type": BUNDLE_TYPE}
         async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.post(f"{url}{route}", data=body, headers=headers) as resp:
                 return resp.status, await resp.text()
@@ -187,7 +194,7 @@ class Fleet:
         not (or serves older), before the server reports healthy."""
         await self.check()
         timeout = aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S)
-        async with aiohttp.ClientSession(timeout=timeout, headers=self._headers) as session:
+        async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
             for peer in (p for p in self.peers if p.alive):
                 try:
                     for adapter in await _served_by(session, peer):

@@ -20,6 +20,7 @@ from sglang_harli.core.errors import NotAvailable, SpecError, StorageFailed, Too
 from sglang_harli.core.evaluation import EvalData
 from sglang_harli.core.job_store import JobStore
 from sglang_harli.core.jobs import FINISHED_STATES, JobBook, JobStatus, ServingLimits, check_servable
+from sglang_harli.core.local_sgd import GroupStatus
 from sglang_harli.core.trainer import LoraTrainer, plan_steps
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class JobControl:
         limits: Callable[[], ServingLimits],
         unsupported: str | None,
         tensor_parallel: bool,
+        fleet: bool = False,
     ):
         self.book = JobBook()
         self.store, self.durable = store, durable
@@ -42,6 +44,7 @@ class JobControl:
         self._limits = limits
         self._unsupported = unsupported  # why this server cannot finetune at all, if it cannot
         self._tensor_parallel = tensor_parallel
+        self._fleet = fleet  # --harli-peers: jobs may be trained on several instances
         self._examples: dict[str, list[Example]] = {}  # without --harli-state-dir, until the job starts
         self._eval_data: dict[str, EvalData] = {}
         self.on_cancel: Callable[[JobStatus], None] = lambda job: None
@@ -59,6 +62,10 @@ class JobControl:
             raise SpecError("dataset", "no trainable examples")
         if spec.eval is not None and self._tensor_parallel:
             raise NotAvailable("eval", "evaluation is not available with --tp-size above 1 yet")
+        if request.group is not None and not self._fleet:
+            raise NotAvailable("training.instances", "this instance runs without --harli-peers")
+        if request.group is not None and self._tensor_parallel:
+            raise NotAvailable("training.instances", "is not available with --tp-size above 1 yet")
         if self.book.active() >= self.max_jobs and self.book.name_is_free(spec.name):
             raise TooManyJobs(
                 "name",
@@ -75,6 +82,8 @@ class JobControl:
             total_steps=plan_steps(request.count, spec.training),
             output_dir=output_dir,
         )
+        if request.group is not None:
+            job.group = GroupStatus(assignment=request.group)
         if self.durable is not None:
             try:
                 self.durable.add(job, request.staged, request.evaluation)
@@ -141,6 +150,13 @@ class JobControl:
         for job in self.durable.load():
             for version in job.published:
                 version.loaded, version.error = False, None
+            if job.group is not None and job.state in ("queued", "running"):
+                # Its group averaged on without it; a copy that rejoined would hold other weights.
+                self.book.restore(job)
+                self.book.finish(
+                    job, "failed", "this instance restarted while training its share; the group went on"
+                )
+                continue
             if job.state == "running":
                 last = job.published[-1] if job.published else None
                 if last is not None and (last.final or last.step >= job.total_steps):

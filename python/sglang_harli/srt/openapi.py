@@ -116,14 +116,22 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
                 "413": _refusal("The body is larger than --harli-max-request-mb."),
                 "422": _refusal("The body does not match FinetuneJobSpec; `field` is the JSON path."),
                 "429": _refusal("--harli-max-jobs jobs are already queued or running."),
-                "501": _refusal("Finetuning is not supported in this server configuration (--tp-size > 1)."),
+                "501": _refusal(
+                    "Finetuning is not supported in this server configuration (--tp-size > 1), or the spec "
+                    "asks for a fleet (placement, training.instances) and there is no --harli-peers."
+                ),
+                "503": _refusal(
+                    "The placement names no live instance of the fleet, fewer instances than "
+                    "training.instances are alive, or the chosen instance did not answer."
+                ),
                 "507": _refusal("The job could not be recorded under --harli-state-dir (disk full?)."),
             },
         },
         ("GET", "/harli/jobs"): {
             "responses": {
                 "200": _json(
-                    "Every job of this server run, oldest first.",
+                    "Every job of this server run, oldest first (with --harli-peers, every live "
+                    "instance's, each with its `instance`).",
                     _per_rank({"type": "array", "items": _ref("JobStatus")}),
                 )
             }

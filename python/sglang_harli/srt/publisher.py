@@ -93,6 +93,8 @@ async def publish_adapter(tokenizer_manager, name: str, version: int, path: str)
         live = _live_versions.get(name, 0)
         if version < live:  # a restart's re-publish racing the job's next version: never go back
             raise RuntimeError(f"version {live} of {name} already serves")
+        if version == live:  # a job trained on several instances: a member's push of the same weights
+            return None  # came first (``core.local_sgd``: every member ends on the same average)
         internal = LoRARef(lora_name=f"{name}@v{version}", lora_path=path)
         load = LoadLoRAAdapterReqInput(lora_name=internal.lora_name, lora_path=path, lora_id=internal.lora_id)
         error = _merged_error(await tm.update_lora_adapter_communicator(load))

@@ -21,7 +21,15 @@ from sglang.srt.entrypoints import http_server
 from sglang.srt.utils.auth import AuthLevel, auth_level
 
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.control import CancelJob, ControlRequest, GetJob, GetStats, ListJobs, SubmitJob
+from sglang_harli.core.control import (
+    CancelJob,
+    ControlRequest,
+    GetCapacity,
+    GetJob,
+    GetStats,
+    ListJobs,
+    SubmitJob,
+)
 from sglang_harli.core.data import load_examples
 from sglang_harli.core.errors import (
     Conflict,
@@ -30,13 +38,15 @@ from sglang_harli.core.errors import (
     NotAvailable,
     NotFound,
     SpecError,
+    SpecInvalid,
     TooLarge,
     Unauthorized,
 )
 from sglang_harli.core.evaluation import build_eval_data
 from sglang_harli.core.job_store import discard_staged, stage_examples
-from sglang_harli.core.jobs import decode_spec
+from sglang_harli.core.jobs import check_eval, decode_spec
 from sglang_harli.srt.control import control_client
+from sglang_harli.srt.placement import FleetJobs
 
 router = APIRouter(prefix="/harli", tags=["harli"])
 
@@ -61,6 +71,27 @@ async def _relay(request: ControlRequest) -> Response:
     # Several DP ranks: one object per rank.
     merged = [msgspec.json.decode(r.payload) for r in replies]
     return _json({"dp_ranks": merged}, status=first.status)
+
+
+async def _call(request: ControlRequest) -> tuple[int, bytes]:
+    """This instance's scheduler's reply: status and JSON (several DP ranks: one object per rank)."""
+    response = await _relay(request)
+    return response.status_code, bytes(response.body)
+
+
+async def _submit_here(submit: SubmitJob) -> tuple[int, bytes]:
+    """Queue a checked, tokenized job on this instance's scheduler; 201 and its status once queued."""
+    config = _config()
+    staged = None
+    if config.state_dir and submit.examples:  # on disk before the job is acknowledged (core.job_store)
+        staged = await asyncio.to_thread(stage_examples, config.state_dir, submit.examples)
+        submit = msgspec.structs.replace(submit, examples=[], staged=staged)
+    try:
+        status, body = await _call(submit)
+    finally:
+        if staged is not None:
+            discard_staged(config.state_dir, staged)
+    return (201 if status == 200 else status), body
 
 
 async def _body(request: Request, limit_mb: float) -> bytes:
@@ -132,41 +163,52 @@ async def submit_job(request: Request) -> Response:
             model_dir=tokenizer_manager.server_args.model_path,
             max_file_bytes=int(config.max_dataset_mb * 2**20),
         )
+        submit = SubmitJob(spec=spec, count=len(examples), examples=examples, evaluation=evaluation)
+        jobs = _fleet_jobs()
+        if jobs is None:
+            if spec.placement is not None:
+                raise NotAvailable("placement", "this instance runs without --harli-peers")
+            if spec.training.instances > 1:
+                raise NotAvailable("training.instances", "this instance runs without --harli-peers")
+            status, body = await _submit_here(submit)
+        else:
+            status, body = await jobs.submit(submit, _submit_here)
     except HarliError as exc:
         return _json(exc.body(), status=exc.status)
-    if config.state_dir and examples:  # on disk before the job is acknowledged (core.job_store)
-        staged = await asyncio.to_thread(stage_examples, config.state_dir, examples)
-        submit = SubmitJob(spec=spec, count=len(examples), staged=staged, evaluation=evaluation)
-    else:
-        staged = None
-        submit = SubmitJob(spec=spec, count=len(examples), examples=examples, evaluation=evaluation)
-    try:
-        response = await _relay(submit)
-    finally:
-        if staged is not None:
-            discard_staged(config.state_dir, staged)
-    if response.status_code == 200:
-        response.status_code = 201
-    return response
+    return Response(content=body, status_code=status, media_type="application/json")
 
 
 @router.get("/jobs")
 async def list_jobs() -> Response:
-    """Every job of this server run, oldest first."""
-    return await _relay(ListJobs())
+    """Every job of this server run, oldest first; with --harli-peers, every live instance's, each with
+    the ``instance`` it runs on."""
+    jobs = _fleet_jobs()
+    if jobs is None:
+        return await _relay(ListJobs())
+    return _json(await jobs.list())
 
 
 @router.get("/jobs/{name}")
 async def get_job(name: str) -> Response:
-    """One job's state, progress, loss, throughput and published adapter versions."""
-    return await _relay(GetJob(name=name))
+    """One job's state, progress, loss, throughput and published adapter versions (with --harli-peers,
+    wherever in the fleet it runs)."""
+    jobs = _fleet_jobs()
+    if jobs is None:
+        return await _relay(GetJob(name=name))
+    status, body = await jobs.get(name)
+    return Response(content=body, status_code=status, media_type="application/json")
 
 
 @router.post("/jobs/{name}/cancel")
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def cancel_job(name: str, request: Request) -> Response:
-    """Stop a queued, running or publishing job; versions it already published stay served."""
-    return await _relay(CancelJob(name=name))
+    """Stop a queued, running or publishing job (with --harli-peers, wherever in the fleet it runs);
+    versions it already published stay served."""
+    jobs = _fleet_jobs()
+    if jobs is None:
+        return await _relay(CancelJob(name=name))
+    status, body = await jobs.cancel(name)
+    return Response(content=body, status_code=status, media_type="application/json")
 
 
 # -- the fleet's peer routes (srt.fleet) ---------------------------------------------------------------
@@ -174,6 +216,16 @@ async def cancel_job(name: str, request: Request) -> Response:
 
 def _fleet():
     return getattr(_tokenizer_manager(), "harli_fleet", None)
+
+
+def _fleet_jobs() -> FleetJobs | None:
+    fleet = _fleet()
+    if fleet is None:
+        return None
+    jobs = getattr(fleet, "jobs", None)
+    if jobs is None:
+        jobs = fleet.jobs = FleetJobs(fleet, _call)
+    return jobs
 
 
 def _fleet_or_refuse(request: Request):
@@ -225,3 +277,60 @@ async def adapter_bundle(name: str, request: Request) -> Response:
     except HarliError as exc:
         return _json(exc.body(), status=exc.status)
     return Response(content=msgspec.msgpack.encode(bundle), media_type="application/msgpack")
+
+
+@router.get("/fleet/capacity", include_in_schema=False)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def fleet_capacity(request: Request) -> Response:
+    """What this instance has to give a new job now (``core.fleet.FleetCapacity``): placement reads it."""
+    try:
+        _fleet_or_refuse(request)
+    except HarliError as exc:
+        return _json(exc.body(), status=exc.status)
+    return await _relay(GetCapacity())
+
+
+@router.get("/fleet/jobs", include_in_schema=False)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def fleet_local_jobs(request: Request) -> Response:
+    """This instance's own jobs (the fleet-wide ``GET /harli/jobs`` gathers them)."""
+    try:
+        _fleet_or_refuse(request)
+    except HarliError as exc:
+        return _json(exc.body(), status=exc.status)
+    return await _relay(ListJobs())
+
+
+@router.post("/fleet/jobs", include_in_schema=False)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def fleet_placed_job(request: Request) -> Response:
+    """A job a peer placed here (msgpack ``SubmitJob``), checked and tokenized there; queued here."""
+    try:
+        _fleet_or_refuse(request)
+        body = await _body(request, _config().max_request_mb * 16)
+        try:
+            submit = msgspec.msgpack.decode(body, type=SubmitJob)
+        except msgspec.ValidationError as exc:
+            raise SpecInvalid.from_validation(exc) from None
+        except msgspec.DecodeError as exc:
+            raise SpecError("body", f"not a msgpack SubmitJob: {exc}") from None
+        if submit.staged is not None:  # a path on the sender's disk: never read here
+            raise SpecError("staged", "a placed job carries its examples, not a path")
+        if submit.count != len(submit.examples):
+            raise SpecError("count", f"{submit.count} examples announced, {len(submit.examples)} given")
+        check_eval(submit.spec)
+        status, reply = await _submit_here(submit)
+    except HarliError as exc:
+        return _json(exc.body(), status=exc.status)
+    return Response(content=reply, status_code=status, media_type="application/json")
+
+
+@router.post("/fleet/jobs/{name}/cancel", include_in_schema=False)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def fleet_cancel_job(name: str, request: Request) -> Response:
+    """Cancel this instance's own job (the fleet-wide cancel sends it here)."""
+    try:
+        _fleet_or_refuse(request)
+    except HarliError as exc:
+        return _json(exc.body(), status=exc.status)
+    return await _relay(CancelJob(name=name))

@@ -8,6 +8,11 @@ the co-location loop (and so to the latency predictor). Between optimizer steps 
 publishes and evaluates as the job's spec asks; an evaluation pass runs as units too, admitted by the
 same policy. When training ends the final adapter (the best eval's, with ``publish: "best"``) goes to
 ``srt.publishing``. Any exception from a job fails that job, never the scheduler.
+
+A job trained on several instances (``core.local_sgd``) averages its adapter with the group's at each due
+optimizer step: the average runs in the group's thread while the job offers no units (decode goes on),
+and what follows the step (checkpoint, publish, finish) waits for the average, so every member publishes
+the same weights.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from sglang_harli.core.colocation import CoLocation
 from sglang_harli.core.evaluation import EvalData, EvalPass, EvalTracker
 from sglang_harli.core.job_store import JobStoreError
 from sglang_harli.core.jobs import JobStatus
+from sglang_harli.core.local_sgd import Contribution, LocalSgd
 from sglang_harli.core.memory import TrainerMemoryError
 from sglang_harli.core.partition import Partitioner, SMSplit
 from sglang_harli.core.plan import IdleSlice, WorkPlan
@@ -56,6 +62,7 @@ class UnitRunner:
         stopwatch: Stopwatch,
         on_release: Callable[[], None],
         metrics=None,
+        rendezvous=None,
     ):
         self.scheduler = scheduler
         self.layers_per_unit, self.checkpoint_every_steps = layers_per_unit, checkpoint_every_steps
@@ -76,6 +83,10 @@ class UnitRunner:
         self.tracker: EvalTracker | None = None
         self.eval_pass: EvalPass | None = None
         self._final_eval = False  # the pass in progress is the last one, and publishing waits for it
+        # A job trained on several instances: its group, and what follows the step whose average is out.
+        self._rendezvous = rendezvous
+        self.local_sgd: LocalSgd | None = None
+        self._after_average: Callable[[], None] | None = None
         jobs.on_cancel = self._cancelled
 
     @property
@@ -144,6 +155,8 @@ class UnitRunner:
                 place_grads=self.lending.place_grads,
                 tensor_parallel=self.tensor_parallel,
             )
+            if job.group is not None:
+                self.local_sgd = LocalSgd(job.group, self._rendezvous)
             checkpoints = self.jobs.checkpoints(job)
             checkpoint = checkpoints.latest() if checkpoints is not None else None
             if checkpoint is not None:
@@ -154,7 +167,7 @@ class UnitRunner:
     # -- planning ------------------------------------------------------------------------------------
     def upcoming(self) -> list[FinetuneWork]:
         """The coming units to offer the policy: the evaluation pass's while one runs, else training's."""
-        if self.trainer is None:
+        if self.trainer is None or not self._averaged():
             return []
         try:
             count = look_ahead(self.trainer.units_per_micro_batch)
@@ -182,6 +195,8 @@ class UnitRunner:
         """One unit of the running job (or of its evaluation); False when none ran: no memory to start a
         micro-batch now, or the unit failed its job."""
         job, trainer = self.job, self.trainer
+        if not self._averaged():
+            return False
         try:
             if self.eval_pass is not None:
                 self._timed_unit(self.eval_pass.peek(1)[0], self.eval_pass.run_unit, split, label)
@@ -195,9 +210,9 @@ class UnitRunner:
             more = self._timed_unit(work, trainer.run_unit, split, label, trainer=trainer)
             self._sync(job, trainer)
             if not more:
-                self._trained(job, trainer)
+                self._after_step(job, trainer, lambda: self._trained(job, trainer))
             elif trainer.step != step_before:
-                self._step_done(job, trainer)
+                self._after_step(job, trainer, lambda: self._step_done(job, trainer))
             return True
         except TrainerMemoryError as exc:
             if trainer.in_flight and self.lending.out_of_memory():
@@ -248,6 +263,34 @@ class UnitRunner:
         elapsed = time.time() - (job.started_at or time.time())
         trained = trainer.tokens_trained - self._tokens_at_start
         job.tokens_per_s = trained / elapsed if elapsed > 0 else None
+
+    def _after_step(self, job: JobStatus, trainer: LoraTrainer, then: Callable[[], None]) -> None:
+        """After an optimizer step: ``then`` now, or, in a group at a due step, once the average is in."""
+        if self.local_sgd is None or not self.local_sgd.due(trainer.step):
+            then()
+            return
+        mine = Contribution(steps=trainer.step, tokens_trained=trainer.tokens_trained, examples=job.examples)
+        self.local_sgd.start(trainer.lora_state(), mine)
+        self._after_average = then
+
+    def _averaged(self) -> bool:
+        """False while the group's average of the running job is out; once it is in, load it and go on
+        with what followed the step."""
+        if self.local_sgd is None or not self.local_sgd.pending:
+            return True
+        job = self.job
+        try:
+            average = self.local_sgd.poll()
+            if average is None:
+                return False
+            self.trainer.load_lora_state(average)
+        except Exception as exc:  # the group is gone for this member: its copy of the job fails
+            self._fail(job, exc, traceback=not isinstance(exc, RuntimeError))
+            return False
+        then, self._after_average = self._after_average, None
+        self.jobs.save(job)
+        then()
+        return self.trainer is not None
 
     def _step_done(self, job: JobStatus, trainer: LoraTrainer) -> None:
         """After an optimizer step: checkpoint (then publish) when one is due; evaluate when due."""
@@ -338,5 +381,8 @@ class UnitRunner:
         if self.trainer is not None:
             self._on_release()
             self.lending.detach()
+        if self.local_sgd is not None:
+            self.local_sgd.close()
         self.trainer, self.job = None, None
+        self.local_sgd, self._after_average = None, None
         self.eval_data, self.tracker, self.eval_pass = None, None, None
