@@ -124,7 +124,135 @@ class _InFlight:
         self.loss_sum = 0.0
 
 
-class LoraTrainer:
+class LoraModel:
+    """A LoRA adapter over ``base_model`` (frozen, not owned), run in segments of decoder layers.
+
+    What every trainer of this package shares: the PEFT model drawn with a seed, the layers cut into
+    segments (one unit of work each), the arguments the model's own forward passes each layer, the final
+    norm and head, and the adapter's weights and files. What a trainer trains on, and when it steps, is
+    the subclass's: ``LoraTrainer`` runs a planned supervised run, ``core.tinker_trainer`` the requests of
+    the Tinker API."""
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        lora: LoraSpec,
+        seed: int,
+        *,
+        layers_per_unit: int | None = None,
+        saved_tensor_hooks: SavedTensorHooks | None = None,
+        tensor_parallel: TensorParallel | None = None,
+    ):
+        if layers_per_unit is not None and layers_per_unit < 1:
+            raise ValueError("layers_per_unit must be at least 1")
+        self.saved_tensor_hooks = saved_tensor_hooks
+        self.device = next(base_model.parameters()).device
+        # With tensor parallelism, ``base_model`` is this rank's slice (``core.tensor_parallel``).
+        self.tensor_parallel = tp = tensor_parallel
+        with training_mode(), torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(seed)  # LoRA A init, as `torch.manual_seed(seed); get_peft_model` does
+            self.model: PeftModel = get_peft_model(base_model, lora_config(lora))
+            if tp is not None:  # the slices of what one rank would have drawn
+                dtype = next(base_model.parameters()).dtype
+                tp.load_slices(self.model, tp.initial_adapter(lora_config(lora), seed, dtype))
+                tp.install(self.model)
+            self.model.train()
+            self._named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.params = [p for _, p in self._named_params]
+        causal_lm = self.model.get_base_model()
+        self._decoder = causal_lm.get_decoder()
+        self._lm_head = causal_lm.get_output_embeddings()
+        layers = len(self._decoder.layers)
+        per_unit = min(layers_per_unit or layers, layers)
+        self._segments = [range(i, min(i + per_unit, layers)) for i in range(0, layers, per_unit)]
+        self._trainable = sum(p.numel() for p in self.params)
+
+    def _saving(self):
+        if self.saved_tensor_hooks is None:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(*self.saved_tensor_hooks)
+
+    def record_layer_calls(self, **decoder_kwargs) -> tuple[list[tuple[tuple, dict]], torch.Tensor]:
+        """One pass of the decoder with its layers short-circuited: the arguments the model's own forward
+        passes each layer (masks, rotary embeddings, a KV cache), and the first layer's input."""
+        calls: list[tuple[tuple, dict]] = []
+        inputs: list[torch.Tensor] = []
+
+        def record(hidden_states, *args, **kwargs):
+            inputs.append(hidden_states)
+            calls.append((args, kwargs))
+            return hidden_states
+
+        layers = list(self._decoder.layers)
+        for layer in layers:  # an instance attribute shadows the class's forward for this one pass
+            layer.forward = record
+        try:
+            with torch.no_grad():
+                self._decoder(**decoder_kwargs)
+        finally:
+            for layer in layers:
+                del layer.forward
+        if len(calls) != len(layers):
+            raise RuntimeError(f"the decoder called {len(calls)} of its {len(layers)} layers")
+        return calls, inputs[0]
+
+    def run_layers(self, segment: int, hidden: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
+        """Decoder layers of ``segment`` on ``hidden`` without autograd (evaluation)."""
+        with torch.no_grad():
+            return self._layers(segment, hidden, calls)
+
+    def _layers(self, segment: int, hidden: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
+        """Decoder layers of ``segment``, each called with the arguments the model's forward gave it."""
+        for layer_index in self._segments[segment]:
+            args, kwargs = calls[layer_index]
+            hidden = self._decoder.layers[layer_index](hidden, *args, **kwargs)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (logits in float32), without autograd (evaluation)."""
+        with torch.no_grad():
+            logits = self._lm_head(self._decoder.norm(hidden))
+        return logits.float()
+
+    @property
+    def segments(self) -> int:
+        """Forward (or backward) units per micro-batch."""
+        return len(self._segments)
+
+    def segment_layers(self, segment: int) -> int:
+        return len(self._segments[segment])
+
+    def load_lora_state(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the LoRA weights (e.g. the best eval's snapshot, before publishing it)."""
+        named = dict(self._named_params)
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                named[name].copy_(tensor)
+
+    def _rng_devices(self) -> list:
+        return [self.device] if self.device.type == "cuda" else []
+
+    # -- results -------------------------------------------------------------------------------------
+    def save_adapter(self, directory: str | None) -> None:
+        """Write the adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        With tensor parallelism every rank must call this (the adapter is gathered); one of them passes
+        the ``directory``, the others ``None``."""
+        if self.tensor_parallel is None:
+            self.model.save_pretrained(directory, safe_serialization=True)
+            return
+        full = self.tensor_parallel.gathered(self.model)
+        if directory is not None:
+            self.model.save_pretrained(
+                directory, safe_serialization=True, state_dict=full, save_embedding_layers=False
+            )
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """This rank's LoRA weights (with tensor parallelism, its slices)."""
+        return {n: p.detach() for n, p in self._named_params}
+
+
+class LoraTrainer(LoraModel):
     """Trains one LoRA adapter on ``base_model`` (frozen, not owned) in resumable units."""
 
     def __init__(
@@ -142,40 +270,25 @@ class LoraTrainer:
     ):
         if not examples:
             raise ValueError("no examples to train on")
-        if layers_per_unit is not None and layers_per_unit < 1:
-            raise ValueError("layers_per_unit must be at least 1")
+        super().__init__(
+            base_model,
+            lora,
+            training.seed,
+            layers_per_unit=layers_per_unit,
+            saved_tensor_hooks=saved_tensor_hooks,
+            tensor_parallel=tensor_parallel,
+        )
         self.examples = list(examples)
         self._targets = [sum(e.loss_mask[1:]) for e in self.examples]  # position 0 is never a target
         self._lengths = [len(e.input_ids) for e in self.examples]
         self.training = training
-        self.saved_tensor_hooks = saved_tensor_hooks
         # Told when a micro-batch's saved tensors are gone: with its tokens when it finished, 0 if dropped.
         self.on_micro_batch_end = on_micro_batch_end
         # Asked to give the LoRA parameters their gradient buffers when a step's first backward starts.
         self.place_grads = place_grads
-        self.device = next(base_model.parameters()).device
-        # With tensor parallelism, ``base_model`` is this rank's slice (``core.tensor_parallel``).
-        self.tensor_parallel = tp = tensor_parallel
-        with training_mode(), torch.random.fork_rng(devices=self._rng_devices()):
-            torch.manual_seed(training.seed)  # LoRA A init, as `torch.manual_seed(seed); get_peft_model` does
-            self.model: PeftModel = get_peft_model(base_model, lora_config(lora))
-            if tp is not None:  # the slices of what one rank would have drawn
-                dtype = next(base_model.parameters()).dtype
-                tp.load_slices(self.model, tp.initial_adapter(lora_config(lora), training.seed, dtype))
-                tp.install(self.model)
-            self.model.train()
-            self._named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            self.params = [p for _, p in self._named_params]
-            self.optimizer = torch.optim.AdamW(
-                self.params, lr=training.learning_rate, weight_decay=training.weight_decay
-            )
-        causal_lm = self.model.get_base_model()
-        self._decoder = causal_lm.get_decoder()
-        self._lm_head = causal_lm.get_output_embeddings()
-        layers = len(self._decoder.layers)
-        per_unit = min(layers_per_unit or layers, layers)
-        self._segments = [range(i, min(i + per_unit, layers)) for i in range(0, layers, per_unit)]
-        self._trainable = sum(p.numel() for p in self.params)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=training.learning_rate, weight_decay=training.weight_decay
+        )
         self.total_steps = plan_steps(len(self.examples), training)
         self.scheduler = get_scheduler(
             _SCHEDULERS[training.lr_scheduler],
@@ -309,74 +422,12 @@ class LoraTrainer:
             self.on_micro_batch_end(0)
         return dropped
 
-    def _saving(self):
-        if self.saved_tensor_hooks is None:
-            return contextlib.nullcontext()
-        return torch.autograd.graph.saved_tensors_hooks(*self.saved_tensor_hooks)
-
     def _start_micro_batch(self, examples: list[Example]) -> None:
         batch = pack(examples, self.device)
         calls, embeddings = self.record_layer_calls(
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
         )
         self._in_flight = _InFlight(batch, calls, embeddings)
-
-    def record_layer_calls(self, **decoder_kwargs) -> tuple[list[tuple[tuple, dict]], torch.Tensor]:
-        """One pass of the decoder with its layers short-circuited: the arguments the model's own forward
-        passes each layer (masks, rotary embeddings, a KV cache), and the first layer's input."""
-        calls: list[tuple[tuple, dict]] = []
-        inputs: list[torch.Tensor] = []
-
-        def record(hidden_states, *args, **kwargs):
-            inputs.append(hidden_states)
-            calls.append((args, kwargs))
-            return hidden_states
-
-        layers = list(self._decoder.layers)
-        for layer in layers:  # an instance attribute shadows the class's forward for this one pass
-            layer.forward = record
-        try:
-            with torch.no_grad():
-                self._decoder(**decoder_kwargs)
-        finally:
-            for layer in layers:
-                del layer.forward
-        if len(calls) != len(layers):
-            raise RuntimeError(f"the decoder called {len(calls)} of its {len(layers)} layers")
-        return calls, inputs[0]
-
-    def run_layers(self, segment: int, hidden: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
-        """Decoder layers of ``segment`` on ``hidden`` without autograd (evaluation)."""
-        with torch.no_grad():
-            return self._layers(segment, hidden, calls)
-
-    def _layers(self, segment: int, hidden: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
-        """Decoder layers of ``segment``, each called with the arguments the model's forward gave it."""
-        for layer_index in self._segments[segment]:
-            args, kwargs = calls[layer_index]
-            hidden = self._decoder.layers[layer_index](hidden, *args, **kwargs)
-        return hidden
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head (logits in float32), without autograd (evaluation)."""
-        with torch.no_grad():
-            logits = self._lm_head(self._decoder.norm(hidden))
-        return logits.float()
-
-    @property
-    def segments(self) -> int:
-        """Forward (or backward) units per micro-batch."""
-        return len(self._segments)
-
-    def segment_layers(self, segment: int) -> int:
-        return len(self._segments[segment])
-
-    def load_lora_state(self, weights: dict[str, torch.Tensor]) -> None:
-        """Set the LoRA weights (e.g. the best eval's snapshot, before publishing it)."""
-        named = dict(self._named_params)
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                named[name].copy_(tensor)
 
     def _forward_segment(self, index: int) -> None:
         flight = self._in_flight
@@ -452,28 +503,6 @@ class LoraTrainer:
         self.loss = self._step_loss / max(self._step_targets, 1)
         self._step_loss, self._micro = 0.0, 0
         self.step += 1
-
-    def _rng_devices(self) -> list:
-        return [self.device] if self.device.type == "cuda" else []
-
-    # -- results -------------------------------------------------------------------------------------
-    def save_adapter(self, directory: str | None) -> None:
-        """Write the adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-        With tensor parallelism every rank must call this (the adapter is gathered); one of them passes
-        the ``directory``, the others ``None``."""
-        if self.tensor_parallel is None:
-            self.model.save_pretrained(directory, safe_serialization=True)
-            return
-        full = self.tensor_parallel.gathered(self.model)
-        if directory is not None:
-            self.model.save_pretrained(
-                directory, safe_serialization=True, state_dict=full, save_embedding_layers=False
-            )
-
-    def lora_state(self) -> dict[str, torch.Tensor]:
-        """This rank's LoRA weights (with tensor parallelism, its slices)."""
-        return {n: p.detach() for n, p in self._named_params}
 
     # -- checkpoints ---------------------------------------------------------------------------------
     @property
