@@ -13,21 +13,11 @@ import requests
 
 from sglang_harli.core.control import SubmitJob
 from sglang_harli.core.jobs import FinetuneJobSpec
-from sglang_harli.server_process import ServerProcess, free_port
+from sglang_harli.server_process import free_port
+from test_fleet import AUTH, _instance
 from test_jobs import RECORDS, job_spec
 
-KEY = "fleet-admin-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 TEXTS = [r["prompt"] + r["completion"] for r in RECORDS]
-
-
-def _instance(tmp_path, tiny_model_dir, name, port, peers):
-    args = [
-        "--model-path", str(tiny_model_dir), "--enable-lora", "--max-lora-rank", "16",
-        "--lora-target-modules", "all", "--admin-api-key", KEY, "--harli-peers", peers,
-        "--harli-output-dir", str(tmp_path / name / "adapters"),
-    ]  # fmt: skip
-    return ServerProcess(args, tmp_path / f"{name}.log", port=port, env={"OMP_NUM_THREADS": "1"})
 
 
 def _pair(tmp_path, tiny_model_dir):

@@ -22,7 +22,7 @@ import hashlib
 import re
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -33,6 +33,7 @@ from sglang_harli.core.jobs import JOB_NAME_PATTERN
 
 ADAPTER_FILE = re.compile(r"^(adapter_config\.json|adapter_model\.(safetensors|bin)|README\.md)$")
 """The files of a PEFT adapter directory a bundle may carry (the trainer writes the first two)."""
+T = TypeVar("T")
 CHECK_PERIOD_S = 2.0
 """How often an instance checks each peer."""
 PEER_TIMEOUT_S = 2.0
@@ -157,14 +158,20 @@ def read_bundle(name: str, version: int, directory: str | Path) -> AdapterBundle
     return AdapterBundle(name=name, version=version, files=files, digest=bundle_digest(files))
 
 
-def decode_bundle(body: bytes) -> AdapterBundle:
-    """A peer's bundle, checked: schema (``SpecInvalid`` naming the field), file names, digest."""
+def decode_msgpack(body: bytes, kind: type[T], what: str, *, field: str = "body") -> T:
+    """A peer's msgpack message as ``kind``: ``SpecInvalid`` naming the field that does not match, or
+    ``SpecError`` on ``field`` if it is not msgpack at all."""
     try:
-        bundle = msgspec.msgpack.decode(body, type=AdapterBundle)
+        return msgspec.msgpack.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise SpecInvalid.from_validation(exc) from None
     except msgspec.DecodeError as exc:
-        raise SpecError("bundle", f"not a msgpack adapter bundle: {exc}") from None
+        raise SpecError(field, f"not msgpack of {what}: {exc}") from None
+
+
+def decode_bundle(body: bytes) -> AdapterBundle:
+    """A peer's bundle, checked: schema (``SpecInvalid`` naming the field), file names, digest."""
+    bundle = decode_msgpack(body, AdapterBundle, "an adapter bundle", field="bundle")
     for file_name in bundle.files:
         if not ADAPTER_FILE.match(file_name):
             raise SpecError("files", f"{file_name!r} is not a file of an adapter directory")

@@ -38,11 +38,11 @@ from sglang_harli.core.errors import (
     NotAvailable,
     NotFound,
     SpecError,
-    SpecInvalid,
     TooLarge,
     Unauthorized,
 )
 from sglang_harli.core.evaluation import build_eval_data
+from sglang_harli.core.fleet import decode_msgpack
 from sglang_harli.core.job_store import discard_staged, stage_examples
 from sglang_harli.core.jobs import check_eval, decode_spec
 from sglang_harli.srt.control import control_client
@@ -283,22 +283,14 @@ async def adapter_bundle(name: str, request: Request) -> Response:
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def fleet_capacity(request: Request) -> Response:
     """What this instance has to give a new job now (``core.fleet.FleetCapacity``): placement reads it."""
-    try:
-        _fleet_or_refuse(request)
-    except HarliError as exc:
-        return _json(exc.body(), status=exc.status)
-    return await _relay(GetCapacity())
+    return await _peer_relay(request, GetCapacity())
 
 
 @router.get("/fleet/jobs", include_in_schema=False)
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def fleet_local_jobs(request: Request) -> Response:
     """This instance's own jobs (the fleet-wide ``GET /harli/jobs`` gathers them)."""
-    try:
-        _fleet_or_refuse(request)
-    except HarliError as exc:
-        return _json(exc.body(), status=exc.status)
-    return await _relay(ListJobs())
+    return await _peer_relay(request, ListJobs())
 
 
 @router.post("/fleet/jobs", include_in_schema=False)
@@ -308,12 +300,7 @@ async def fleet_placed_job(request: Request) -> Response:
     try:
         _fleet_or_refuse(request)
         body = await _body(request, _config().max_request_mb * 16)
-        try:
-            submit = msgspec.msgpack.decode(body, type=SubmitJob)
-        except msgspec.ValidationError as exc:
-            raise SpecInvalid.from_validation(exc) from None
-        except msgspec.DecodeError as exc:
-            raise SpecError("body", f"not a msgpack SubmitJob: {exc}") from None
+        submit = decode_msgpack(body, SubmitJob, "a placed job")
         if submit.staged is not None:  # a path on the sender's disk: never read here
             raise SpecError("staged", "a placed job carries its examples, not a path")
         if submit.count != len(submit.examples):
@@ -329,8 +316,13 @@ async def fleet_placed_job(request: Request) -> Response:
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def fleet_cancel_job(name: str, request: Request) -> Response:
     """Cancel this instance's own job (the fleet-wide cancel sends it here)."""
+    return await _peer_relay(request, CancelJob(name=name))
+
+
+async def _peer_relay(request: Request, control: ControlRequest) -> Response:
+    """A peer's call answered by this instance's scheduler, once the caller has shown the admin key."""
     try:
         _fleet_or_refuse(request)
     except HarliError as exc:
         return _json(exc.body(), status=exc.status)
-    return await _relay(CancelJob(name=name))
+    return await _relay(control)
