@@ -20,7 +20,7 @@ def test_operations_run_in_seq_order_once_each_whatever_order_they_arrive_in():
         ran = []
 
         def op(name):
-            async def go():
+            async def go(request_id):
                 ran.append(name)
                 await asyncio.sleep(0)
                 return Outcome(body=name.encode())
@@ -49,7 +49,7 @@ def test_a_poll_is_held_until_the_result_or_the_window():
         model = ModelSequence(futures)
         gate = asyncio.Event()
 
-        async def slow():
+        async def slow(request_id):
             await gate.wait()
             return Outcome(body=b"{}")
 
@@ -69,10 +69,10 @@ def test_a_failing_operation_fails_its_own_future_and_the_next_one_still_runs():
         futures = FutureTable()
         model = ModelSequence(futures)
 
-        async def broken():
+        async def broken(request_id):
             raise ValueError("bad datum")
 
-        async def fine():
+        async def fine(request_id):
             return Outcome(body=b"ok")
 
         bad, good = model.submit(1, broken), model.submit(2, fine)

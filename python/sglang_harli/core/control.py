@@ -21,9 +21,10 @@ from sglang_harli.core.data import Example
 from sglang_harli.core.evaluation import EvalData
 from sglang_harli.core.fleet import FleetCapacity
 from sglang_harli.core.job_store import StagedExamples
-from sglang_harli.core.jobs import FinetuneJobSpec, JobStatus
+from sglang_harli.core.jobs import FinetuneJobSpec, JobStatus, LoraSpec
 from sglang_harli.core.local_sgd import GroupAssignment
 from sglang_harli.core.stats import HarliStats
+from sglang_harli.core.tinker_trainer import AdamParams
 
 
 class AdapterVersion(msgspec.Struct, kw_only=True, frozen=True):
@@ -113,6 +114,38 @@ class AdaptersToServe(ControlRequest):
     Reply = list[AdapterVersion]
 
 
+class TinkerCreateModel(ControlRequest):
+    """Tinker ``create_model``: a training client with a fresh adapter over the served weights."""
+
+    Reply = Ack
+
+    model_id: str
+    lora: LoraSpec
+    seed: int = 0
+
+
+class TinkerForwardBackward(ControlRequest):
+    """Tinker ``forward_backward``: queue it on the model's trainer; its result follows as a
+    ``HarliTinkerResult`` for ``request_id``."""
+
+    Reply = Ack
+
+    model_id: str
+    request_id: str
+    body: bytes
+    """The ``ForwardBackwardRequest`` protobuf, already checked by the HTTP side."""
+
+
+class TinkerOptimStep(ControlRequest):
+    """Tinker ``optim_step``: queue it after the model's pending forward_backward requests."""
+
+    Reply = Ack
+
+    model_id: str
+    request_id: str
+    adam: AdamParams
+
+
 CONTROL_REQUESTS: tuple[type[ControlRequest], ...] = (
     SubmitJob,
     ListJobs,
@@ -122,6 +155,9 @@ CONTROL_REQUESTS: tuple[type[ControlRequest], ...] = (
     GetCapacity,
     AdapterServed,
     AdaptersToServe,
+    TinkerCreateModel,
+    TinkerForwardBackward,
+    TinkerOptimStep,
 )
 AnyControlRequest = Union[CONTROL_REQUESTS]  # noqa: UP007 - a union built from the tuple
 

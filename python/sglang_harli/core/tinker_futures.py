@@ -86,7 +86,8 @@ class FutureTable:
             return None
 
 
-Operation = Callable[[], Awaitable[Outcome]]
+Operation = Callable[[str], Awaitable[Outcome]]
+"""An operation, given the request id its future has; returns its outcome."""
 
 
 class ModelSequence:
@@ -123,7 +124,7 @@ class ModelSequence:
         while self._next in self._waiting:
             request_id, operation = self._waiting.pop(self._next)
             try:
-                outcome = await operation()
+                outcome = await operation(request_id)
             except Exception as exc:  # an operation's failure is its future's, never the server's
                 outcome = Outcome(error=f"{type(exc).__name__}: {exc}", category="server")
             self._futures.resolve(request_id, outcome)

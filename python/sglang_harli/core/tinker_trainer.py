@@ -66,6 +66,7 @@ class _Request:
     """One queued request: a forward_backward's micro-batches, or an optim_step."""
 
     done: Callable[[object], None]
+    fail: Callable[[Exception], None] | None = None
     forward_backward: ForwardBackward | None = None
     adam: AdamParams | None = None
     micro_batches: list[list[int]] = field(default_factory=list)
@@ -138,9 +139,13 @@ class TinkerTrainer(LoraModel):
 
     # -- requests ------------------------------------------------------------------------------------
     def forward_backward(
-        self, request: ForwardBackward, done: Callable[[ForwardBackwardResult], None]
+        self,
+        request: ForwardBackward,
+        done: Callable[[ForwardBackwardResult], None],
+        fail: Callable[[Exception], None] | None = None,
     ) -> None:
-        """Queue ``request``; ``done`` gets its result once its last unit has run."""
+        """Queue ``request``; ``done`` gets its result once its last unit has run (``fail`` the exception
+        if a unit of it raised, ``drop_head``)."""
         micro_batches, current, tokens = [], [], 0
         for index, datum in enumerate(request.data):
             if current and tokens + len(datum.tokens) > self.micro_batch_tokens:
@@ -152,15 +157,36 @@ class TinkerTrainer(LoraModel):
         self._queue.append(
             _Request(
                 done=done,
+                fail=fail,
                 forward_backward=request,
                 micro_batches=micro_batches,
                 logprobs=[None] * len(request.data),
             )
         )
 
-    def optim_step(self, adam: AdamParams, done: Callable[[dict[str, float]], None]) -> None:
+    def optim_step(
+        self,
+        adam: AdamParams,
+        done: Callable[[dict[str, float]], None],
+        fail: Callable[[Exception], None] | None = None,
+    ) -> None:
         """Queue an optimizer step over the gradients accumulated so far; ``done`` gets its metrics."""
-        self._queue.append(_Request(done=done, adam=adam))
+        self._queue.append(_Request(done=done, fail=fail, adam=adam))
+
+    def drop_head(self, exc: Exception) -> None:
+        """The request at the head of the queue failed with ``exc`` in one of its units: drop it (and the
+        micro-batch in flight) and tell its ``fail``; the gradients it may have added stay (as a partial
+        forward_backward would leave them on any trainer)."""
+        if not self._queue:
+            return
+        request = self._queue.popleft()
+        self._flight, self._micro, self._unit = None, 0, 0
+        if request.fail is not None:
+            request.fail(exc)
+
+    @property
+    def units_per_micro_batch(self) -> int:
+        return 2 * len(self._segments) + 1
 
     @property
     def pending(self) -> int:

@@ -21,6 +21,7 @@ from sglang_harli.srt.fleet import Fleet
 from sglang_harli.srt.openapi import document_routes
 from sglang_harli.srt.pd_guard import install_pd_guard
 from sglang_harli.srt.routes import router
+from sglang_harli.srt.tinker import router as tinker_router
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +73,12 @@ def install(app=None) -> None:
     app = app if app is not None else http_server.app
     if any(getattr(r, "path", "").startswith("/harli/") for r in app.router.routes):
         return
-    for route in router.routes:
-        app.add_api_route(
-            route.path, route.endpoint, methods=sorted(route.methods), name=route.name, tags=["harli"],
-            include_in_schema=route.include_in_schema,
-        )  # fmt: skip
+    for routes, tag in ((router, "harli"), (tinker_router, "tinker")):
+        for route in routes.routes:
+            app.add_api_route(
+                route.path, route.endpoint, methods=sorted(route.methods), name=route.name, tags=[tag],
+                include_in_schema=route.include_in_schema,
+            )  # fmt: skip
     if not getattr(app.router.lifespan_context, "harli", False):
         app.router.lifespan_context = _with_harli_startup(app.router.lifespan_context)
     document_routes(app)

@@ -24,6 +24,7 @@ from sglang.utils import TypeBasedDispatcher
 
 from sglang_harli.core.control import AdapterVersion, AnyControlRequest, ControlRequest
 from sglang_harli.core.errors import HarliError, http_status
+from sglang_harli.core.tinker_futures import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,17 @@ class HarliPublishReq(BaseReq, kw_only=True):
     adapter: AdapterVersion
 
 
+class HarliTinkerResult(BaseReq, kw_only=True):
+    """Scheduler -> tokenizer manager, unsolicited: a Tinker operation's outcome, for the future the
+    client polls (``srt.tinker``)."""
+
+    request_id: str
+    outcome: Outcome
+
+
 def register_control_types() -> None:
     """Teach this process's IPC decoder our types. Needed once in every process that receives them."""
-    hook_custom_types(HarliControlReq, HarliControlReqOutput, HarliPublishReq)
+    hook_custom_types(HarliControlReq, HarliControlReqOutput, HarliPublishReq, HarliTinkerResult)
 
 
 class ControlDispatcher:

@@ -36,6 +36,9 @@ from sglang_harli.core.control import (
     GetStats,
     ListJobs,
     SubmitJob,
+    TinkerCreateModel,
+    TinkerForwardBackward,
+    TinkerOptimStep,
 )
 from sglang_harli.core.fleet import FleetCapacity
 from sglang_harli.core.job_store import JobStore
@@ -56,6 +59,7 @@ from sglang_harli.srt.metrics import HarliMetrics
 from sglang_harli.srt.profiling import StartupProfile
 from sglang_harli.srt.publishing import Publishing
 from sglang_harli.srt.tensor_parallel import RankAgreement, training_group
+from sglang_harli.srt.tinker_models import MAX_MODELS, TinkerModels
 from sglang_harli.srt.unit_runner import UnitRunner
 
 logger = logging.getLogger(__name__)
@@ -115,6 +119,10 @@ class FinetuneService:
             writes=self.agreement.leader,
             send=lambda message: scheduler.ipc_channels.send_to_tokenizer.send_output(message),
         )
+        send = lambda message: scheduler.ipc_channels.send_to_tokenizer.send_output(message)  # noqa: E731
+        self.tinker = TinkerModels(
+            scheduler, max_models=MAX_MODELS, layers_per_unit=config.layers_per_unit, send=send
+        )
         self.runner = UnitRunner(
             scheduler,
             layers_per_unit=config.layers_per_unit,
@@ -130,6 +138,7 @@ class FinetuneService:
             on_release=lambda: self.profile.save(self.colocation.predictor),
             metrics=self.metrics,
             rendezvous=self.rendezvous,
+            tinker=self.tinker,
         )
         self.handle: Callable[[HarliControlReq], HarliControlReqOutput] = ControlDispatcher(
             {
@@ -141,6 +150,9 @@ class FinetuneService:
                 GetCapacity: self.capacity,
                 AdapterServed: self.publishing.served,
                 AdaptersToServe: self.publishing.to_serve,
+                TinkerCreateModel: self.tinker.create,
+                TinkerForwardBackward: self.tinker.forward_backward,
+                TinkerOptimStep: self.tinker.optim_step,
             }
         )
         """Answer one control request (``core.control``) from the HTTP side."""

@@ -63,6 +63,7 @@ class UnitRunner:
         on_release: Callable[[], None],
         metrics=None,
         rendezvous=None,
+        tinker=None,
     ):
         self.scheduler = scheduler
         self.layers_per_unit, self.checkpoint_every_steps = layers_per_unit, checkpoint_every_steps
@@ -87,11 +88,20 @@ class UnitRunner:
         self._rendezvous = rendezvous
         self.local_sgd: LocalSgd | None = None
         self._after_average: Callable[[], None] | None = None
+        self.tinker = tinker
+        """The Tinker API's training clients (``srt.tinker_models``): their units go before a job's."""
         jobs.on_cancel = self._cancelled
 
     @property
     def has_work(self) -> bool:
-        return self.trainer is not None or self.jobs.book.next_queued() is not None
+        return (
+            self.trainer is not None
+            or self.jobs.book.next_queued() is not None
+            or self._tinker_busy() is not None
+        )
+
+    def _tinker_busy(self):
+        return self.tinker.busy if self.tinker is not None else None
 
     # -- starting ------------------------------------------------------------------------------------
     def start_due(self, *, may_start: bool) -> bool:
@@ -166,7 +176,11 @@ class UnitRunner:
 
     # -- planning ------------------------------------------------------------------------------------
     def upcoming(self) -> list[FinetuneWork]:
-        """The coming units to offer the policy: the evaluation pass's while one runs, else training's."""
+        """The coming units to offer the policy: a Tinker client's if one has requests queued, else the
+        evaluation pass's while one runs, else training's."""
+        tinker = self._tinker_busy()
+        if tinker is not None:
+            return tinker.peek(look_ahead(tinker.units_per_micro_batch))
         if self.trainer is None or not self._averaged():
             return []
         try:
@@ -184,7 +198,7 @@ class UnitRunner:
         idle = isinstance(plan, IdleSlice)
         deadline = time.perf_counter() + plan.budget_s if idle else None
         done = 0
-        while self.trainer is not None and (idle or done < plan.units):
+        while (self.trainer is not None or self._tinker_busy() is not None) and (idle or done < plan.units):
             stop = should_yield() or (deadline is not None and time.perf_counter() >= deadline)
             if self.agreement.flag(stop) or not self._run_one(plan.split, plan.label):
                 break
@@ -194,6 +208,9 @@ class UnitRunner:
     def _run_one(self, split: SMSplit, label: str) -> bool:
         """One unit of the running job (or of its evaluation); False when none ran: no memory to start a
         micro-batch now, or the unit failed its job."""
+        tinker = self._tinker_busy()
+        if tinker is not None:
+            return self._run_tinker(tinker, split, label)
         job, trainer = self.job, self.trainer
         if not self._averaged():
             return False
@@ -222,6 +239,16 @@ class UnitRunner:
         except Exception as exc:  # a failing job must not take decode down with it
             self._fail(job, exc, traceback=True)
         return False
+
+    def _run_tinker(self, trainer, split: SMSplit, label: str) -> bool:
+        """One unit of a Tinker client's head request; a unit that raises fails that request alone."""
+        try:
+            self._timed_unit(trainer.peek(1)[0], trainer.run_unit, split, label, trainer=trainer)
+            return True
+        except Exception as exc:  # the client's request fails, never the scheduler
+            logger.warning("tinker request failed: %s", exc, exc_info=True)
+            self.tinker.fail_head(trainer, exc)
+            return False
 
     def _timed_unit(
         self,
