@@ -28,6 +28,15 @@ def _pair(tmp_path, tiny_model_dir):
     return a, b
 
 
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_model_dir):
+    """One fleet of two instances for the module, peers up (the last test kills B)."""
+    a, b = _pair(tmp_path_factory.mktemp("fleet"), tiny_model_dir)
+    with a, b:
+        _peers_up(a, b)
+        yield a, b
+
+
 def _submit(server, spec):
     return requests.post(f"{server.url}/harli/jobs", json=spec, headers=AUTH, timeout=120)
 
@@ -61,46 +70,44 @@ def _entries(server, name):
     return [job for job in server.get("/harli/jobs").json() if job["name"] == name]
 
 
-def test_a_job_is_placed_seen_and_cancelled_from_any_instance(tmp_path, tiny_model_dir):
-    a, b = _pair(tmp_path, tiny_model_dir)
-    with a, b:
-        _peers_up(a, b)
-        # peer routes need the admin key, and a peer cannot name a path on this instance's disk
-        assert requests.get(f"{a.url}/harli/fleet/capacity", timeout=10).status_code in (401, 403)
-        assert requests.post(f"{a.url}/harli/fleet/jobs", data=b"", timeout=10).status_code in (401, 403)
-        spec = msgspec.convert(job_spec("sneaky", {"records": RECORDS[:2]}, epochs=1), FinetuneJobSpec)
-        staged = {"dir": "/etc", "count": 1, "digest": "x"}
-        body = {**msgspec.to_builtins(SubmitJob(spec=spec, count=1)), "staged": staged}
-        resp = requests.post(f"{a.url}/harli/fleet/jobs", data=msgspec.msgpack.encode(body), headers=AUTH)
-        assert resp.status_code in (400, 422) and resp.json()["field"].startswith("staged"), resp.text
+def test_a_job_is_placed_seen_and_cancelled_from_any_instance(pair):
+    a, b = pair
+    # peer routes need the admin key, and a peer cannot name a path on this instance's disk
+    assert requests.get(f"{a.url}/harli/fleet/capacity", timeout=10).status_code in (401, 403)
+    assert requests.post(f"{a.url}/harli/fleet/jobs", data=b"", timeout=10).status_code in (401, 403)
+    spec = msgspec.convert(job_spec("sneaky", {"records": RECORDS[:2]}, epochs=1), FinetuneJobSpec)
+    staged = {"dir": "/etc", "count": 1, "digest": "x"}
+    body = {**msgspec.to_builtins(SubmitJob(spec=spec, count=1)), "staged": staged}
+    resp = requests.post(f"{a.url}/harli/fleet/jobs", data=msgspec.msgpack.encode(body), headers=AUTH)
+    assert resp.status_code in (400, 422) and resp.json()["field"].startswith("staged"), resp.text
 
-        # placed by name: submitted to A, trained on B, seen from A
-        resp = _submit(a, {**job_spec("on-b", {"records": RECORDS}, epochs=2), "placement": b.url})
-        assert resp.status_code == 201, resp.text
-        assert resp.json()["instance"] == b.url
-        done = _until(lambda: (j := _job(a, "on-b"))["state"] == "completed" and j, "on-b to complete")
-        assert done["instance"] == b.url
-        assert [j["instance"] for j in _entries(a, "on-b")] == [b.url]
-        assert [j["instance"] for j in _entries(b, "on-b")] == [b.url]
-        # names are unique across the fleet
-        resp = _submit(a, job_spec("on-b", {"records": RECORDS}, epochs=1))
-        assert resp.status_code == 409 and resp.json()["field"] == "name", resp.text
-        resp = _submit(a, {**job_spec("nowhere", {"records": RECORDS}), "placement": "http://127.0.0.1:1"})
-        assert resp.status_code == 503 and resp.json()["field"] == "placement", resp.text
+    # placed by name: submitted to A, trained on B, seen from A
+    resp = _submit(a, {**job_spec("on-b", {"records": RECORDS}, epochs=2), "placement": b.url})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["instance"] == b.url
+    done = _until(lambda: (j := _job(a, "on-b"))["state"] == "completed" and j, "on-b to complete")
+    assert done["instance"] == b.url
+    assert [j["instance"] for j in _entries(a, "on-b")] == [b.url]
+    assert [j["instance"] for j in _entries(b, "on-b")] == [b.url]
+    # names are unique across the fleet
+    resp = _submit(a, job_spec("on-b", {"records": RECORDS}, epochs=1))
+    assert resp.status_code == 409 and resp.json()["field"] == "name", resp.text
+    resp = _submit(a, {**job_spec("nowhere", {"records": RECORDS}), "placement": "http://127.0.0.1:1"})
+    assert resp.status_code == 503 and resp.json()["field"] == "placement", resp.text
 
-        # placed by slack: A has a job of its own, so the next goes to B
-        long = {**job_spec("long-a", {"records": RECORDS}, epochs=1000), "placement": a.url}
-        assert _submit(a, long).status_code == 201
-        _until(lambda: _job(b, "long-a")["state"] == "running", "long-a to run on A")
-        resp = _submit(a, job_spec("auto", {"records": RECORDS}, epochs=1))
-        assert resp.status_code == 201, resp.text
-        assert resp.json()["instance"] == b.url
-        # cancelled from the other instance
-        resp = requests.post(f"{b.url}/harli/jobs/long-a/cancel", headers=AUTH, timeout=30)
-        assert resp.status_code == 200, resp.text
-        assert [(j["instance"], j["state"]) for j in _entries(a, "long-a")] == [(a.url, "cancelled")]
-        missing = requests.post(f"{b.url}/harli/jobs/ghost/cancel", headers=AUTH, timeout=30)
-        assert missing.status_code == 404 and missing.json()["field"] == "name"
+    # placed by slack: A has a job of its own, so the next goes to B
+    long = {**job_spec("long-a", {"records": RECORDS}, epochs=1000), "placement": a.url}
+    assert _submit(a, long).status_code == 201
+    _until(lambda: _job(b, "long-a")["state"] == "running", "long-a to run on A")
+    resp = _submit(a, job_spec("auto", {"records": RECORDS}, epochs=1))
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["instance"] == b.url
+    # cancelled from the other instance
+    resp = requests.post(f"{b.url}/harli/jobs/long-a/cancel", headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert [(j["instance"], j["state"]) for j in _entries(a, "long-a")] == [(a.url, "cancelled")]
+    missing = requests.post(f"{b.url}/harli/jobs/ghost/cancel", headers=AUTH, timeout=30)
+    assert missing.status_code == 404 and missing.json()["field"] == "name"
 
 
 def _training_loss(server, adapter):
@@ -133,14 +140,11 @@ def _router(port, workers, log):
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
-def test_a_job_trained_on_two_instances_serves_through_the_router_and_survives_a_kill(
-    tmp_path, tiny_model_dir
-):
-    pytest.importorskip("sglang_router")
-    a, b = _pair(tmp_path, tiny_model_dir)
+def test_a_job_trained_on_two_instances_serves_through_the_router_and_survives_a_kill(pair, tmp_path):
+    """Last in the module: it kills instance B of the shared pair."""
+    a, b = pair
     router_port = free_port()
-    with a, b, open(tmp_path / "router.log", "w") as log:
-        _peers_up(a, b)
+    with open(tmp_path / "router.log", "w") as log:
         spec = job_spec("solo", {"records": [{"text": t} for t in TEXTS]}, epochs=30)
         spec["publish"] = {"every_steps": 0}
         assert _submit(a, {**spec, "placement": a.url}).status_code == 201
