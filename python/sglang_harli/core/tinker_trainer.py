@@ -21,7 +21,6 @@ gradients. A micro-batch is as many whole datums as fit in ``micro_batch_tokens`
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,7 +202,6 @@ class TinkerTrainer(LoraModel):
         """The next ``count`` units of the queued requests (fewer if fewer are queued)."""
         upcoming: list[FinetuneWork] = []
         micro, unit = self._micro, self._unit
-        segments = len(self._segments)
         for request in self._queue:
             if len(upcoming) >= count:
                 break
@@ -215,15 +213,7 @@ class TinkerTrainer(LoraModel):
             per_micro = self._units_of(request)
             while micro < len(request.micro_batches) and len(upcoming) < count:
                 tokens = sum(len(data[i].tokens) for i in request.micro_batches[micro])
-                if unit < segments:
-                    upcoming.append(
-                        FinetuneWork(kind="forward", tokens=tokens, layers=len(self._segments[unit]))
-                    )
-                elif unit == segments:
-                    upcoming.append(FinetuneWork(kind="loss", tokens=tokens))
-                else:
-                    layers = len(self._segments[per_micro - 1 - unit])
-                    upcoming.append(FinetuneWork(kind="backward", tokens=tokens, layers=layers))
+                upcoming.append(self._unit_work(unit, per_micro, tokens))
                 unit += 1
                 if unit == per_micro:
                     micro, unit = micro + 1, 0
@@ -299,10 +289,7 @@ class TinkerTrainer(LoraModel):
             request.logprobs[index] = values[offsets[slot] : offsets[slot + 1]]
 
     def _backward_segment(self, index: int) -> None:
-        flight = self._flight
-        hidden, output = flight.segments.pop()
-        torch.autograd.backward(output, flight.hidden)
-        flight.hidden = hidden.grad if index > 0 else None
+        self._backward_through(self._flight, index)
 
     def _finish_micro_batch(self, request: _Request) -> None:
         flight, self._flight = self._flight, None
@@ -336,20 +323,3 @@ class TinkerTrainer(LoraModel):
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return metrics
-
-    # -- state ---------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        """Weights and optimizer state (``save_weights``), taken between requests."""
-        if self._flight is not None:
-            raise RuntimeError("the state is taken between micro-batches")
-        return {
-            "weights": {name: t.clone() for name, t in self.lora_state().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "steps": self.steps,
-        }
-
-    def restore(self, state: dict, *, optimizer: bool = True) -> None:
-        self.load_lora_state(state["weights"])
-        if optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.steps = state["steps"]

@@ -222,6 +222,25 @@ class LoraModel:
     def segment_layers(self, segment: int) -> int:
         return len(self._segments[segment])
 
+    def _unit_work(self, unit: int, per_micro: int, tokens: int) -> FinetuneWork:
+        """Unit ``unit`` of a micro-batch of ``tokens`` that takes ``per_micro`` units: the forward
+        segments, then the loss, then the backward segments in reverse."""
+        segments = len(self._segments)
+        if unit < segments:
+            return FinetuneWork(kind="forward", tokens=tokens, layers=len(self._segments[unit]))
+        if unit == segments:
+            return FinetuneWork(kind="loss", tokens=tokens)
+        return FinetuneWork(kind="backward", tokens=tokens, layers=len(self._segments[per_micro - 1 - unit]))
+
+    @staticmethod
+    def _backward_through(flight, index: int) -> None:
+        """Backward segment ``index`` of the micro-batch in flight: the gradient of its output (in
+        ``flight.hidden``) through its layers, leaving the gradient of its input for the segment before."""
+        hidden, output = flight.segments.pop()
+        assert len(flight.segments) == index
+        torch.autograd.backward(output, flight.hidden)
+        flight.hidden = hidden.grad if index > 0 else None
+
     def load_lora_state(self, weights: dict[str, torch.Tensor]) -> None:
         """Set the LoRA weights (e.g. the best eval's snapshot, before publishing it)."""
         named = dict(self._named_params)
@@ -349,21 +368,14 @@ class LoraTrainer(LoraModel):
         """The next ``count`` units (fewer near the end of the run), without running anything."""
         upcoming: list[FinetuneWork] = []
         step, micro, unit = self.step, self._micro, self._unit
-        segments, per_micro = len(self._segments), self.units_per_micro_batch
+        per_micro = self.units_per_micro_batch
         while len(upcoming) < count and step < self.total_steps:
             plan = self._step_plan(step)
             if micro == len(plan):
                 upcoming.append(FinetuneWork(kind="optimizer", params=self._trainable))
                 step, micro, unit = step + 1, 0, 0
                 continue
-            tokens = sum(self._lengths[i] for i in plan[micro])
-            if unit < segments:
-                upcoming.append(FinetuneWork(kind="forward", tokens=tokens, layers=len(self._segments[unit])))
-            elif unit == segments:
-                upcoming.append(FinetuneWork(kind="loss", tokens=tokens))
-            else:
-                layers = len(self._segments[per_micro - 1 - unit])
-                upcoming.append(FinetuneWork(kind="backward", tokens=tokens, layers=layers))
+            upcoming.append(self._unit_work(unit, per_micro, sum(self._lengths[i] for i in plan[micro])))
             unit += 1
             if unit == per_micro:
                 micro, unit = micro + 1, 0
@@ -460,10 +472,7 @@ class LoraTrainer(LoraModel):
     def _backward_segment(self, index: int) -> None:
         flight = self._in_flight
         self._before_backward()
-        hidden, output = flight.segments.pop()
-        assert len(flight.segments) == index
-        torch.autograd.backward(output, flight.hidden)
-        flight.hidden = hidden.grad if index > 0 else None
+        self._backward_through(flight, index)
 
     def _before_backward(self) -> None:
         if self.place_grads is not None and self.params[0].grad is None:  # the step's first backward
