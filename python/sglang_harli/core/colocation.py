@@ -352,6 +352,9 @@ class CoLocation:
     def interval_summary(self) -> IntervalSummary:
         return IntervalSummary.of(self._intervals, self.slo_s)
 
+    def finetune_tokens_per_s(self) -> float:
+        return self._finetune_tokens.per_s()
+
     def decode_busy_fraction(self) -> float:
         return min(self._decode_busy.per_s(), 1.0)
 
@@ -363,7 +366,7 @@ class CoLocation:
             requests=self.requests.summary(),
             slo_metric=self.slo_metric,
             decode_tokens_per_s=self._decode_tokens.per_s(),
-            finetune_tokens_per_s=self._finetune_tokens.per_s(),
+            finetune_tokens_per_s=self.finetune_tokens_per_s(),
             finetune_busy_fraction=min(self._finetune_busy.per_s(), 1.0),
             decode_busy_fraction=self.decode_busy_fraction(),
             unit_ms=_p50_p99(self._units, 1e3),

@@ -271,7 +271,7 @@ class FinetuneService:
             finetunes=self._unsupported is None and self.limits().enable_lora,
             active_jobs=self.jobs.book.active(),
             free_share=max(0.0, 1.0 - self.colocation.decode_busy_fraction()),
-            finetune_tokens_per_s=self.colocation.snapshot().finetune_tokens_per_s,
+            finetune_tokens_per_s=self.colocation.finetune_tokens_per_s(),
             lendable_tokens=memory.free_tokens if memory.enabled else 0,
             store_port=self.rendezvous.port if self.rendezvous is not None else None,
         )
