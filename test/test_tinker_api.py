@@ -1,12 +1,25 @@
-"""The official ``tinker`` SDK (0.38.0) drives the real server: a LoRA training client created over the
-served weights, forward_backward (cross_entropy) and optim_step rounds that lower the loss, the returned
-logprobs consistent with the reported loss, and ``/generate`` requests served alongside."""
+"""The official ``tinker`` SDK (0.38.0) drives the real server (the shared ``server`` fixture): a LoRA
+training client over the served weights, forward_backward and optim_step rounds that lower the loss, the
+returned logprobs equal to an independent PEFT model with the saved adapter, the snapshot sampled hot
+returning the trained continuation, an RL step by importance sampling, and ``/generate`` requests served
+alongside with the outputs they had before and within the SLO."""
+
+import statistics
+import threading
+import time
 
 import numpy as np
 import pytest
 import requests
 import tinker
+import torch
+from peft import PeftModel
 from tinker import types
+from transformers import AutoModelForCausalLM
+
+PROMPT = [5, 6, 7, 8]
+CONTINUATION = [40, 41, 42, 43]
+SLO_S = 0.1  # the server's --harli-tpot-slo-ms default
 
 
 def _datums(count=4, length=12, seed=0):
@@ -23,10 +36,52 @@ def _datums(count=4, length=12, seed=0):
     return out
 
 
+def _continuation_datum():
+    tokens = PROMPT + CONTINUATION
+    weights = [0.0] * (len(PROMPT) - 1) + [1.0] * len(CONTINUATION)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
+    )
+
+
 @pytest.fixture
 def service(server):
-    client = tinker.ServiceClient(base_url=server.url, api_key="tml-harli")
-    yield client
+    with tinker.ServiceClient(base_url=server.url, api_key="tml-harli") as client:  # closed: places freed
+        yield client
+
+
+class _Decode:
+    """Greedy ``/generate`` requests sent one after another while a Tinker loop trains."""
+
+    BODY = {"text": "the quick brown", "sampling_params": {"max_new_tokens": 16, "temperature": 0}}
+
+    def __init__(self, url):
+        self.url, self.outputs, self.per_token_s = url, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def one(self):
+        start = time.monotonic()
+        reply = requests.post(f"{self.url}/generate", json=self.BODY, timeout=60)
+        assert reply.status_code == 200, reply.text
+        out = reply.json()
+        tokens = out["meta_info"]["completion_tokens"]
+        return out["output_ids"], (time.monotonic() - start) / tokens
+
+    def _run(self):
+        while not self._stop.is_set():
+            ids, per_token = self.one()
+            self.outputs.append(ids)
+            self.per_token_s.append(per_token)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def test_the_sdk_trains_a_lora_through_the_api(server, service, tiny_model_dir):
@@ -43,12 +98,97 @@ def test_the_sdk_trains_a_lora_through_the_api(server, service, tiny_model_dir):
         assert -sum(map(sum, logprobs)) == pytest.approx(out.metrics["loss:sum"], rel=1e-4)
         losses.append(out.metrics["loss:sum"])
     assert losses[-1] < 0.5 * losses[0], losses
-    # decode keeps serving
-    body = {"text": "hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
-    assert requests.post(f"{server.url}/generate", json=body, timeout=60).status_code == 200
 
 
-def test_a_bad_datum_is_refused_naming_the_field(service, tiny_model_dir):
+def test_the_trained_snapshot_samples_hot_while_decode_keeps_its_outputs_and_slo(
+    server, service, tiny_model_dir
+):
+    decode = _Decode(server.url)
+    reference = decode.one()[0]
+    training = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8).result()
+    datum = _continuation_datum()
+    with decode:
+        for _ in range(80):
+            forward_backward = training.forward_backward([datum], "cross_entropy")
+            training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            loss = forward_backward.result().metrics["loss:sum"]
+        sampler = training.save_weights_and_get_sampling_client().result()
+        greedy = types.SamplingParams(max_tokens=len(CONTINUATION), temperature=0.0, stop=[])
+        sampled = sampler.sample(types.ModelInput.from_ints(PROMPT), 2, greedy).result()
+    assert loss < 0.05, loss
+    # decode kept serving what it served before, within the SLO, all through the loop
+    assert len(decode.outputs) >= 5 and all(ids == reference for ids in decode.outputs)
+    assert statistics.median(decode.per_token_s) < SLO_S, decode.per_token_s
+    # the snapshot serves the trained continuation, each sample named by the submission
+    assert [s.tokens for s in sampled.sequences] == [CONTINUATION, CONTINUATION]
+    assert len({s.sequence_id for s in sampled.sequences}) == 2
+    assert all(s.stop_reason == "length" for s in sampled.sequences)
+
+    # logprobs: the trainer's (forward), SGLang's serving the snapshot, and an independent PEFT model
+    trained = training.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
+    served = sampler.compute_logprobs(types.ModelInput.from_ints(PROMPT + CONTINUATION)).result()
+    assert served[0] is None and served[1:] == pytest.approx(trained, abs=1e-4)
+    assert sampled.sequences[0].logprobs == pytest.approx(trained[len(PROMPT) - 1 :], abs=1e-4)
+
+    path = training.save_weights_for_sampler("continuation").result().path
+    assert path.endswith("/sampler_weights/continuation")
+    run, _, name = path.removeprefix("tinker://").split("/")
+    snapshot = server.log_path.parent / "adapters" / "tinker" / run / "sampler_weights" / name
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, snapshot).eval()
+    tokens = torch.tensor([PROMPT + CONTINUATION])
+    with torch.no_grad():
+        logits = peft(tokens[:, :-1]).logits.float().log_softmax(-1)[0]
+    reference_logprobs = logits.gather(1, tokens[0, 1:, None])[:, 0].tolist()
+    assert trained == pytest.approx(reference_logprobs, abs=1e-4)
+
+    # a named snapshot is sampled through a sampling session of its own, as the cookbook does
+    named = service.create_sampling_client(model_path=path).result()
+    again = named.sample(types.ModelInput.from_ints(PROMPT), 1, greedy).result()
+    assert again.sequences[0].tokens == CONTINUATION
+
+
+def test_an_rl_step_by_importance_sampling(service, tiny_model_dir):
+    """Sample from the policy, reward one token, train on the samples with their sampler logprobs: the
+    rewarded samples' logprob goes up."""
+    training = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8).result()
+    prompt = types.ModelInput.from_ints(PROMPT)
+    params = types.SamplingParams(max_tokens=3, temperature=1.0, seed=7, stop=[])
+    sampler = training.save_weights_and_get_sampling_client().result()
+    groups = sampler.sample(prompt, 8, params).result().sequences
+    rewards = [float(s.tokens[0] % 2 == 0) for s in groups]
+    assert 0 < sum(rewards) < len(rewards), [s.tokens for s in groups]  # a mixed group
+    mean = sum(rewards) / len(rewards)
+    datums = []
+    for sequence, reward in zip(groups, rewards, strict=True):
+        pad = len(PROMPT) - 1
+        datums.append(
+            types.Datum(
+                model_input=prompt.append(types.EncodedTextChunk(tokens=sequence.tokens[:-1])),
+                loss_fn_inputs={
+                    "target_tokens": [0] * pad + sequence.tokens,
+                    "logprobs": [0.0] * pad + sequence.logprobs,
+                    "advantages": [0.0] * pad + [reward - mean] * len(sequence.tokens),
+                },
+            )
+        )
+    before = training.forward_backward(datums, "importance_sampling").result()
+    training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    # on-policy, the ratio is 1: the learner's logprobs of the sampled tokens are the sampler's
+    for datum_out, sequence in zip(before.loss_fn_outputs, groups, strict=True):
+        assert datum_out["logprobs"].data[len(PROMPT) - 1 :] == pytest.approx(sequence.logprobs, abs=1e-4)
+    after = training.forward(datums, "importance_sampling").result()
+
+    def rewarded_logprob(out):  # of the sampled tokens only (the prompt's targets are placeholders)
+        pad = len(PROMPT) - 1
+        return sum(
+            sum(o["logprobs"].data[pad:]) for o, r in zip(out.loss_fn_outputs, rewards, strict=True) if r
+        )
+
+    assert rewarded_logprob(after) > rewarded_logprob(before)
+
+
+def test_bad_requests_are_refused_naming_the_field(server, service, tiny_model_dir):
     training = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8).result()
     bad = types.Datum(
         model_input=types.ModelInput.from_ints([5, 6, 7]), loss_fn_inputs={"target_tokens": [6, 7]}
@@ -56,3 +196,23 @@ def test_a_bad_datum_is_refused_naming_the_field(service, tiny_model_dir):
     with pytest.raises(tinker.BadRequestError) as refused:
         training.forward_backward([bad], "cross_entropy").result()
     assert "data[0].loss_fn_inputs.target_tokens" in str(refused.value)
+    with pytest.raises(tinker.BadRequestError, match="lora_config.rank"):
+        service.create_lora_training_client(base_model=str(tiny_model_dir), rank=64).result()
+    with pytest.raises(tinker.BadRequestError, match="base_model"):
+        service.create_lora_training_client(base_model="Qwen/Qwen3-8B", rank=8).result()
+    with pytest.raises(tinker.NotFoundError, match="model_path"):
+        service.create_sampling_client(model_path="tinker://nobody:train:0/sampler_weights/x").result()
+
+    # the training clients a server keeps are bounded: beyond them, 429 naming the field
+    session = requests.post(f"{server.url}/api/v1/create_session", json={}, timeout=30).json()["session_id"]
+    codes = []
+    for number in range(5):
+        body = {"session_id": session, "model_seq_id": number, "base_model": str(tiny_model_dir),
+                "lora_config": {"rank": 4}}  # fmt: skip
+        reply = requests.post(f"{server.url}/api/v1/create_model", json=body, timeout=30)
+        codes.append(reply.status_code)
+    assert codes[-1] == 429 and reply.json()["field"] == "model_id", codes
+    finish = requests.post(f"{server.url}/api/v1/sessions/{session}/finish", json={}, timeout=30)
+    assert finish.status_code == 200
+    # the session's places are free again
+    service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8).result()

@@ -13,7 +13,7 @@ answers with ``AdapterServed``.
 
 from __future__ import annotations
 
-from typing import ClassVar, Union
+from typing import ClassVar, Literal, Union
 
 import msgspec
 
@@ -146,6 +146,40 @@ class TinkerOptimStep(ControlRequest):
     adam: AdamParams
 
 
+class TinkerSave(ControlRequest):
+    """Tinker ``save_weights`` (``kind="weights"``: the training state, durably) or
+    ``save_weights_for_sampler`` (``"sampler_weights"``: the adapter in PEFT's format, for SGLang to
+    serve), written to ``directory`` (``core.tinker_store``) between the model's requests."""
+
+    Reply = Ack
+
+    model_id: str
+    kind: Literal["weights", "sampler_weights"]
+    directory: str
+
+
+class TinkerLoad(ControlRequest):
+    """Tinker ``load_weights``: the training state saved in ``directory`` (its weights, and with
+    ``optimizer`` its AdamW state), into ``model_id``; with ``create``, a new training client made from it
+    (the SDK's ``create_training_client_from_state``), its adapter configured as the saved one was."""
+
+    Reply = Ack
+
+    model_id: str
+    directory: str
+    optimizer: bool = True
+    create: bool = False
+
+
+class TinkerDropModel(ControlRequest):
+    """A training client whose session ended (closed, or silent past the heartbeat timeout): free its
+    adapter and optimizer state; requests still queued on it fail."""
+
+    Reply = Ack
+
+    model_id: str
+
+
 CONTROL_REQUESTS: tuple[type[ControlRequest], ...] = (
     SubmitJob,
     ListJobs,
@@ -158,6 +192,9 @@ CONTROL_REQUESTS: tuple[type[ControlRequest], ...] = (
     TinkerCreateModel,
     TinkerForwardBackward,
     TinkerOptimStep,
+    TinkerSave,
+    TinkerLoad,
+    TinkerDropModel,
 )
 AnyControlRequest = Union[CONTROL_REQUESTS]  # noqa: UP007 - a union built from the tuple
 

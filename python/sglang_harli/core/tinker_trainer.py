@@ -21,6 +21,7 @@ gradients. A micro-batch is as many whole datums as fit in ``micro_batch_tokens`
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sglang_harli.core.checkpoint import Progress, TrainerState
 from sglang_harli.core.jobs import LoraSpec
 from sglang_harli.core.tensor_parallel import TensorParallel
 from sglang_harli.core.tinker_codec import Datum, ForwardBackward
@@ -171,6 +173,37 @@ class TinkerTrainer(LoraModel):
     ) -> None:
         """Queue an optimizer step over the gradients accumulated so far; ``done`` gets its metrics."""
         self._queue.append(_Request(done=done, fail=fail, adam=adam))
+
+    # -- saved state -------------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No request is queued or half run: the state is exact (gradients not yet applied are not part
+        of it, as a Tinker ``save_weights`` does not keep them)."""
+        return not self._queue and self._flight is None
+
+    def state(self) -> TrainerState:
+        """A copy of the adapter and its AdamW state (``core.tinker_store`` writes it); only when idle."""
+        if not self.idle:
+            raise RuntimeError("the state is saved between requests")
+        return TrainerState(
+            weights={name: t.clone() for name, t in self.lora_state().items()},
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            schedule={},
+            progress=Progress(step=self.steps, micro_batches=0, tokens_trained=self.tokens_trained),
+        )
+
+    def restore(self, state: TrainerState, *, optimizer: bool) -> None:
+        """Continue from ``state``: its weights, and with ``optimizer`` its AdamW moments and counts too
+        (``load_weights`` with or without the optimizer). Gradients accumulated so far are dropped."""
+        if not self.idle:
+            raise RuntimeError("the state is loaded between requests")
+        if set(state.weights) != {name for name, _ in self._named_params}:
+            raise ValueError("the saved LoRA weights do not match this training client's adapter")
+        self.load_lora_state(state.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        if optimizer:
+            self.optimizer.load_state_dict(state.optimizer)
+            self.steps, self.tokens_trained = state.progress.step, state.progress.tokens_trained
 
     def drop_head(self, exc: Exception) -> None:
         """The request at the head of the queue failed with ``exc`` in one of its units: drop it (and the

@@ -145,6 +145,7 @@ class LoraModel:
     ):
         if layers_per_unit is not None and layers_per_unit < 1:
             raise ValueError("layers_per_unit must be at least 1")
+        self.lora = lora
         self.saved_tensor_hooks = saved_tensor_hooks
         self.device = next(base_model.parameters()).device
         # With tensor parallelism, ``base_model`` is this rank's slice (``core.tensor_parallel``).

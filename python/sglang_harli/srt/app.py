@@ -15,7 +15,7 @@ from sglang.srt.entrypoints import http_server
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.fleet import own_url, parse_peers
 from sglang_harli.models.builtin import cache_root
-from sglang_harli.srt import publisher
+from sglang_harli.srt import publisher, tinker_auth
 from sglang_harli.srt.control import control_client, register_control_types
 from sglang_harli.srt.fleet import Fleet
 from sglang_harli.srt.openapi import document_routes
@@ -83,3 +83,4 @@ def install(app=None) -> None:
         app.router.lifespan_context = _with_harli_startup(app.router.lifespan_context)
     document_routes(app)
     install_pd_guard()
+    tinker_auth.install()

@@ -37,8 +37,11 @@ from sglang_harli.core.control import (
     ListJobs,
     SubmitJob,
     TinkerCreateModel,
+    TinkerDropModel,
     TinkerForwardBackward,
+    TinkerLoad,
     TinkerOptimStep,
+    TinkerSave,
 )
 from sglang_harli.core.fleet import FleetCapacity
 from sglang_harli.core.job_store import JobStore
@@ -153,6 +156,9 @@ class FinetuneService:
                 TinkerCreateModel: self.tinker.create,
                 TinkerForwardBackward: self.tinker.forward_backward,
                 TinkerOptimStep: self.tinker.optim_step,
+                TinkerSave: self.tinker.save,
+                TinkerLoad: self.tinker.load,
+                TinkerDropModel: self.tinker.drop,
             }
         )
         """Answer one control request (``core.control``) from the HTTP side."""

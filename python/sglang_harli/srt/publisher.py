@@ -118,6 +118,23 @@ async def publish_adapter(tokenizer_manager, name: str, version: int, path: str)
     return task
 
 
+async def unpublish(tokenizer_manager, name: str) -> None:
+    """Stop serving adapter ``name``: new requests naming it are refused at once, and its files are
+    unloaded once the last request that acquired it has finished (the Tinker API's evicted snapshots)."""
+    tm = tokenizer_manager
+    registry = tm.lora_registry
+    async with tm.lora_update_lock:
+        async with registry._registry_lock.writer_lock:
+            old = registry._registry.pop(name, None)
+        tm.lora_ref_cache.pop(name, None)
+        _live_versions.pop(name, None)
+        _live_paths.pop(name, None)
+    if old is not None:
+        task = asyncio.create_task(_retire(tm, name, old))
+        _retiring.add(task)
+        task.add_done_callback(_retiring.discard)
+
+
 _retiring: set[asyncio.Task] = set()
 _live_versions: dict[str, int] = {}
 _live_paths: dict[str, str] = {}

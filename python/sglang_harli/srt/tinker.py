@@ -15,21 +15,37 @@ Errors in the protocol's shape: a request that cannot be read is refused at subm
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
+import time
+from collections import OrderedDict
+from pathlib import Path
 
 import msgspec
 from fastapi import APIRouter, Request, Response
 from sglang.srt.entrypoints import http_server
 from sglang.utils import TypeBasedDispatcher
 
-from sglang_harli.core.control import TinkerCreateModel, TinkerForwardBackward, TinkerOptimStep
-from sglang_harli.core.errors import HarliError, NotFound, SpecError
+from sglang_harli.core.config import HarliConfig
+from sglang_harli.core.control import (
+    TinkerCreateModel,
+    TinkerDropModel,
+    TinkerForwardBackward,
+    TinkerLoad,
+    TinkerOptimStep,
+    TinkerSave,
+)
+from sglang_harli.core.errors import HarliError, NotAvailable, NotFound, SpecError, TooManyJobs
 from sglang_harli.core.jobs import PEFT_TARGET_MODULES, LoraSpec
 from sglang_harli.core.tinker_codec import decode_forward_backward, decompress
 from sglang_harli.core.tinker_futures import FutureTable, ModelSequence, Outcome
+from sglang_harli.core.tinker_store import TinkerPath, TinkerStore
 from sglang_harli.core.tinker_trainer import AdamParams
+from sglang_harli.models.builtin import cache_root
+from sglang_harli.srt import tinker_auth
 from sglang_harli.srt.control import HarliTinkerResult, control_client
+from sglang_harli.srt.tinker_models import MAX_MODELS
+from sglang_harli.srt.tinker_sampling import SampleRequest, SamplingSession, Snapshots, generate
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
@@ -38,6 +54,18 @@ LORA_ALPHA = 32.0
 """The LoRA alpha of a Tinker training client (the API sets only the rank)."""
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+SESSION_TIMEOUT_S = 120.0
+"""A session whose heartbeat (every 10 s from the SDK) has been silent this long has ended: its training
+clients are dropped, freeing their places (``MAX_MODELS``) and memory."""
+KEEP_SAMPLE_IDS = 4096
+"""Sample submissions remembered for deduplication (the SDK resends the same seq_id on a lost answer)."""
+
+
+def store_root(config: HarliConfig) -> Path:
+    """Where saved weights live: under --harli-state-dir (durable), else beside the adapters."""
+    if config.state_dir:
+        return Path(config.state_dir) / "tinker"
+    return Path(config.output_dir or cache_root() / "adapters") / "tinker"
 
 
 class _State:
@@ -46,10 +74,20 @@ class _State:
     def __init__(self, tokenizer_manager):
         self.tokenizer_manager = tokenizer_manager
         self.futures = FutureTable()
-        self.sessions = itertools.count(1)
         self.models: dict[str, ModelSequence] = {}
         self.ranks: dict[str, int] = {}
-        self.created: dict[str, str] = {}  # model_id -> the request id of its create_model
+        self.created: dict[str, str] = {}  # model_id -> the request id of its create_model (or load)
+        self.beats: dict[str, float] = {}  # session -> when it last beat
+        self._reaper: asyncio.Task | None = None
+        args = tokenizer_manager.server_args
+        self.store = TinkerStore(store_root(getattr(args, "_harli_config", None) or HarliConfig()))
+        self.served_names = {n for n in (args.served_model_name, args.model_path) if n}
+        if (args.served_model_name or "").startswith("harli-"):  # a preset is served as harli-tiny
+            self.served_names.add(args.served_model_name.replace("-", ":", 1))  # and named harli:tiny
+        self.store.forget_unnamed()  # their sessions died with the last process
+        self.snapshots = Snapshots(tokenizer_manager)
+        self.sampling: dict[str, SamplingSession] = {}
+        self.samples: OrderedDict[tuple[str, int], dict] = OrderedDict()  # dedup of asample
         self._results: dict[str, asyncio.Future[Outcome]] = {}
         self._tasks: set[asyncio.Task] = set()
         tokenizer_manager._result_dispatcher += TypeBasedDispatcher([(HarliTinkerResult, self._arrived)])
@@ -60,6 +98,51 @@ class _State:
         if model is None:
             raise NotFound("model_id", f"no training client {model_id!r}")
         return model
+
+    def reserve(self, model_id: str) -> None:
+        """A place for a new training client; ``TooManyJobs`` (429: the SDK backs off and retries) when
+        ``MAX_MODELS`` exist or are being made."""
+        if len(self.created) >= MAX_MODELS:
+            raise TooManyJobs(
+                "model_id", f"{len(self.created)} training clients exist, the most this server keeps"
+            )
+        self.beat(_session_of(model_id))
+
+    def beat(self, session: str) -> None:
+        self.beats[session] = time.monotonic()
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap())
+
+    async def end_session(self, session: str) -> None:
+        """Drop the session's training clients and sampling sessions."""
+        self.beats.pop(session, None)
+        for model_id in [m for m in self.created if _session_of(m) == session]:
+            self.models.pop(model_id, None)
+            self.ranks.pop(model_id, None)
+            del self.created[model_id]
+            await self.call(TinkerDropModel(model_id=model_id))
+        for sampler_id in [s for s in self.sampling if s.rsplit(":sample:", 1)[0] == session]:
+            del self.sampling[sampler_id]
+
+    async def _reap(self) -> None:
+        while self.beats:
+            await asyncio.sleep(SESSION_TIMEOUT_S / 4)
+            now = time.monotonic()
+            for session in [s for s, at in self.beats.items() if now - at > SESSION_TIMEOUT_S]:
+                logger.info("tinker session %s ended: no heartbeat for %.0f s", session, SESSION_TIMEOUT_S)
+                await self.end_session(session)
+
+    def check_base_model(self, value: object, field: str = "base_model") -> None:
+        """A client naming a model must name the one this server serves (its path or served name)."""
+        if value is not None and value not in self.served_names:
+            raise SpecError(
+                field, f"{value!r} is not served here; this server serves {sorted(self.served_names)}"
+            )
+
+    @property
+    def base_model(self) -> str:
+        args = self.tokenizer_manager.server_args
+        return args.served_model_name or args.model_path
 
     def spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -121,6 +204,17 @@ def _field(body: dict, name: str, kind: type):
     return value
 
 
+def _check_servable(state: _State, rank: int) -> None:
+    """A training client's snapshots are sampled as SGLang adapters: its rank must fit the server's."""
+    args = state.tokenizer_manager.server_args
+    if not args.enable_lora:
+        raise NotAvailable("lora_config", "training clients need a server started with --enable-lora")
+    if args.max_lora_rank is not None and rank > args.max_lora_rank:
+        raise SpecError(
+            "lora_config.rank", f"rank {rank} is above the server's --max-lora-rank {args.max_lora_rank}"
+        )
+
+
 def _refused(exc: HarliError) -> Response:
     return _json(exc.body(), status=exc.status)
 
@@ -138,11 +232,18 @@ async def dynamic_config() -> Response:
 
 @router.post("/create_session")
 async def create_session() -> Response:
-    return _json({"session_id": f"sess-{next(_state().sessions)}", "type": "create_session"})
+    # Random, not counted: model ids and saved paths (``tinker://<session>:train:<n>/...``) must not repeat
+    # after a restart, when a resumed loop's new session saves beside the old one's checkpoints.
+    return _json({"session_id": f"sess-{secrets.token_hex(6)}", "type": "create_session"})
 
 
 @router.post("/session_heartbeat")
-async def session_heartbeat() -> Response:
+async def session_heartbeat(request: Request) -> Response:
+    try:
+        session = _field(await _body(request), "session_id", str)
+    except HarliError as exc:
+        return _refused(exc)
+    _state().beat(session)  # one this process never made (it restarted) is simply taken up
     return _json({"type": "session_heartbeat"})
 
 
@@ -173,10 +274,12 @@ async def create_model(request: Request) -> Response:
         body = await _body(request)
         session = _field(body, "session_id", str)
         sequence = _field(body, "model_seq_id", int)
+        state.check_base_model(body.get("base_model"))
         config = body.get("lora_config") or {}
         rank = config.get("rank", 32)
         if not isinstance(rank, int) or rank < 1:
             raise SpecError("lora_config.rank", "must be a positive integer")
+        _check_servable(state, rank)
         modules = [
             *(ATTENTION if config.get("train_attn", True) else ()),
             *(MLP if config.get("train_mlp", True) else ()),
@@ -191,6 +294,10 @@ async def create_model(request: Request) -> Response:
     model_id = f"{session}:train:{sequence}"
     if model_id in state.created:  # a resent submission
         return _json({"request_id": state.created[model_id], "model_id": model_id})
+    try:
+        state.reserve(model_id)
+    except HarliError as exc:
+        return _refused(exc)
     request_id = state.futures.create()
     state.created[model_id] = request_id
     lora = LoraSpec(r=rank, alpha=LORA_ALPHA, target_modules=[m for m in PEFT_TARGET_MODULES if m in modules])
@@ -200,6 +307,8 @@ async def create_model(request: Request) -> Response:
         if refused is None:
             state.models[model_id] = ModelSequence(state.futures)
             state.ranks[model_id] = rank
+        else:  # its place is free again
+            state.created.pop(model_id, None)
         state.futures.resolve(
             request_id,
             refused or Outcome(body=msgspec.json.encode({"model_id": model_id, "type": "create_model"})),
@@ -217,10 +326,10 @@ async def get_info(request: Request) -> Response:
         state.model(model_id)
     except HarliError as exc:
         return _refused(exc)
-    path = state.tokenizer_manager.server_args.model_path
+    name = state.base_model
     return _json({
         "type": "get_info", "model_id": model_id, "is_lora": True, "lora_rank": state.ranks[model_id],
-        "model_name": path, "model_data": {"model_name": path, "tokenizer_id": path},
+        "model_name": name, "model_data": {"model_name": name, "tokenizer_id": name},
     })  # fmt: skip
 
 
@@ -285,3 +394,234 @@ async def retrieve_future(request: Request) -> Response:
         return _json({"type": "try_again", "request_id": request_id, "queue_state": "active"})
     content, media_type = outcome.payload()
     return Response(content=content, media_type=media_type)
+
+
+# -- saved weights ---------------------------------------------------------------------------------------
+async def _on_scheduler(state: _State, control, answer: dict) -> Outcome:
+    """Send ``control`` and answer with ``answer`` once the scheduler took it (its refusal otherwise)."""
+    return await state.call(control) or Outcome(body=msgspec.json.encode(answer))
+
+
+def _session_of(model_id: str) -> str:
+    return model_id.rsplit(":train:", 1)[0]
+
+
+@router.post("/save_weights")
+async def save_weights(request: Request) -> Response:
+    """``TrainingClient.save_state(name)``: the training state, durably, as ``tinker://<model>/weights/<name>``."""
+    state = _state()
+    try:
+        body = await _body(request)
+        model_id = _field(body, "model_id", str)
+        seq_id = _field(body, "seq_id", int)
+        model = state.model(model_id)
+        path = TinkerPath.named(model_id, "weights", body.get("path"))
+        overwrite = bool(body.get("overwrite", False))
+    except HarliError as exc:
+        return _refused(exc)
+    directory = state.store.directory(path)
+
+    async def run(request_id: str) -> Outcome:
+        if directory.exists() and not overwrite:
+            return Outcome(
+                error=f"{path} exists (save under another name, or with overwrite)", category="user"
+            )
+        control = TinkerSave(model_id=model_id, kind="weights", directory=str(directory))
+        return await _on_scheduler(state, control, {"path": str(path), "type": "save_weights"})
+
+    return _json({"request_id": model.submit(seq_id, run), "model_id": model_id})
+
+
+@router.post("/save_weights_for_sampler")
+async def save_weights_for_sampler(request: Request) -> Response:
+    """Named: ``tinker://<model>/sampler_weights/<name>``, sampled through ``create_sampling_session``.
+    Unnamed (``save_weights_and_get_sampling_client``): a sampling session of its own, loaded at once."""
+    state = _state()
+    try:
+        body = await _body(request)
+        model_id = _field(body, "model_id", str)
+        seq_id = _field(body, "seq_id", int)
+        model = state.model(model_id)
+        if body.get("path") is not None:
+            path = TinkerPath.named(model_id, "sampler_weights", body["path"])
+            directory, session = state.store.directory(path), None
+        else:
+            number = _field(body, "sampling_session_seq_id", int)
+            path, directory = None, state.store.unnamed(model_id, number)
+            session_id = f"{_session_of(model_id)}:sample:{number}"
+            session = SamplingSession(session_id, state.base_model, directory=directory, unnamed=True)
+    except HarliError as exc:
+        return _refused(exc)
+
+    async def run(request_id: str) -> Outcome:
+        if path is not None and directory.exists():
+            return Outcome(error=f"{path} exists (save the snapshot under another name)", category="user")
+        refused = await state.call(
+            TinkerSave(model_id=model_id, kind="sampler_weights", directory=str(directory))
+        )
+        if refused is not None:
+            return refused
+        if session is None:
+            return Outcome(body=msgspec.json.encode({"path": str(path), "type": "save_weights_for_sampler"}))
+        state.sampling[session.session_id] = session
+        try:  # served before the client hears of it: its first sample does not wait for the load
+            state.snapshots.release(await state.snapshots.acquire(session))
+        except Exception as exc:
+            return Outcome(error=f"the snapshot could not be served: {exc}", category="server")
+        answer = {"sampling_session_id": session.session_id, "path": None, "type": "save_weights_for_sampler"}
+        return Outcome(body=msgspec.json.encode(answer))
+
+    return _json({"request_id": model.submit(seq_id, run), "model_id": model_id})
+
+
+@router.post("/load_weights")
+async def load_weights(request: Request) -> Response:
+    """A saved training state: into an existing model (``model_id`` and ``seq_id``), or, with
+    ``session_id`` and ``model_seq_id`` (``create_training_client_from_state``), as a new model."""
+    state = _state()
+    try:
+        body = await _body(request)
+        path = TinkerPath.parse(body.get("path"), "path")
+        if path.kind != "weights":
+            raise SpecError("path", "load_weights takes a weights/ path (from save_weights), not a snapshot")
+        directory = state.store.existing(path, "path")
+        optimizer = bool(body.get("optimizer", False))
+        answer = {"path": str(path), "type": "load_weights"}
+        if body.get("model_id") is not None:
+            model_id = _field(body, "model_id", str)
+            seq_id = _field(body, "seq_id", int)
+            model = state.model(model_id)
+        else:
+            session = _field(body, "session_id", str)
+            number = _field(body, "model_seq_id", int)
+            state.check_base_model(body.get("base_model"))
+            lora = TinkerStore.saved_lora(directory, "path")
+            _check_servable(state, lora.r)
+            model_id, model = f"{session}:train:{number}", None
+    except HarliError as exc:
+        return _refused(exc)
+    answer["model_id"] = model_id
+    control = TinkerLoad(
+        model_id=model_id, directory=str(directory), optimizer=optimizer, create=model is None
+    )
+    if model is not None:
+
+        async def run(request_id: str) -> Outcome:
+            return await _on_scheduler(state, control, answer)
+
+        return _json({"request_id": model.submit(seq_id, run), "model_id": model_id})
+    if model_id in state.created:  # a resent submission
+        return _json({"request_id": state.created[model_id], "model_id": model_id})
+    try:
+        state.reserve(model_id)
+    except HarliError as exc:
+        return _refused(exc)
+    request_id = state.created[model_id] = state.futures.create()
+
+    async def create() -> None:
+        outcome = await _on_scheduler(state, control, answer)
+        if outcome.error is None:
+            state.models[model_id] = ModelSequence(state.futures)
+            state.ranks[model_id] = lora.r
+        else:
+            state.created.pop(model_id, None)
+        state.futures.resolve(request_id, outcome)
+
+    state.spawn(create())
+    return _json({"request_id": request_id, "model_id": model_id})
+
+
+# -- sampling --------------------------------------------------------------------------------------------
+@router.post("/create_sampling_session")
+async def create_sampling_session(request: Request) -> Response:
+    state = _state()
+    try:
+        body = await _body(request)
+        session_id = _field(body, "session_id", str)
+        number = _field(body, "sampling_session_seq_id", int)
+        state.check_base_model(body.get("base_model"))
+        sampler_id = f"{session_id}:sample:{number}"
+        if body.get("model_path") is not None:
+            path = TinkerPath.parse(body["model_path"], "model_path")
+            if path.kind != "sampler_weights":
+                raise SpecError(
+                    "model_path", "samples a sampler_weights/ path (from save_weights_for_sampler)"
+                )
+            directory = state.store.existing(path, "model_path")
+            session = SamplingSession(sampler_id, state.base_model, model_path=str(path), directory=directory)
+        elif body.get("base_model") is not None:
+            session = SamplingSession(sampler_id, state.base_model)
+        else:
+            raise SpecError("model_path", "give model_path (a snapshot) or base_model")
+    except HarliError as exc:
+        return _refused(exc)
+    state.sampling.setdefault(sampler_id, session)
+    return _json({"sampling_session_id": sampler_id, "type": "create_sampling_session"})
+
+
+@router.get("/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str) -> Response:
+    session = _state().sampling.get(sampler_id)
+    if session is None:
+        return _refused(NotFound("sampler_id", f"no sampling session {sampler_id!r}"))
+    return _json(
+        {"sampler_id": sampler_id, "base_model": session.base_model, "model_path": session.model_path}
+    )
+
+
+@router.post("/asample")
+async def asample(request: Request) -> Response:
+    """``SamplingClient.sample`` / ``compute_logprobs``: ``num_samples`` generations through SGLang; the
+    reply names each sample (``sample_sequence_ids``), the future resolves to a protobuf SampleResponse."""
+    state = _state()
+    try:
+        body = await _body(request)
+        sampler_id = _field(body, "sampling_session_id", str)
+        seq_id = _field(body, "seq_id", int)
+        session = state.sampling.get(sampler_id)
+        if session is None:
+            raise NotFound("sampling_session_id", f"no sampling session {sampler_id!r}")
+        key = (sampler_id, seq_id)
+        if key in state.samples:  # a resent submission
+            return _json(state.samples[key])
+        sample = SampleRequest.parse(body, getattr(state.tokenizer_manager, "context_len", None))
+    except HarliError as exc:
+        return _refused(exc)
+    request_id = state.futures.create()
+    reply = {
+        "request_id": request_id,
+        "sample_sequence_ids": [f"{request_id}:{i}" for i in range(sample.num_samples)],
+    }
+    state.samples[key] = reply
+    while len(state.samples) > KEEP_SAMPLE_IDS:
+        state.samples.popitem(last=False)
+
+    async def run() -> None:
+        adapter = None
+        try:
+            if session.directory is not None:
+                adapter = await state.snapshots.acquire(session)
+            body = await generate(state.tokenizer_manager, sample, adapter)
+            outcome = Outcome(body=body, media_type="application/x-protobuf")
+        except HarliError as exc:
+            outcome = Outcome(error=str(exc), category="user")
+        except Exception as exc:
+            logger.warning("tinker sample failed", exc_info=True)
+            outcome = Outcome(error=f"{type(exc).__name__}: {exc}", category="server")
+        finally:
+            if adapter is not None:
+                state.snapshots.release(adapter)
+        state.futures.resolve(request_id, outcome)
+
+    state.spawn(run())
+    return _json(reply)
+
+
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(session_id: str) -> Response:
+    """``ServiceClient.close()``: the session's training clients and sampling sessions are dropped."""
+    await _state().end_session(session_id)
+    return _json({})
+
+
+tinker_auth.mark_routes(router)

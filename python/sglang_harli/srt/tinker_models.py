@@ -16,10 +16,20 @@ from collections.abc import Callable
 
 import msgspec
 
-from sglang_harli.core.control import Ack, TinkerCreateModel, TinkerForwardBackward, TinkerOptimStep
+from sglang_harli.core.control import (
+    Ack,
+    TinkerCreateModel,
+    TinkerDropModel,
+    TinkerForwardBackward,
+    TinkerLoad,
+    TinkerOptimStep,
+    TinkerSave,
+)
 from sglang_harli.core.errors import Conflict, NotFound, SpecError, TooManyJobs
+from sglang_harli.core.jobs import LoraSpec
 from sglang_harli.core.tinker_codec import decode_forward_backward, encode_forward_backward_output
 from sglang_harli.core.tinker_futures import Outcome
+from sglang_harli.core.tinker_store import TinkerStore
 from sglang_harli.core.tinker_trainer import ForwardBackwardResult, TinkerTrainer
 from sglang_harli.core.trainer import training_mode
 from sglang_harli.core.work import FinetuneWork
@@ -41,8 +51,12 @@ class TinkerModels:
 
     # -- control requests ----------------------------------------------------------------------------
     def create(self, request: TinkerCreateModel) -> Ack:
-        if request.model_id in self.trainers:
-            raise Conflict("model_id", f"{request.model_id!r} exists")
+        self._new_trainer(request.model_id, request.lora, request.seed)
+        return Ack()
+
+    def _new_trainer(self, model_id: str, lora: LoraSpec, seed: int) -> TinkerTrainer:
+        if model_id in self.trainers:
+            raise Conflict("model_id", f"{model_id!r} exists")
         if len(self.trainers) >= self.max_models:
             raise TooManyJobs(
                 "model_id", f"{len(self.trainers)} training clients exist, the most this server keeps"
@@ -51,11 +65,55 @@ class TinkerModels:
             model, _ = bind_training_model(
                 self.scheduler.tp_worker.model_runner.model, self.scheduler.server_args.model_path
             )
-            self.trainers[request.model_id] = TinkerTrainer(
-                model, request.lora, request.seed, layers_per_unit=self.layers_per_unit
+            trainer = self.trainers[model_id] = TinkerTrainer(
+                model, lora, seed, layers_per_unit=self.layers_per_unit
             )
-        logger.info("tinker training client %s created (rank %d)", request.model_id, request.lora.r)
+        logger.info("tinker training client %s created (rank %d)", model_id, lora.r)
+        return trainer
+
+    def save(self, request: TinkerSave) -> Ack:
+        """Write the model's state or adapter; the HTTP side sends this only once the model's earlier
+        requests have finished (``ModelSequence``), so the trainer is idle and the state exact."""
+        trainer = self._idle_trainer(request.model_id)
+        if request.kind == "weights":
+            TinkerStore.write_state(request.directory, trainer.state(), trainer.lora)
+        else:
+            trainer.save_adapter(request.directory)
+        logger.info("tinker %s of %s saved to %s", request.kind, request.model_id, request.directory)
         return Ack()
+
+    def load(self, request: TinkerLoad) -> Ack:
+        state, lora = TinkerStore.read_state(request.directory, "path")
+        if request.create:
+            trainer = self._new_trainer(request.model_id, lora, seed=0)
+        else:
+            trainer = self._idle_trainer(request.model_id)
+            if trainer.lora != lora:
+                raise SpecError(
+                    "path", f"saved with LoRA {lora}, but {request.model_id!r} has {trainer.lora}"
+                )
+        try:
+            trainer.restore(state, optimizer=request.optimizer)
+        except ValueError as exc:
+            if request.create:
+                del self.trainers[request.model_id]
+            raise SpecError("path", str(exc)) from None
+        logger.info("tinker %s loaded from %s (step %d)", request.model_id, request.directory, trainer.steps)
+        return Ack()
+
+    def drop(self, request: TinkerDropModel) -> Ack:
+        trainer = self.trainers.pop(request.model_id, None)
+        while trainer is not None and trainer.pending:
+            trainer.drop_head(RuntimeError(f"{request.model_id}'s session ended"))
+        if trainer is not None:
+            logger.info("tinker training client %s dropped (its session ended)", request.model_id)
+        return Ack()
+
+    def _idle_trainer(self, model_id: str) -> TinkerTrainer:
+        trainer = self._trainer(model_id)
+        if not trainer.idle:
+            raise Conflict("model_id", f"{model_id!r} has requests running; save and load go between them")
+        return trainer
 
     def forward_backward(self, request: TinkerForwardBackward) -> Ack:
         trainer = self._trainer(request.model_id)
