@@ -17,6 +17,8 @@ from peft import PeftModel
 from tinker import types
 from transformers import AutoModelForCausalLM
 
+from sglang_harli.srt.tinker_sampling import MAX_SERVED_SNAPSHOTS
+
 PROMPT = [5, 6, 7, 8]
 CONTINUATION = [40, 41, 42, 43]
 SLO_S = 0.1  # the server's --harli-tpot-slo-ms default
@@ -149,14 +151,16 @@ def test_the_trained_snapshot_samples_hot_while_decode_keeps_its_outputs_and_slo
 
 
 def test_an_rl_step_by_importance_sampling(service, tiny_model_dir):
-    """Sample from the policy, reward one token, train on the samples with their sampler logprobs: the
-    rewarded samples' logprob goes up."""
+    """Sample from the policy, reward the samples that begin with the group's lowest token id, train on
+    them with their sampler logprobs: the importance-sampling loss goes down, and the rewarded samples gain
+    logprob over the others."""
     training = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8).result()
     prompt = types.ModelInput.from_ints(PROMPT)
     params = types.SamplingParams(max_tokens=3, temperature=1.0, seed=7, stop=[])
     sampler = training.save_weights_and_get_sampling_client().result()
     groups = sampler.sample(prompt, 8, params).result().sequences
-    rewards = [float(s.tokens[0] % 2 == 0) for s in groups]
+    lowest = min(s.tokens[0] for s in groups)
+    rewards = [float(s.tokens[0] == lowest) for s in groups]  # mixed unless all 8 drew the same token
     assert 0 < sum(rewards) < len(rewards), [s.tokens for s in groups]  # a mixed group
     mean = sum(rewards) / len(rewards)
     datums = []
@@ -173,19 +177,21 @@ def test_an_rl_step_by_importance_sampling(service, tiny_model_dir):
             )
         )
     before = training.forward_backward(datums, "importance_sampling").result()
-    training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    training.optim_step(types.AdamParams(learning_rate=3e-4)).result()
     # on-policy, the ratio is 1: the learner's logprobs of the sampled tokens are the sampler's
     for datum_out, sequence in zip(before.loss_fn_outputs, groups, strict=True):
         assert datum_out["logprobs"].data[len(PROMPT) - 1 :] == pytest.approx(sequence.logprobs, abs=1e-4)
     after = training.forward(datums, "importance_sampling").result()
 
-    def rewarded_logprob(out):  # of the sampled tokens only (the prompt's targets are placeholders)
+    def advantage_weighted(out):  # what the step climbs, to first order: sum of advantage * logprob
         pad = len(PROMPT) - 1
         return sum(
-            sum(o["logprobs"].data[pad:]) for o, r in zip(out.loss_fn_outputs, rewards, strict=True) if r
+            (reward - mean) * sum(o["logprobs"].data[pad:])
+            for o, reward in zip(out.loss_fn_outputs, rewards, strict=True)
         )
 
-    assert rewarded_logprob(after) > rewarded_logprob(before)
+    assert after.metrics["loss:sum"] < before.metrics["loss:sum"]
+    assert advantage_weighted(after) > advantage_weighted(before)
 
 
 def test_bad_requests_are_refused_naming_the_field(server, service, tiny_model_dir):
@@ -216,3 +222,19 @@ def test_bad_requests_are_refused_naming_the_field(server, service, tiny_model_d
     assert finish.status_code == 200
     # the session's places are free again
     service.create_lora_training_client(base_model=str(tiny_model_dir), rank=8).result()
+
+
+def test_snapshots_beyond_the_bound_are_unloaded_least_recently_sampled_first(service, tiny_model_dir):
+    training = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4).result()
+    prompt, params = types.ModelInput.from_ints(PROMPT), types.SamplingParams(max_tokens=2, temperature=0.0)
+    named = service.create_sampling_client(model_path=training.save_weights_for_sampler("kept").result().path)
+    named = named.result()
+    named.sample(prompt, 1, params).result()
+    samplers = [training.save_weights_and_get_sampling_client().result() for _ in range(MAX_SERVED_SNAPSHOTS)]
+    for sampler in samplers[1:]:
+        sampler.sample(prompt, 1, params).result()
+    # the named snapshot and the first unnamed one were the least recently sampled: both were unloaded.
+    # The named one is on disk and loads again; the unnamed one went with its load.
+    assert len(named.sample(prompt, 1, params).result().sequences) == 1
+    with pytest.raises(tinker.RequestFailedError, match="evicted"):
+        samplers[0].sample(prompt, 1, params).result()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -35,10 +34,11 @@ from sglang_harli.core.control import (
     TinkerOptimStep,
     TinkerSave,
 )
-from sglang_harli.core.errors import HarliError, NotAvailable, NotFound, SpecError, TooManyJobs
+from sglang_harli.core.errors import HarliError, NotAvailable, NotFound, SpecError
 from sglang_harli.core.jobs import PEFT_TARGET_MODULES, LoraSpec
 from sglang_harli.core.tinker_codec import decode_forward_backward, decompress
 from sglang_harli.core.tinker_futures import FutureTable, ModelSequence, Outcome
+from sglang_harli.core.tinker_sessions import SESSION_TIMEOUT_S, Sessions, session_of
 from sglang_harli.core.tinker_store import TinkerPath, TinkerStore
 from sglang_harli.core.tinker_trainer import AdamParams
 from sglang_harli.models.builtin import cache_root
@@ -54,9 +54,6 @@ LORA_ALPHA = 32.0
 """The LoRA alpha of a Tinker training client (the API sets only the rank)."""
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-SESSION_TIMEOUT_S = 120.0
-"""A session whose heartbeat (every 10 s from the SDK) has been silent this long has ended: its training
-clients are dropped, freeing their places (``MAX_MODELS``) and memory."""
 KEEP_SAMPLE_IDS = 4096
 """Sample submissions remembered for deduplication (the SDK resends the same seq_id on a lost answer)."""
 
@@ -76,8 +73,7 @@ class _State:
         self.futures = FutureTable()
         self.models: dict[str, ModelSequence] = {}
         self.ranks: dict[str, int] = {}
-        self.created: dict[str, str] = {}  # model_id -> the request id of its create_model (or load)
-        self.beats: dict[str, float] = {}  # session -> when it last beat
+        self.sessions = Sessions(MAX_MODELS)
         self._reaper: asyncio.Task | None = None
         args = tokenizer_manager.server_args
         self.store = TinkerStore(store_root(getattr(args, "_harli_config", None) or HarliConfig()))
@@ -99,36 +95,30 @@ class _State:
             raise NotFound("model_id", f"no training client {model_id!r}")
         return model
 
-    def reserve(self, model_id: str) -> None:
-        """A place for a new training client; ``TooManyJobs`` (429: the SDK backs off and retries) when
-        ``MAX_MODELS`` exist or are being made."""
-        if len(self.created) >= MAX_MODELS:
-            raise TooManyJobs(
-                "model_id", f"{len(self.created)} training clients exist, the most this server keeps"
-            )
-        self.beat(_session_of(model_id))
-
     def beat(self, session: str) -> None:
-        self.beats[session] = time.monotonic()
+        self.sessions.beat(session)
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.create_task(self._reap())
 
+    def reserve(self, model_id: str) -> str:
+        """A new training client's place (``Sessions.reserve``) and the request id of its creation."""
+        request_id = self.sessions.reserve(model_id, self.futures.create)
+        self.beat(session_of(model_id))
+        return request_id
+
     async def end_session(self, session: str) -> None:
-        """Drop the session's training clients and sampling sessions."""
-        self.beats.pop(session, None)
-        for model_id in [m for m in self.created if _session_of(m) == session]:
+        """Drop the session's training clients (freeing their places and memory) and sampling sessions."""
+        for model_id in self.sessions.end(session):
             self.models.pop(model_id, None)
             self.ranks.pop(model_id, None)
-            del self.created[model_id]
             await self.call(TinkerDropModel(model_id=model_id))
         for sampler_id in [s for s in self.sampling if s.rsplit(":sample:", 1)[0] == session]:
             del self.sampling[sampler_id]
 
     async def _reap(self) -> None:
-        while self.beats:
+        while self.sessions.any_alive:
             await asyncio.sleep(SESSION_TIMEOUT_S / 4)
-            now = time.monotonic()
-            for session in [s for s, at in self.beats.items() if now - at > SESSION_TIMEOUT_S]:
+            for session in self.sessions.expired():
                 logger.info("tinker session %s ended: no heartbeat for %.0f s", session, SESSION_TIMEOUT_S)
                 await self.end_session(session)
 
@@ -292,14 +282,12 @@ async def create_model(request: Request) -> Response:
     except HarliError as exc:
         return _refused(exc)
     model_id = f"{session}:train:{sequence}"
-    if model_id in state.created:  # a resent submission
-        return _json({"request_id": state.created[model_id], "model_id": model_id})
+    if (request_id := state.sessions.creating(model_id)) is not None:  # a resent submission
+        return _json({"request_id": request_id, "model_id": model_id})
     try:
-        state.reserve(model_id)
+        request_id = state.reserve(model_id)
     except HarliError as exc:
         return _refused(exc)
-    request_id = state.futures.create()
-    state.created[model_id] = request_id
     lora = LoraSpec(r=rank, alpha=LORA_ALPHA, target_modules=[m for m in PEFT_TARGET_MODULES if m in modules])
 
     async def create() -> None:
@@ -308,7 +296,7 @@ async def create_model(request: Request) -> Response:
             state.models[model_id] = ModelSequence(state.futures)
             state.ranks[model_id] = rank
         else:  # its place is free again
-            state.created.pop(model_id, None)
+            state.sessions.release(model_id)
         state.futures.resolve(
             request_id,
             refused or Outcome(body=msgspec.json.encode({"model_id": model_id, "type": "create_model"})),
@@ -402,10 +390,6 @@ async def _on_scheduler(state: _State, control, answer: dict) -> Outcome:
     return await state.call(control) or Outcome(body=msgspec.json.encode(answer))
 
 
-def _session_of(model_id: str) -> str:
-    return model_id.rsplit(":train:", 1)[0]
-
-
 @router.post("/save_weights")
 async def save_weights(request: Request) -> Response:
     """``TrainingClient.save_state(name)``: the training state, durably, as ``tinker://<model>/weights/<name>``."""
@@ -448,7 +432,7 @@ async def save_weights_for_sampler(request: Request) -> Response:
         else:
             number = _field(body, "sampling_session_seq_id", int)
             path, directory = None, state.store.unnamed(model_id, number)
-            session_id = f"{_session_of(model_id)}:sample:{number}"
+            session_id = f"{session_of(model_id)}:sample:{number}"
             session = SamplingSession(session_id, state.base_model, directory=directory, unnamed=True)
     except HarliError as exc:
         return _refused(exc)
@@ -510,13 +494,12 @@ async def load_weights(request: Request) -> Response:
             return await _on_scheduler(state, control, answer)
 
         return _json({"request_id": model.submit(seq_id, run), "model_id": model_id})
-    if model_id in state.created:  # a resent submission
-        return _json({"request_id": state.created[model_id], "model_id": model_id})
+    if (request_id := state.sessions.creating(model_id)) is not None:  # a resent submission
+        return _json({"request_id": request_id, "model_id": model_id})
     try:
-        state.reserve(model_id)
+        request_id = state.reserve(model_id)
     except HarliError as exc:
         return _refused(exc)
-    request_id = state.created[model_id] = state.futures.create()
 
     async def create() -> None:
         outcome = await _on_scheduler(state, control, answer)
@@ -524,7 +507,7 @@ async def load_weights(request: Request) -> Response:
             state.models[model_id] = ModelSequence(state.futures)
             state.ranks[model_id] = lora.r
         else:
-            state.created.pop(model_id, None)
+            state.sessions.release(model_id)
         state.futures.resolve(request_id, outcome)
 
     state.spawn(create())
