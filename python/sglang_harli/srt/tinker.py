@@ -282,25 +282,29 @@ async def create_model(request: Request) -> Response:
     except HarliError as exc:
         return _refused(exc)
     model_id = f"{session}:train:{sequence}"
-    if (request_id := state.sessions.creating(model_id)) is not None:  # a resent submission
+    lora = LoraSpec(r=rank, alpha=LORA_ALPHA, target_modules=[m for m in PEFT_TARGET_MODULES if m in modules])
+    control = TinkerCreateModel(model_id=model_id, lora=lora, seed=int(seed))
+    return _create(state, model_id, rank, control, {"model_id": model_id, "type": "create_model"})
+
+
+def _create(state: _State, model_id: str, rank: int, control, answer: dict) -> Response:
+    """A new training client (``create_model``, or ``load_weights`` creating one): its place held, the
+    scheduler asked to make it, the answer once it is made; a resent submission gets the first's future."""
+    if (request_id := state.sessions.creating(model_id)) is not None:
         return _json({"request_id": request_id, "model_id": model_id})
     try:
         request_id = state.reserve(model_id)
     except HarliError as exc:
         return _refused(exc)
-    lora = LoraSpec(r=rank, alpha=LORA_ALPHA, target_modules=[m for m in PEFT_TARGET_MODULES if m in modules])
 
     async def create() -> None:
-        refused = await state.call(TinkerCreateModel(model_id=model_id, lora=lora, seed=int(seed)))
-        if refused is None:
+        outcome = await _on_scheduler(state, control, answer)
+        if outcome.error is None:
             state.models[model_id] = ModelSequence(state.futures)
             state.ranks[model_id] = rank
         else:  # its place is free again
             state.sessions.release(model_id)
-        state.futures.resolve(
-            request_id,
-            refused or Outcome(body=msgspec.json.encode({"model_id": model_id, "type": "create_model"})),
-        )
+        state.futures.resolve(request_id, outcome)
 
     state.spawn(create())
     return _json({"request_id": request_id, "model_id": model_id})
@@ -494,24 +498,7 @@ async def load_weights(request: Request) -> Response:
             return await _on_scheduler(state, control, answer)
 
         return _json({"request_id": model.submit(seq_id, run), "model_id": model_id})
-    if (request_id := state.sessions.creating(model_id)) is not None:  # a resent submission
-        return _json({"request_id": request_id, "model_id": model_id})
-    try:
-        request_id = state.reserve(model_id)
-    except HarliError as exc:
-        return _refused(exc)
-
-    async def create() -> None:
-        outcome = await _on_scheduler(state, control, answer)
-        if outcome.error is None:
-            state.models[model_id] = ModelSequence(state.futures)
-            state.ranks[model_id] = lora.r
-        else:
-            state.sessions.release(model_id)
-        state.futures.resolve(request_id, outcome)
-
-    state.spawn(create())
-    return _json({"request_id": request_id, "model_id": model_id})
+    return _create(state, model_id, lora.r, control, answer)
 
 
 # -- sampling --------------------------------------------------------------------------------------------
