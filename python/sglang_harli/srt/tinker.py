@@ -575,6 +575,8 @@ async def asample(request: Request) -> Response:
             outcome = Outcome(body=body, media_type="application/x-protobuf")
         except HarliError as exc:
             outcome = Outcome(error=str(exc), category="user")
+        except ValueError as exc:  # SGLang's refusal of the request itself (a prompt past the context...)
+            outcome = Outcome(error=f"{type(exc).__name__}: {exc}", category="user")
         except Exception as exc:
             logger.warning("tinker sample failed", exc_info=True)
             outcome = Outcome(error=f"{type(exc).__name__}: {exc}", category="server")
