@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from sglang_harli.core.errors import TooManyJobs
-from sglang_harli.core.tinker_sessions import Sessions, session_of
+from sglang_harli.core.tinker_sessions import Sessions, sampling_session_id, session_of
 
 
 def test_places_are_bounded_and_given_back_when_a_session_ends():
@@ -30,3 +30,4 @@ def test_places_are_bounded_and_given_back_when_a_session_ends():
     assert sessions.expired() == ["sess-b"]
     assert sorted(sessions.end("sess-b")) == ["sess-b:train:0", "sess-b:train:1"]
     assert session_of("sess-x:train:12") == "sess-x"
+    assert session_of(sampling_session_id("sess-x", 3)) == "sess-x"

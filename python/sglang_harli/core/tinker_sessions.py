@@ -13,6 +13,7 @@ request id of the first submission is kept with it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -22,9 +23,15 @@ SESSION_TIMEOUT_S = 120.0
 """A session silent this long (twelve missed heartbeats) has ended."""
 
 
-def session_of(model_id: str) -> str:
-    """The session a training client (``<session>:train:<n>``) belongs to."""
-    return model_id.rsplit(":train:", 1)[0]
+def session_of(client_id: str) -> str:
+    """The session a training client (``<session>:train:<n>``) or a sampling session
+    (``<session>:sample:<n>``, ``sampling_session_id``) belongs to."""
+    return re.split(r":(?:train|sample):", client_id, maxsplit=1)[0]
+
+
+def sampling_session_id(session: str, number: int) -> str:
+    """A sampling session's id: the ``sampling_session_seq_id`` the SDK numbers its session's with."""
+    return f"{session}:sample:{number}"
 
 
 class Sessions:

@@ -38,7 +38,7 @@ from sglang_harli.core.errors import HarliError, NotAvailable, NotFound, SpecErr
 from sglang_harli.core.jobs import PEFT_TARGET_MODULES, LoraSpec
 from sglang_harli.core.tinker_codec import decode_forward_backward, decompress
 from sglang_harli.core.tinker_futures import FutureTable, ModelSequence, Outcome
-from sglang_harli.core.tinker_sessions import SESSION_TIMEOUT_S, Sessions, session_of
+from sglang_harli.core.tinker_sessions import SESSION_TIMEOUT_S, Sessions, sampling_session_id, session_of
 from sglang_harli.core.tinker_store import TinkerPath, TinkerStore
 from sglang_harli.core.tinker_trainer import AdamParams
 from sglang_harli.models.builtin import cache_root
@@ -112,8 +112,8 @@ class _State:
             self.models.pop(model_id, None)
             self.ranks.pop(model_id, None)
             await self.call(TinkerDropModel(model_id=model_id))
-        for sampler_id in [s for s in self.sampling if s.rsplit(":sample:", 1)[0] == session]:
-            del self.sampling[sampler_id]
+        for sampler in [s for s in self.sampling if session_of(s) == session]:
+            del self.sampling[sampler]
 
     async def _reap(self) -> None:
         while self.sessions.any_alive:
@@ -249,10 +249,14 @@ async def healthz() -> Response:
 
 @router.get("/get_server_capabilities")
 async def server_capabilities() -> Response:
-    manager = _state().tokenizer_manager
-    name = manager.server_args.served_model_name or manager.server_args.model_path
-    context = getattr(manager, "context_len", None)
-    model = {"model_name": name, "max_context_length": context, "trainable": True, "sampleable": True}
+    state = _state()
+    context = getattr(state.tokenizer_manager, "context_len", None)
+    model = {
+        "model_name": state.base_model,
+        "max_context_length": context,
+        "trainable": True,
+        "sampleable": True,
+    }
     return _json({"supported_models": [model]})
 
 
@@ -436,7 +440,7 @@ async def save_weights_for_sampler(request: Request) -> Response:
         else:
             number = _field(body, "sampling_session_seq_id", int)
             path, directory = None, state.store.unnamed(model_id, number)
-            session_id = f"{session_of(model_id)}:sample:{number}"
+            session_id = sampling_session_id(session_of(model_id), number)
             session = SamplingSession(session_id, state.base_model, directory=directory, unnamed=True)
     except HarliError as exc:
         return _refused(exc)
@@ -510,7 +514,7 @@ async def create_sampling_session(request: Request) -> Response:
         session_id = _field(body, "session_id", str)
         number = _field(body, "sampling_session_seq_id", int)
         state.check_base_model(body.get("base_model"))
-        sampler_id = f"{session_id}:sample:{number}"
+        sampler = sampling_session_id(session_id, number)
         if body.get("model_path") is not None:
             path = TinkerPath.parse(body["model_path"], "model_path")
             if path.kind != "sampler_weights":
@@ -518,15 +522,15 @@ async def create_sampling_session(request: Request) -> Response:
                     "model_path", "samples a sampler_weights/ path (from save_weights_for_sampler)"
                 )
             directory = state.store.existing(path, "model_path")
-            session = SamplingSession(sampler_id, state.base_model, model_path=str(path), directory=directory)
+            session = SamplingSession(sampler, state.base_model, model_path=str(path), directory=directory)
         elif body.get("base_model") is not None:
-            session = SamplingSession(sampler_id, state.base_model)
+            session = SamplingSession(sampler, state.base_model)
         else:
             raise SpecError("model_path", "give model_path (a snapshot) or base_model")
     except HarliError as exc:
         return _refused(exc)
-    state.sampling.setdefault(sampler_id, session)
-    return _json({"sampling_session_id": sampler_id, "type": "create_sampling_session"})
+    state.sampling.setdefault(sampler, session)
+    return _json({"sampling_session_id": sampler, "type": "create_sampling_session"})
 
 
 @router.get("/samplers/{sampler_id}")
