@@ -76,9 +76,18 @@ from benchmark.load import (
     recorded_trace,
     replay,
 )
+from benchmark.report import Target, _f, _table, verdict
 from benchmark.traces import TraceName
-from benchmark.verdicts import BASELINES, REALISTIC, gain_over_best_baseline, holds_slo
-from sglang_harli.core.work import SHARED
+from benchmark.verdicts import (
+    ATTAINMENT_TARGET,
+    BASELINES,
+    ORACLE,
+    REALISTIC,
+    TPOT_OVER_ITL_TARGET,
+    gain_over_best_baseline,
+    holds_slo,
+)
+from sglang_harli.core.colocation.work import SHARED
 from sglang_harli.models.builtin import PRESET_SCHEME
 from sglang_harli.server_process import ServerProcess
 
@@ -91,6 +100,12 @@ JOB_START_S = 5.0
 """Submitting the job until its first optimizer step."""
 WARMUP_DRAIN_S = 6.0
 """The warm-up trace's requests still streaming after its window."""
+CPU_GAIN_TARGET = 1.46
+SLACK_TARGET = 0.80
+TRACE_SLACK_TARGET = 0.90
+"""harli's share of the slack ceiling on the CPU server's real-trace replay (issue 18)."""
+SOLO_MAPE_TARGET = 0.10
+CORUN_MAPE_TARGET = 0.15
 
 
 class LevelResult(msgspec.Struct, kw_only=True):
@@ -586,6 +601,233 @@ def print_report(report: Report) -> None:
             f"{free:.3f}); harli reaches {h.finetune_tokens_per_s / ceiling:.2f} of it; predictor MAPE solo "
             f"{h.predictor_solo_mape}, co-run {h.predictor_corun_mape}"
         )
+
+
+# -- summary: the part's targets, table and notes in RESULTS.md (benchmark.run) --------------------------
+
+
+def colocation_summary(report: Report) -> tuple[list[Target], str, list[str]]:
+    """The part's record in ``RESULTS.md`` (``benchmark.run``): its targets, table and notes."""
+    settings, targets, notes = report.settings, [], []
+    alone = report.measured.get("harli", {}).get("alone_tokens_per_s")
+    rows = []
+    traced = settings.trace is not None
+    # with a real trace, static is the one tuned at its peak; the oracle is a reference, not a baseline
+    baselines = REALISTIC if traced else BASELINES
+    where = f"on the `{settings.trace}` trace " if traced else ""
+    slack_target = TRACE_SLACK_TARGET if traced else SLACK_TARGET
+    realistic = "realistic " if traced else ""
+    for load in sorted(settings.loads):
+        at_load = [r for r in report.levels if r.load == load]
+        comparison = gain_over_best_baseline(at_load, baselines=baselines)
+        gain, best = comparison.ratio, comparison.best
+        for r in (r for r in report.levels if r.load == load):
+            rows.append(
+                [
+                    f"x{load:g}",
+                    f"`{r.policy}`" + (f" ({r.static_units}/step)" if r.static_units else ""),
+                    f"{r.requests - r.failed - r.truncated}/{r.requests} ({r.truncated} cut)",
+                    _f(r.tpot_p50_ms, ".1f"),
+                    _f(r.tpot_p99_ms, ".1f"),
+                    _f(r.slo_attainment),
+                    _f(r.itl_p99_ms, ".1f"),
+                    _f(r.itl_attainment),
+                    _f(r.finetune_tokens_per_s, ".0f"),
+                    _f(r.forward_fraction, ".2f"),
+                    _f(r.lent_mib_mean, ".1f") + " / " + _f(r.lent_mib_max, ".1f"),
+                    f"{gain:.2f}x vs `{best}`" + _versus_oracle(at_load)
+                    if gain is not None and r.policy == "harli"
+                    else "",
+                ]
+            )
+        harli = next((r for r in report.levels if r.load == load and r.policy == "harli"), None)
+        if harli is None:
+            continue
+        holds = holds_slo(harli)
+        targets.append(
+            Target(
+                target=f"`harli` holds the SLO {where}at load x{load:g} (request attainment >= 0.99)",
+                measured=_f(harli.slo_attainment),
+                verdict=verdict(holds),
+            )
+        )
+        itl = next((r for r in at_load if r.policy == "harli/itl"), None)
+        if itl is not None:
+            decode_alone = next((r for r in at_load if r.policy == "idle-only"), harli)
+            targets.append(_tpot_over_itl(harli, itl, load, busy=decode_alone.forward_fraction))
+        if settings.max_itl_ms is not None and harli.itl_p99_ms is not None:
+            targets.append(
+                Target(
+                    target=f"`harli` ITL p99 under its hard cap (--harli-max-itl-ms {settings.max_itl_ms:g}) "
+                    f"{where}at load x{load:g}",
+                    measured=f"{harli.itl_p99_ms:.1f} ms",
+                    verdict=verdict(harli.itl_p99_ms <= settings.max_itl_ms),
+                )
+            )
+        ceiling = alone * (1 - harli.forward_fraction) if alone else None
+        if gain is not None:
+            measured = f"{gain:.2f}x over `{best}`"
+            best_rate = next(
+                r.finetune_tokens_per_s for r in report.levels if r.load == load and r.policy == best
+            )
+            if ceiling and best_rate > 0:
+                # what no scheduler could beat on this machine: time-sharing cores creates no compute
+                measured += f"; the slack ceiling allows {ceiling / best_rate:.2f}x"
+            targets.append(
+                Target(
+                    target=f"`harli` >= {CPU_GAIN_TARGET}x the best {realistic}SLO-holding baseline "
+                    f"{where}at load x{load:g}",
+                    measured=measured + ("" if holds else " (harli itself misses the SLO)"),
+                    verdict=verdict(holds and gain >= CPU_GAIN_TARGET),
+                )
+            )
+        else:
+            ran = any(r.load == load and r.policy != "harli" for r in report.levels)
+            targets.append(
+                Target(
+                    target=f"`harli` >= {CPU_GAIN_TARGET}x the best {realistic}SLO-holding baseline "
+                    f"{where}at load x{load:g}",
+                    measured="no baseline holds the SLO" if ran else "-",
+                    verdict=("met" if holds else "missed") if ran else "not measured: no baseline ran",
+                )
+            )
+        if ceiling is not None:
+            share = harli.finetune_tokens_per_s / ceiling if ceiling > 0 else math.nan
+            targets.append(
+                Target(
+                    target=f"`harli` >= {slack_target:.0%} of the slack ceiling {where}at load x{load:g}",
+                    measured=f"{share:.2f} ({harli.finetune_tokens_per_s:.0f} of {ceiling:.0f} tokens/s)",
+                    verdict=verdict(share >= slack_target),
+                )
+            )
+        peak = next((r for r in at_load if r.policy == "static/peak"), None)
+        if traced and peak is not None:
+            targets.append(_beats_static_peak(harli, peak, ceiling, load))
+    harli_rows = [r for r in report.levels if r.policy == "harli"]
+    if harli_rows:
+        last = max(harli_rows, key=lambda r: r.load)
+        for stage, value, limit in (
+            ("solo", last.predictor_solo_mape, SOLO_MAPE_TARGET),
+            ("co-run", last.predictor_corun_mape, CORUN_MAPE_TARGET),
+        ):
+            targets.append(
+                Target(
+                    target=f"predictor MAPE {stage} <= {limit:.0%} (`harli` run, overall)",
+                    measured=_f(None if value is None else 100 * value, ".1f") + "%",
+                    verdict="not measured: no samples" if value is None else verdict(value <= limit),
+                )
+            )
+    table = _table(
+        ["load", "policy", "complete", "TPOT p50 ms", "TPOT p99 ms", "SLO att. (requests)", "ITL p99 ms",
+         "ITL att.", "finetune tok/s", "decode busy", "lent MiB mean / max", "harli vs best"],
+        rows,
+    )  # fmt: skip
+    if alone:
+        notes.append(
+            f"Finetune alone (harli server, no decode, {settings.alone_s:g} s): {alone:.0f} tokens/s."
+        )
+    static = "static/peak" if traced else "static"
+    tuning = report.measured.get(static, {}).get("tuning")
+    if tuning:
+        notes.append(
+            f"`{static}` tuned so the SLO holds at peak load (x{tuning[0]['load']:g}, probed alone in a "
+            f"server of its own, stepping down from the estimate): {_tries(tuning)}; measured with "
+            f"{tuning[-1]['units']}/step."
+        )
+    oracle = report.measured.get("static/oracle", {}).get("tuning")
+    if oracle:
+        chosen = next((r.static_units for r in report.levels if r.policy == "static/oracle"), None)
+        notes.append(
+            "`static/oracle` tuned on the scored trace itself (a reference no operator can reach, not a "
+            f"baseline; the lowest level's attainment per try, `static/peak`'s scored run first): "
+            f"{_tries(oracle)}; shown with {chosen}/step."
+        )
+    drain = (
+        "every request ran to completion"
+        if settings.max_drain_s is None
+        else f"requests still streaming {settings.max_drain_s:g} s after it were cut"
+    )
+    arrivals = (
+        f"Poisson arrivals (x load: {settings.burst_rate}/s in the first third of every "
+        f"{settings.period_s:g} s, {settings.quiet_rate}/s otherwise)"
+    )
+    if settings.trace is not None:
+        span = "to its end" if settings.trace_span_s is None else f"for {settings.trace_span_s:g} s"
+        arrivals = (
+            f"the real trace `{settings.trace}` (`benchmark/traces`, CC-BY 4.0; recorded from "
+            f"{settings.trace_start_s:g} s {span}) squeezed into it and thinned to the long-run mean rate of "
+            f"{arrivals}; `static/peak` tuned on a constant-rate window at the trace's peak minute's rate"
+        )
+    cap = settings.max_itl_ms
+    cap = "" if cap is None else f" (`harli` with `--harli-max-itl-ms {cap:g}`)"
+    notes.append(
+        f"Model `harli:{settings.model}`, SLO {settings.slo_ms:g} ms{cap}, held per request by `harli` and "
+        "judged per request for every policy (TPOT as `sglang.bench_serving` computes it; `harli/itl` holds "
+        f"every token interval instead); each level a {settings.duration_s:g} s "
+        f"window of {arrivals}; {drain}. One fresh server per policy with a finetune job running, levels "
+        "light to heavy."
+    )
+    return targets, table, notes
+
+
+def _tpot_over_itl(harli, itl, load: float, *, busy: float) -> Target:
+    """Issue 21: holding per-request TPOT trains at least 1.3x what holding every interval does, at the
+    same SLO, where decode is busy more than half the time (``busy``: the share of the window decode
+    alone spends in forward passes, ``idle-only``'s, a property of the load rather than of a policy);
+    it must hold per-request attainment too."""
+    ratio = harli.finetune_tokens_per_s / itl.finetune_tokens_per_s if itl.finetune_tokens_per_s > 0 else None
+    measured = "-" if ratio is None else f"{ratio:.2f}x `harli/itl`"
+    measured += f"; decode alone busy {busy:.0%} of the time"
+    if not holds_slo(harli):
+        measured += " (harli misses per-request attainment)"
+    if ratio is None:
+        outcome = "not measured: `harli/itl` trained nothing"
+    elif busy <= 0.5:
+        outcome = "not measured: decode busy under half the time"
+    else:
+        outcome = verdict(holds_slo(harli) and ratio >= TPOT_OVER_ITL_TARGET)
+    return Target(
+        target=f"`harli` (tpot) >= {TPOT_OVER_ITL_TARGET}x `harli/itl` at the same SLO where decode is busy "
+        f"over half the time, load x{load:g}",
+        measured=measured,
+        verdict=outcome,
+    )
+
+
+def _tries(probes: list[dict]) -> str:
+    return ", ".join(
+        f"{p['units']}/step {p['slo_attainment']:.3f} "
+        f"({'holds' if p['slo_attainment'] >= ATTAINMENT_TARGET else 'misses'})"
+        for p in probes
+    )
+
+
+def _versus_oracle(runs: list[LevelResult]) -> str:
+    oracle = gain_over_best_baseline(runs, baselines=ORACLE)
+    return "" if oracle.ratio is None else f"; {oracle.ratio:.2f}x vs `static/oracle`"
+
+
+def _beats_static_peak(harli: LevelResult, peak: LevelResult, ceiling: float | None, load: float) -> Target:
+    """Issue 18: on a real trace harli beats ``static`` tuned at the trace's peak wherever the slack
+    ceiling leaves room to (more than 5% above what ``static/peak`` trains)."""
+    room = ceiling / peak.finetune_tokens_per_s if ceiling and peak.finetune_tokens_per_s > 0 else None
+    trains = peak.finetune_tokens_per_s > 0
+    ratio = harli.finetune_tokens_per_s / peak.finetune_tokens_per_s if trains else None
+    measured = "-" if ratio is None else f"{ratio:.2f}x `static/peak`"
+    if room is not None:
+        measured += f"; the slack ceiling allows {room:.2f}x"
+    if ratio is None:
+        outcome = "not measured: `static/peak` trains nothing"
+    elif room is not None and room <= 1.05:
+        outcome = "met" if holds_slo(harli) else "missed"
+        measured += " (no room to beat it)"
+    else:
+        outcome = verdict(holds_slo(harli) and ratio > 1.0)
+    return Target(
+        target=f"`harli` beats `static/peak` on the trace where the slack ceiling allows, at load x{load:g}",
+        measured=measured + ("" if holds_slo(harli) else " (harli itself misses the SLO)"),
+        verdict=outcome,
+    )
 
 
 def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:

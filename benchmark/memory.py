@@ -4,7 +4,7 @@ micro-batch a fixed trainer budget allows, and what a reclaim costs.
 The KV pool is modelled exactly as SGLang lays it out (per layer, a K and a V buffer of
 ``(tokens, kv_heads, head_dim)`` rows in the model's dtype) and lent the way the server lends it: runs of
 free rows, scattered as busy decode leaves them (``--run-tokens`` long). Everything else is the real
-trainer and ``core.memory.ActivationStore``, so this runs on the GPU box too (no SGLang needed).
+trainer and ``core.training.memory.ActivationStore``, so this runs on the GPU box too (no SGLang needed).
 
 - **Non-KV memory of a step**: peak bytes of saved activations in ordinary memory over one optimizer
   step (the store's own accounting, tensor by tensor) plus the LoRA training state (weights, gradients,
@@ -31,11 +31,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from sglang_harli.core.base_model import build_bound_model
-from sglang_harli.core.data import Example
-from sglang_harli.core.jobs import LoraSpec, TrainingSpec
-from sglang_harli.core.memory import ActivationStore, TrainerMemoryError
-from sglang_harli.core.trainer import LoraTrainer
+from sglang_harli.core.jobs.data import Example
+from sglang_harli.core.jobs.spec import LoraSpec, TrainingSpec
+from sglang_harli.core.training.base_model import build_bound_model
+from sglang_harli.core.training.memory import ActivationStore, TrainerMemoryError
+from sglang_harli.core.training.trainer import LoraTrainer
 from sglang_harli.models.builtin import materialize
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -33,6 +33,7 @@ from msgspec import Meta
 
 from benchmark.cli import add_settings_flags, settings_from_flags
 from benchmark.load import SERVER_START_S, SERVER_STOP_S, Arrival, bursty_trace, replay, stream
+from benchmark.report import Target, _f, _table, verdict
 from sglang_harli.models.builtin import PRESET_SCHEME, materialize
 from sglang_harli.server_process import ServerProcess
 
@@ -203,6 +204,36 @@ def estimate_s(settings: Settings) -> float:
     batch_s = settings.batch_tokens * 0.08 + THROUGHPUT_DRAIN_S
     per_run = SERVER_START_S + 3.0 + settings.duration_s + trace_drain_s + batch_s + SERVER_STOP_S
     return 4 * settings.rounds * per_run
+
+
+def overhead_summary(report: Report) -> tuple[list[Target], str, list[str]]:
+    """The part's record in ``RESULTS.md`` (``benchmark.run``): its target, table and notes."""
+    rows = [
+        [str(r.index), r.side, f"{r.requests - r.failed}/{r.requests}", _f(r.tpot_p50_ms, ".1f"),
+         _f(r.tpot_mean_ms, ".1f"), _f(r.tpot_p99_ms, ".1f"), _f(r.output_tokens_per_s, ".1f")]
+        for r in report.runs
+    ]  # fmt: skip
+    table = _table(
+        ["run", "server", "complete", "TPOT p50 ms", "TPOT mean ms", "TPOT p99 ms", "tokens/s"], rows
+    )
+    pairs = "; ".join(
+        f"runs {p.runs}: TPOT x{p.tpot_p50:.3f}, throughput x{p.throughput:.3f}" for p in report.pairs
+    )
+    measured = (
+        f"TPOT p50 x{report.median_tpot_ratio:.3f}, throughput x{report.median_throughput_ratio:.3f} "
+        f"(harli/vanilla, median of {len(report.pairs)} pairs): {report.slowdown:+.1%}"
+    )
+    target = Target(
+        target="Harli with no job <= 2% slower than vanilla SGLang",
+        measured=measured,
+        verdict=verdict(report.met),
+    )
+    notes = [
+        f"Order {' '.join(r.side for r in report.runs)}; pair ratios: {pairs}.",
+        f"Vanilla: `python -m sglang.launch_server {' '.join(report.flags['vanilla'])}`; Harli: "
+        f"`python -m sglang_harli.launch_server {' '.join(report.flags['harli'])}`.",
+    ]
+    return [target], table, notes
 
 
 def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:

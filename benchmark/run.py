@@ -49,7 +49,12 @@ PARTS = (
     "colocation-smollm2",
     "colocation-trace",
     "colocation-trace-smollm2",
-    "overhead", "train", "train-smollm2", "gpu", "simulate")
+    "overhead",
+    "train",
+    "train-smollm2",
+    "gpu",
+    "simulate",
+)
 REAL_MODEL = "smollm2-135m"
 """The real pretrained preset measured beside the random-weight ``small``: 30 thin layers (hidden 576)
 instead of 8 wide ones, tied embeddings and a 49k vocabulary, so per-unit overheads weigh more."""
@@ -224,7 +229,7 @@ def run_colocation(
         str(plots.colocation_tradeoff(result, ctx.plots / f"colocation_tradeoff{suffix}.png")),
         str(plots.colocation_timeline(result, ctx.plots / f"colocation_timeline{suffix}.png")),
     ]
-    targets, table, notes = report.colocation_summary(result)
+    targets, table, notes = colocation.colocation_summary(result)
     return raw, figures, targets, table, notes
 
 
@@ -234,12 +239,12 @@ def run_overhead(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
     result = overhead.run(ctx.plan.overhead, ctx.log_dir, log=log)
     raw = _write(ctx.out / "overhead.json", result)
     figures = [str(plots.overhead_runs(result, ctx.plots / "overhead.png"))]
-    targets, table, notes = report.overhead_summary(result)
+    targets, table, notes = overhead.overhead_summary(result)
     return raw, figures, targets, table, notes
 
 
 def run_train(ctx: Context, log: Callable[[str], None], real: bool = False) -> PartOutcome:
-    from benchmark import plots
+    from benchmark import plots, train_throughput
 
     suffix = "_smollm2" if real else ""
     raw = ctx.out / f"train_throughput{suffix}.json"
@@ -251,15 +256,17 @@ def run_train(ctx: Context, log: Callable[[str], None], real: bool = False) -> P
     subprocess.run(command, cwd=ROOT, check=True, timeout=max(600.0, 4 * ctx.plan.train_estimate_s))
     result = json.loads(raw.read_text())
     figures = [str(plots.train_throughput(result, ctx.plots / f"train_throughput{suffix}.png"))]
-    targets, table, notes = report.train_summary(result)
+    targets, table, notes = train_throughput.train_summary(result)
     return str(raw), figures, targets, table, notes
 
 
 def run_gpu(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
+    from benchmark.gpu.summary import gpu_summary
+
     gpu = report.machine().gpu
     log(f"GPU: {gpu}")
     if gpu == "none":
-        targets, table, notes = report.gpu_summary(None, gpu)
+        targets, table, notes = gpu_summary(None, gpu)
         return None, [], targets, table, notes
     raw = ctx.out / "gpu.json"
     raw.unlink(missing_ok=True)  # a figure of an earlier run must not pass for this one's
@@ -271,7 +278,7 @@ def run_gpu(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
     if not raw.exists():
         raise RuntimeError(f"benchmark.gpu wrote no {raw} (its output is above)")
     result = json.loads(raw.read_text())
-    targets, table, notes = report.gpu_summary(result, gpu)
+    targets, table, notes = gpu_summary(result, gpu)
     return str(raw), [], targets, table, notes
 
 
@@ -281,7 +288,7 @@ def run_simulate(ctx: Context, log: Callable[[str], None]) -> PartOutcome:
     result = simulate.run(ctx.plan.simulate, log=log)
     raw = _write(ctx.out / "simulate.json", result)
     figures = [str(plots.simulate_gain(result, ctx.plots / "simulate_gain.png"))]
-    targets, table, notes = report.simulate_summary(result)
+    targets, table, notes = simulate.simulate_summary(result)
     return raw, figures, targets, table, notes
 
 

@@ -27,10 +27,12 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
-from sglang_harli.core.base_model import build_bound_model
-from sglang_harli.core.data import Example
-from sglang_harli.core.jobs import PEFT_TARGET_MODULES, LoraSpec, TrainingSpec
-from sglang_harli.core.trainer import LoraTrainer, lora_config, plan_steps
+from benchmark.report import Target, _table, verdict
+from sglang_harli.core.jobs.data import Example
+from sglang_harli.core.jobs.spec import PEFT_TARGET_MODULES, LoraSpec, TrainingSpec
+from sglang_harli.core.training.base_model import build_bound_model
+from sglang_harli.core.training.lora import lora_config
+from sglang_harli.core.training.trainer import LoraTrainer, plan_steps
 from sglang_harli.models.builtin import PACKAGED, PRESETS, SPECIAL_TOKENS, materialize
 
 ALL_PRESETS = {**PRESETS, **PACKAGED}
@@ -39,6 +41,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 WARMUP_STEPS = 1
 """Optimizer steps run before the clock starts, on both sides (first-call allocations, lazy AdamW state)."""
+TRAIN_TARGET = 1.0
+"""The ``train`` part's target: tokens/s of the trainer over plain transformers + PEFT's, same examples."""
 
 
 class Timing(msgspec.Struct):
@@ -310,6 +314,33 @@ def print_table(result: dict) -> None:
     console = Console()
     console.print(table)
     console.print(footer)
+
+
+def train_summary(result: dict) -> tuple[list[Target], str, list[str]]:
+    """``measure``'s figures as the ``train`` part's record in ``RESULTS.md`` (``benchmark.run``): its
+    target, table and notes."""
+    rows = [
+        [str(r["repeat"]), r["first"], str(r["tokens"]), f"{r['ours_tokens_per_s']:.1f}",
+         f"{r['reference_tokens_per_s']:.1f}", f"{r['ratio']:.3f}"]
+        for r in result["repeats"]
+    ]  # fmt: skip
+    table = _table(["repeat", "first", "tokens", "ours tok/s", "reference tok/s", "ours/reference"], rows)
+    ratio = result["median_ratio"]
+    targets = [
+        Target(
+            target=f"trainer tokens/s >= {TRAIN_TARGET:g}x plain transformers + PEFT (`{result['model']}`)",
+            measured=f"{ratio:.3f} (median of {len(result['repeats'])})",
+            verdict=verdict(ratio >= TRAIN_TARGET),
+        ),
+    ]  # MFU is the `gpu` part's target
+    notes = [
+        f"{result['examples']} examples, max_seq_len {result['max_seq_len']}, micro-batch "
+        f"{result['micro_batch_size']}, {result['dtype']} on {result['device']}, torch threads "
+        f"{result['torch_threads']}; load average after "
+        + ", ".join(f"{x:.2f}" for x in result["load_average_after"])
+        + "."
+    ]
+    return targets, table, notes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,8 @@ REALISTIC = ("idle-only", "naive", "static/peak", "fixed-split/peak")
 (``fixed-split`` needs SM partitions, so only the simulator and a GPU run it)."""
 ORACLE = ("static/oracle",)
 """``static`` tuned on the very trace it is scored on: a reference, not a baseline anyone can deploy."""
+TPOT_OVER_ITL_TARGET = 1.3
+"""harli holding per-request TPOT over harli holding every interval, where decode is busy (issue 21)."""
 
 
 class PolicyRun(Protocol):

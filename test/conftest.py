@@ -1,4 +1,8 @@
-"""Shared fixtures: the built-in tiny checkpoint and one real ``sglang_harli.launch_server`` per session."""
+"""Shared fixtures (the built-in tiny checkpoint, a data directory) and the two test tiers.
+
+Tests under ``server/`` start a real server and are marked ``server``; the rest is the engine-free tier,
+``python -m pytest -m "not server"``, in which starting a server fails the test (``helpers.tiers``).
+"""
 
 from __future__ import annotations
 
@@ -6,31 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers.tiers import (  # noqa: F401 - the tiers' hooks, registered by being named here
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_setup,
+    pytest_unconfigure,
+)
 from sglang_harli.models.builtin import materialize
-from sglang_harli.server_process import ServerProcess
-
-SERVER_ARGS = [
-    "--enable-lora",
-    "--max-lora-rank",
-    "16",
-    "--lora-target-modules",
-    "all",
-    "--max-loras-per-batch",
-    "4",
-]
-
-
-# A PD-disaggregated decode instance with no prefill instance: SGLang's fake transfer backend, and requests
-# carrying FAKE_BOOTSTRAP (SGLang's FAKE_BOOTSTRAP_HOST) and a bootstrap_room.
-PD_DECODE_ARGS = [
-    "--disaggregation-mode",
-    "decode",
-    "--disaggregation-transfer-backend",
-    "fake",
-    "--disaggregation-decode-retraction-backup",
-    "cpu_tensor",
-]
-FAKE_BOOTSTRAP = {"bootstrap_host": "2.2.2.2", "bootstrap_port": 8998}
 
 
 @pytest.fixture(scope="session")
@@ -42,20 +28,3 @@ def tiny_model_dir() -> Path:
 def data_dir(tmp_path_factory) -> Path:
     """The server's --harli-data-dir: finetune jobs may read dataset files from here."""
     return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_model_dir, data_dir) -> ServerProcess:
-    """The default main job: built-in tiny model, LoRA enabled on all target modules, finetuning on."""
-    run_dir = tmp_path_factory.mktemp("server")
-    args = [
-        *SERVER_ARGS,
-        "--enable-metrics",
-        "--harli-kv-poison",  # every lent KV page is checked on return: decode never wrote it
-        "--harli-data-dir",
-        str(data_dir),
-        "--harli-output-dir",
-        str(run_dir / "adapters"),
-    ]
-    with ServerProcess(args, run_dir / "server.log") as srv:
-        yield srv

@@ -6,7 +6,7 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from sglang_harli.srt.allocator import POISON, LendingAllocator, install_lending
+from sglang_harli.srt.memory.allocator import POISON, LendingAllocator, install_lending
 
 SIZE, LAYERS, HEADS, HEAD_DIM = 256, 3, 2, 8
 

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sglang_harli.core.base_model import UnboundParameterError, build_bound_model
+from sglang_harli.core.training.base_model import UnboundParameterError, build_bound_model
 from sglang_harli.models.builtin import materialize
 
 LORA = dict(

@@ -61,7 +61,7 @@ def test_plots_and_results_section(tmp_path):
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    targets, table, notes = report.colocation_summary(coloc)
+    targets, table, notes = colocation.colocation_summary(coloc)
     assert any("3/step 0.970 (misses), 2/step 0.992 (holds); measured with 2/step" in n for n in notes)
     verdicts = {t.target: t.verdict for t in targets}
     assert verdicts["`harli` holds the SLO at load x0.5 (request attainment >= 0.99)"] == "met"
@@ -73,7 +73,7 @@ def test_plots_and_results_section(tmp_path):
     assert over_itl.measured.startswith("1.43x `harli/itl`; decode alone busy 60%")
     assert over_itl.verdict == "met"
 
-    sim_targets, sim_table, _ = report.simulate_summary(sim)
+    sim_targets, sim_table, _ = simulate.simulate_summary(sim)
     assert all(t.verdict in ("met", "missed") for t in sim_targets) and "SIMULATED" in sim_targets[1].target
     record = report.PartRecord(
         part="colocation", status="ok", command="python -m benchmark.run --quick", mode="quick", seed=0,
@@ -127,7 +127,7 @@ def test_trace_report_scores_realistic_baselines_apart_from_the_oracle(tmp_path)
         "static/oracle": {"tuning": probes},
     }
     traced = colocation.Report(settings=settings, levels=levels, timelines=[], measured=measured)
-    targets, table, notes = report.colocation_summary(traced)
+    targets, table, notes = colocation.colocation_summary(traced)
     by_target = {t.target: t for t in targets}
     where = "on the `azure-code` trace at load x1"
     gain = by_target[f"`harli` >= 1.46x the best realistic SLO-holding baseline {where}"]
@@ -182,7 +182,7 @@ def test_overhead_pairs_alternate_and_take_the_median(tmp_path):
     assert summary.met  # 1% slower by throughput, TPOT within 1.1%
     png = plots.overhead_runs(summary, tmp_path / "overhead.png")
     assert png.stat().st_size > 1000
-    targets, table, notes = report.overhead_summary(summary)
+    targets, table, notes = overhead.overhead_summary(summary)
     assert targets[0].verdict == "met" and "| 7 | vanilla |" in table
 
 

@@ -4,13 +4,7 @@ import json
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from sglang_harli.models.builtin import (
-    PRESETS,
-    is_preset_path,
-    materialize,
-    preset_name,
-    resolve_model_path,
-)
+from sglang_harli.models.builtin import PRESETS, is_preset_path, materialize, preset_name, resolve_model_path
 
 
 def _digest(directory):

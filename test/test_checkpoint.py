@@ -13,13 +13,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from sglang_harli.core.base_model import build_bound_model
-from sglang_harli.core.checkpoint import WEIGHTS, CheckpointDir, encode
-from sglang_harli.core.job_store import JobStore, JobStoreError, stage_examples
-from sglang_harli.core.jobs import JobStatus, LoraSpec, TrainingSpec
-from sglang_harli.core.trainer import LoraTrainer
+from helpers.training import make_examples
+from sglang_harli.core.jobs.book import JobStatus
+from sglang_harli.core.jobs.spec import LoraSpec, TrainingSpec
+from sglang_harli.core.jobs.staging import stage_examples
+from sglang_harli.core.jobs.store import JobStore, JobStoreError
+from sglang_harli.core.training.base_model import build_bound_model
+from sglang_harli.core.training.checkpoint import WEIGHTS, CheckpointDir, encode
+from sglang_harli.core.training.trainer import LoraTrainer
 from sglang_harli.models.builtin import materialize
-from test_trainer import make_examples
 
 LORA = LoraSpec(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
 TRAINING = TrainingSpec(
@@ -98,7 +100,7 @@ def test_a_torn_checkpoint_is_skipped_for_the_one_before(tiny, tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from sglang_harli.core.checkpoint import CheckpointDir, Progress, TrainerState, encode
+    from sglang_harli.core.training.checkpoint import CheckpointDir, Progress, TrainerState, encode
     checkpoints = CheckpointDir(sys.argv[1])
     step = 0
     while True:

@@ -1,4 +1,5 @@
-"""``sglang_harli.core`` must run where SGLang cannot be installed (the GPU box, unit tests)."""
+"""``sglang_harli.core`` must run where SGLang cannot be installed (the GPU box, unit tests), and what
+crosses a process boundary (``core.wire``) must not need torch, peft or transformers to be read."""
 
 import subprocess
 import sys
@@ -10,7 +11,7 @@ CHECK = """
 import importlib, pkgutil, sys
 import sglang_harli.core
 modules = [m.name for m in pkgutil.walk_packages(sglang_harli.core.__path__, "sglang_harli.core.")]
-assert "sglang_harli.core.config" in modules and "sglang_harli.core.stats" in modules, modules
+assert "sglang_harli.core.config" in modules and "sglang_harli.core.wire.stats" in modules, modules
 for name in modules:
     importlib.import_module(name)
     leaked = sorted(m for m in sys.modules if m == "sglang" or m.startswith("sglang."))
@@ -33,3 +34,30 @@ def test_srt_does_import_sglang():
     code = "import sys, sglang_harli.srt.control; print('sglang' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "True", out.stderr
+
+
+# Every struct of a control message, and everything its fields are made of, imported in a fresh
+# interpreter: not one of the heavy libraries is loaded. The test above the check is that it can fail.
+WIRE = """
+import sys
+from sglang_harli.core.wire import control, memory, stats
+assert len(control.CONTROL_REQUESTS) >= 14
+heavy = sorted(m for m in ("torch", "peft", "transformers", "accelerate", "safetensors") if m in sys.modules)
+print(heavy)
+"""
+
+
+def test_the_wire_types_import_neither_torch_nor_peft():
+    out = subprocess.run([sys.executable, "-c", WIRE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_wire_check_can_fail():
+    code = WIRE.replace(
+        "from sglang_harli.core.wire import",
+        "import torch\nfrom sglang_harli.core.wire import",
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "torch" in out.stdout.strip().splitlines()[-1]

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
-from sglang_harli.core.data import (
+from sglang_harli.core.jobs.data import (
     PLAIN_CHAT_TEMPLATE,
     DatasetError,
     DatasetSummary,

@@ -5,9 +5,10 @@ import pickle
 import pytest
 
 from sglang_harli.core import errors
-from sglang_harli.core.data import DatasetError
 from sglang_harli.core.errors import http_status
-from sglang_harli.core.jobs import FinetuneJobSpec, JobBook, decode_spec
+from sglang_harli.core.jobs.book import JobBook
+from sglang_harli.core.jobs.data import DatasetError
+from sglang_harli.core.jobs.spec import FinetuneJobSpec, decode_spec
 
 
 @pytest.mark.parametrize(

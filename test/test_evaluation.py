@@ -6,11 +6,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from sglang_harli.core.base_model import build_bound_model
-from sglang_harli.core.data import DatasetError, Example
-from sglang_harli.core.evaluation import EvalData, EvalPass, EvalTracker, Probe, split_examples
-from sglang_harli.core.jobs import EvalRecord, LoraSpec, SpecError, TrainingSpec, decode_spec
-from sglang_harli.core.trainer import LoraTrainer
+from sglang_harli.core.jobs.book import EvalRecord
+from sglang_harli.core.jobs.data import DatasetError, Example
+from sglang_harli.core.jobs.eval_data import EvalData, Probe, split_examples
+from sglang_harli.core.jobs.evaluation import EvalPass, EvalTracker
+from sglang_harli.core.jobs.spec import LoraSpec, SpecError, TrainingSpec, decode_spec
+from sglang_harli.core.training.base_model import build_bound_model
+from sglang_harli.core.training.trainer import LoraTrainer
 from sglang_harli.models.builtin import materialize
 
 PROMPTS = ["The river town", "Code 01:", "A long time ago, in the hills"]
@@ -148,8 +150,9 @@ def test_the_cli_progress_line_and_summary_show_the_latest_evaluation():
 
 
 def test_a_durable_job_keeps_its_eval_data(tmp_path):
-    from sglang_harli.core.job_store import JobStore, stage_examples
-    from sglang_harli.core.jobs import JobStatus
+    from sglang_harli.core.jobs.book import JobStatus
+    from sglang_harli.core.jobs.staging import stage_examples
+    from sglang_harli.core.jobs.store import JobStore
 
     store = JobStore(tmp_path)
     examples = [Example(input_ids=[1, 2, 3], loss_mask=[False, True, True])]

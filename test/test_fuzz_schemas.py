@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from sglang_harli.core.config import HarliConfig, config_from_flags, flag_name
-from sglang_harli.core.data import DatasetError, Example, load_examples, resolve_dataset_path
-from sglang_harli.core.jobs import (
+from sglang_harli.core.jobs.book import JobStatus
+from sglang_harli.core.jobs.data import DatasetError, Example, load_examples, resolve_dataset_path
+from sglang_harli.core.jobs.spec import (
     JOB_NAME_PATTERN,
     MAX_SEED,
     DatasetSpec,
     FinetuneJobSpec,
-    JobStatus,
     LoraSpec,
     PublishSpec,
     SpecError,

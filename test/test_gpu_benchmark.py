@@ -11,6 +11,7 @@ import msgspec
 import pytest
 import torch
 from benchmark import gpu, report, run
+from benchmark.gpu.summary import gpu_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,12 +76,12 @@ def test_gpu_part_is_recorded_from_a_lent_machine(smoke, tmp_path):
     device brought back (here the smoke's figures stand in for an H200's)."""
     out_dir, _ = smoke
     result = json.loads((out_dir / "gpu.json").read_text())
-    targets, table, notes = report.gpu_summary(result, "NVIDIA H200")
+    targets, table, notes = gpu_summary(result, "NVIDIA H200")
     assert [t.verdict in ("met", "missed") for t in targets] == [True, True], targets
     assert targets[0].target.startswith("trainer MFU >= 45%") and "TFLOP/s" in targets[0].measured
     assert "1.46x" in targets[1].target and "harli attainment" in targets[1].measured
     assert "| policy |" in table and any("Replay:" in n for n in notes)
-    not_run, _, _ = report.gpu_summary(None, "none")
+    not_run, _, _ = gpu_summary(None, "none")
     assert [t.verdict for t in not_run] == ["not run: no GPU lent"] * 2
 
     device = tmp_path / "device"  # the device tool's files_at: run.json and gpu.json side by side
@@ -105,6 +106,17 @@ def test_gpu_part_is_recorded_from_a_lent_machine(smoke, tmp_path):
     assert merged.machine.gpu == "NVIDIA H200" and Path(merged.result_json).name == "gpu.json"
     assert (results / "gpu.json").read_bytes() == (out_dir / "gpu.json").read_bytes()
     assert "### GPU co-location and trainer MFU" in results_md.read_text()
+
+
+def test_the_package_imports_nothing_but_torch():
+    """The GPU machine has no msgspec: ``benchmark.gpu`` imports ``sglang_harli.core`` (which needs it)
+    only when a part starts, and its summary (``benchmark.report``) only where ``benchmark.run`` asks."""
+    probe = (
+        "import sys, benchmark.gpu; "
+        "print([m for m in ('msgspec', 'sglang_harli', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def _cached(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

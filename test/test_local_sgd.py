@@ -1,4 +1,4 @@
-"""Local SGD between members of a job trained on several instances (``core.local_sgd``): the average is
+"""Local SGD between members of a job trained on several instances (``core.fleet.local_sgd``): the average is
 exact and carries everyone's progress, and a member that dies leaves the others averaging on without it.
 The members are real gloo groups over real TCP stores: threads of this process, and a child process that
 is killed."""
@@ -10,15 +10,9 @@ import time
 import pytest
 import torch
 
-from sglang_harli.core import local_sgd
-from sglang_harli.core.local_sgd import (
-    Contribution,
-    GroupAssignment,
-    GroupStatus,
-    LocalSgd,
-    host_store,
-    shard,
-)
+from sglang_harli.core.fleet import local_sgd
+from sglang_harli.core.fleet.group import Contribution, GroupAssignment, GroupStatus, shard
+from sglang_harli.core.fleet.local_sgd import LocalSgd, host_store
 
 MEMBERS = ["http://a:1", "http://b:2", "http://c:3"]
 
@@ -85,7 +79,8 @@ def test_members_average_their_weights_and_share_their_progress():
 
 CHILD = """
 import os, sys, torch
-from sglang_harli.core.local_sgd import Contribution, GroupAssignment, GroupStatus, LocalSgd, host_store
+from sglang_harli.core.fleet.group import Contribution, GroupAssignment, GroupStatus
+from sglang_harli.core.fleet.local_sgd import LocalSgd, host_store
 store = host_store()
 print(store.port, flush=True)
 stores = sys.stdin.readline().split()

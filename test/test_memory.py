@@ -5,12 +5,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from sglang_harli.core.base_model import build_bound_model
-from sglang_harli.core.jobs import LoraSpec, TrainingSpec
-from sglang_harli.core.memory import ActivationStore, TrainerMemoryError
-from sglang_harli.core.trainer import LoraTrainer
+from helpers.training import make_examples
+from sglang_harli.core.jobs.spec import LoraSpec, TrainingSpec
+from sglang_harli.core.training.base_model import build_bound_model
+from sglang_harli.core.training.memory import ActivationStore, TrainerMemoryError
+from sglang_harli.core.training.trainer import LoraTrainer
 from sglang_harli.models.builtin import materialize
-from test_trainer import make_examples
 
 LORA = LoraSpec(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
 TRAINING = TrainingSpec(

@@ -9,22 +9,24 @@ import msgspec
 import pytest
 import torch
 
-from sglang_harli.core.partition import (
+from sglang_harli.core.colocation.green_contexts import (
     DriverGreenContexts,
     GreenContextPartitioner,
+    TorchGreenContexts,
+    _StreamPartition,
+    pick_backend,
+    query_granularity,
+)
+from sglang_harli.core.colocation.partition import (
     SharedPartitioner,
     SMGranularity,
     SMSplit,
-    TorchGreenContexts,
-    _pick_backend,
-    _query_granularity,
-    _StreamPartition,
     make_partitioner,
     plan_splits,
     round_sms,
     sm_granularity,
 )
-from sglang_harli.core.work import SHARED
+from sglang_harli.core.colocation.work import SHARED
 
 HOPPER = sm_granularity(9, 0)
 AMPERE = sm_granularity(8, 0)
@@ -249,7 +251,7 @@ def test_partitioner_on_a_device_too_small():
 
 
 def test_backend_is_found_in_this_environment():
-    backend, why = _pick_backend()
+    backend, why = pick_backend()
     assert (backend is None) == bool(why)
 
 
@@ -291,7 +293,7 @@ def test_make_partitioner_on_cuda_is_available():
 def test_matmul_inside_each_split_matches_outside(backend):
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
-    granularity = _query_granularity(device) or sm_granularity(props.major, props.minor)
+    granularity = query_granularity(device) or sm_granularity(props.major, props.minor)
     p = GreenContextPartitioner(
         device, total_sms=props.multi_processor_count, granularity=granularity, backend=backend
     )
@@ -319,7 +321,7 @@ def test_partition_restores_the_stream_when_the_body_raises(backend):
     p = GreenContextPartitioner(
         device,
         total_sms=props.multi_processor_count,
-        granularity=_query_granularity(device) or sm_granularity(props.major, props.minor),
+        granularity=query_granularity(device) or sm_granularity(props.major, props.minor),
         backend=backend,
     )
     caller = torch.cuda.current_stream(device)

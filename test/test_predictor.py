@@ -12,14 +12,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from sglang_harli.core.predictor import (
-    DecodeShape,
-    ErrorStats,
-    LatencyPredictor,
-    OnlineLinearModel,
-    PredictorStats,
-)
-from sglang_harli.core.work import FinetuneWork
+from sglang_harli.core.colocation.fits import ErrorStats, OnlineLinearModel
+from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor, PredictorStats
+from sglang_harli.core.colocation.work import FinetuneWork
 
 SOLO = {"intercept": 6e-3, "batch_size": 5e-5, "context_tokens": 2e-8, "adapters": 3e-4}
 UNITS = {  # intercept seconds, seconds per unit of FinetuneWork.size

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from sglang_harli.core.colocation import CoLocation
-from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
-from sglang_harli.core.qos import (
+from sglang_harli.core.colocation.loop import CoLocation
+from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
+from sglang_harli.core.colocation.qos import (
     Admission,
     HarliPolicy,
     IdleOnlyPolicy,
@@ -14,7 +14,7 @@ from sglang_harli.core.qos import (
     StaticPolicy,
     make_policy,
 )
-from sglang_harli.core.work import FinetuneWork, micro_batch_prefix
+from sglang_harli.core.colocation.work import FinetuneWork, micro_batch_prefix
 
 SLO = 0.050
 

@@ -5,9 +5,9 @@ import msgspec
 import pytest
 from benchmark import simulate
 
-from sglang_harli.core.colocation import PREDICTOR_FORGETTING
-from sglang_harli.core.predictor import LatencyPredictor
-from sglang_harli.core.qos import HarliPolicy, IdleOnlyPolicy, NaivePolicy, StaticPolicy
+from sglang_harli.core.colocation.loop import PREDICTOR_FORGETTING
+from sglang_harli.core.colocation.predictor import LatencyPredictor
+from sglang_harli.core.colocation.qos import HarliPolicy, IdleOnlyPolicy, NaivePolicy, StaticPolicy
 
 SLO_S = 0.050
 DURATION_S = 60.0

@@ -1,9 +1,9 @@
 """Training over a tensor-parallel base model gives the adapter one rank gives.
 
 Two processes (gloo) each hold the slice of the tiny checkpoint a serving engine with ``--tp-size 2``
-holds (heads, MLP width, vocabulary), train the same job with ``core.tensor_parallel``, and the gathered
-adapter is compared with the one-rank trainer's, weight by weight; so is the adapter file rank 0 writes.
-No SGLang here: ``test_tensor_parallel_server.py`` does the same through the real server.
+holds (heads, MLP width, vocabulary), train the same job with ``core.training.tensor_parallel``, and the
+gathered adapter is compared with the one-rank trainer's, weight by weight; so is the adapter file rank 0
+writes. No SGLang here: ``test_tensor_parallel_server.py`` does the same through the real server.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from sglang_harli.core.base_model import build_bound_model
-from sglang_harli.core.jobs import LoraSpec, TrainingSpec
-from sglang_harli.core.tensor_parallel import TensorParallel, TensorParallelError
-from sglang_harli.core.trainer import LoraTrainer
+from helpers.training import make_examples
+from sglang_harli.core.jobs.spec import LoraSpec, TrainingSpec
+from sglang_harli.core.training.base_model import build_bound_model
+from sglang_harli.core.training.tensor_parallel import TensorParallel, TensorParallelError
+from sglang_harli.core.training.trainer import LoraTrainer
 from sglang_harli.models.builtin import materialize
-from test_trainer import make_examples
 
 LORA = LoraSpec(
     r=4,
@@ -60,7 +60,8 @@ def rank_slice(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.T
     return tensor
 
 
-def _rank(rank: int, size: int, init: str, path, examples, layers_per_unit, out) -> None:
+def _rank(rank: int, size: int, init: str, path, examples, variants, out) -> None:
+    """One rank: the job trained once per ``layers_per_unit`` of ``variants``, in one process group."""
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
     try:
         torch.set_num_threads(1)
@@ -75,16 +76,20 @@ def _rank(rank: int, size: int, init: str, path, examples, layers_per_unit, out)
         )
         full = full_weights(path)
         local = {name: rank_slice(name, t, rank, size) for name, t in full.items()}
-        model = build_bound_model(tp.local_config(config), local)
-        trainer = LoraTrainer(
-            model, examples, LORA, TRAINING, layers_per_unit=layers_per_unit, tensor_parallel=tp
-        )
-        initial = tp.gathered(trainer.model)
-        trainer.run()
-        trained = tp.gathered(trainer.model)
-        trainer.save_adapter(str(out / "adapter") if rank == 0 else None)
-        if rank == 0:
-            torch.save({"initial": initial, "trained": trained, "loss": trainer.loss}, out / "result.pt")
+        for layers_per_unit in variants:
+            model = build_bound_model(tp.local_config(config), local)
+            trainer = LoraTrainer(
+                model, examples, LORA, TRAINING, layers_per_unit=layers_per_unit, tensor_parallel=tp
+            )
+            initial = tp.gathered(trainer.model)
+            trainer.run()
+            trained = tp.gathered(trainer.model)
+            where = out / str(layers_per_unit)
+            trainer.save_adapter(str(where / "adapter") if rank == 0 else None)
+            if rank == 0:
+                torch.save(
+                    {"initial": initial, "trained": trained, "loss": trainer.loss}, where / "result.pt"
+                )
     finally:
         dist.destroy_process_group()
 
@@ -106,22 +111,33 @@ def tiny():
     return materialize("tiny")
 
 
-@pytest.mark.parametrize("layers_per_unit", [None, 1])
-def test_two_ranks_train_the_one_rank_adapter(tiny, tmp_path, layers_per_unit):
-    examples = make_examples(1024, count=9)
-    reference = _one_rank(tiny, examples)
-    initial = {n: t.clone() for n, t in reference.lora_state().items()}
-    reference.run()
+VARIANTS = [None, 1]
 
-    init = f"file://{tmp_path / 'rendezvous'}"
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny, tmp_path_factory):
+    """Both variants trained by one pair of rank processes (each process start imports torch and PEFT)."""
+    examples = make_examples(1024, count=9)
+    out = tmp_path_factory.mktemp("ranks")
+    for variant in VARIANTS:
+        (out / str(variant)).mkdir()
     mp.start_processes(
         _rank,
-        args=(2, init, tiny, examples, layers_per_unit, tmp_path),
+        args=(2, f"file://{out / 'rendezvous'}", tiny, examples, VARIANTS, out),
         nprocs=2,
         join=True,
         start_method="spawn",
     )
-    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    return examples, out
+
+
+@pytest.mark.parametrize("layers_per_unit", VARIANTS)
+def test_two_ranks_train_the_one_rank_adapter(tiny, two_ranks, tmp_path, layers_per_unit):
+    examples, out = two_ranks
+    reference = _one_rank(tiny, examples)
+    initial = {n: t.clone() for n, t in reference.lora_state().items()}
+    reference.run()
+    result = torch.load(out / str(layers_per_unit) / "result.pt", weights_only=True)
 
     # The ranks start from exactly the weights one rank draws (PEFT's init on the full shapes).
     assert result["initial"].keys() == initial.keys()
@@ -138,7 +154,7 @@ def test_two_ranks_train_the_one_rank_adapter(tiny, tmp_path, layers_per_unit):
     assert result["loss"] == pytest.approx(reference.loss, rel=1e-6)
 
     # Rank 0 wrote one ordinary PEFT adapter with the full shapes.
-    written = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    written = load_file(str(out / str(layers_per_unit) / "adapter" / "adapter_model.safetensors"))
     reference.save_adapter(str(tmp_path / "reference"))
     expected = load_file(str(tmp_path / "reference" / "adapter_model.safetensors"))
     assert written.keys() == expected.keys()

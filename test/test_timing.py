@@ -1,6 +1,7 @@
-"""Device timing read without waiting: ``core.timing`` with events that finish when the test says."""
+"""Device timing read without waiting: ``core.colocation.timing`` with events that finish when the test
+says."""
 
-from sglang_harli.core.timing import EventStopwatch, HostStopwatch, PendingTimings
+from sglang_harli.core.colocation.timing import EventStopwatch, HostStopwatch, PendingTimings
 
 
 class FakeEvent:

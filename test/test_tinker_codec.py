@@ -1,4 +1,4 @@
-"""The Tinker API's binary messages (``core.tinker_codec``), checked against the SDK itself: requests
+"""The Tinker API's binary messages (``core.tinker.codec``), checked against the SDK itself: requests
 the SDK builds decode to the same tokens and tensors, and results encoded here decode with the SDK's own
 decoders to what was meant; bad datums are refused naming the field."""
 
@@ -9,7 +9,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
 
 from sglang_harli.core.errors import SpecError
-from sglang_harli.core.tinker_codec import (
+from sglang_harli.core.tinker.codec import (
     Sequence,
     decode_forward_backward,
     encode_forward_backward_output,

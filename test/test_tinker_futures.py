@@ -1,4 +1,4 @@
-"""The Tinker API's futures and per-model ordering (``core.tinker_futures``): a model's operations run
+"""The Tinker API's futures and per-model ordering (``core.tinker.futures``): a model's operations run
 in seq_id order whatever order they arrive in, a resent submission gets its first request id and runs
 once, a poll is held until the result or the poll window, and an operation's failure is its own."""
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sglang_harli.core.tinker_futures import FutureTable, ModelSequence, Outcome
+from sglang_harli.core.tinker.futures import FutureTable, ModelSequence, Outcome
 
 
 def run(coroutine):

@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from sglang_harli.core.errors import TooManyJobs
-from sglang_harli.core.tinker_sessions import Sessions, sampling_session_id, session_of
+from sglang_harli.core.tinker.sessions import Sessions, sampling_session_id, session_of
 
 
 def test_places_are_bounded_and_given_back_when_a_session_ends():

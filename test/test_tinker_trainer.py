@@ -1,4 +1,4 @@
-"""``TinkerTrainer`` (``core.tinker_trainer``) against plain PyTorch + PEFT on the built-in tiny model:
+"""``TinkerTrainer`` (``core.tinker.trainer``) against plain PyTorch + PEFT on the built-in tiny model:
 the same target-token logprobs, the same summed loss and gradients for cross_entropy and
 importance_sampling, whatever the micro-batch and segment cuts; forward_only leaves the gradients alone;
 optim_step applies AdamW with the given parameters; a loop of forward_backward and optim_step learns."""
@@ -9,10 +9,11 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from sglang_harli.core.jobs import LoraSpec
-from sglang_harli.core.tinker_codec import Datum, ForwardBackward
-from sglang_harli.core.tinker_trainer import AdamParams, TinkerTrainer
-from sglang_harli.core.trainer import lora_config
+from sglang_harli.core.jobs.spec import LoraSpec
+from sglang_harli.core.tinker.codec import Datum, ForwardBackward
+from sglang_harli.core.tinker.params import AdamParams
+from sglang_harli.core.tinker.trainer import TinkerTrainer
+from sglang_harli.core.training.lora import lora_config
 from sglang_harli.models.builtin import materialize
 
 LORA = LoraSpec(r=8, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])

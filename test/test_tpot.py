@@ -1,12 +1,13 @@
-"""Per-request TPOT (``core.tpot``) and the policy that holds it: slack banked, spent, never invented."""
+"""Per-request TPOT (``core.colocation.tpot``) and the policy that holds it: slack banked, spent, never
+invented."""
 
 import pytest
 
-from sglang_harli.core.colocation import CoLocation
-from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
-from sglang_harli.core.qos import BANKED_RESERVE, HarliPolicy
-from sglang_harli.core.tpot import TpotLedger
-from sglang_harli.core.work import FinetuneWork
+from sglang_harli.core.colocation.loop import CoLocation
+from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
+from sglang_harli.core.colocation.qos import BANKED_RESERVE, HarliPolicy
+from sglang_harli.core.colocation.tpot import TpotLedger
+from sglang_harli.core.colocation.work import FinetuneWork
 
 SLO = 0.100
 UNIT = FinetuneWork(kind="forward", tokens=64, layers=1)

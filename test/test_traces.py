@@ -9,11 +9,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from benchmark import colocation, load, report, simulate, traces, verdicts
+from benchmark import colocation, load, simulate, traces, verdicts
 
-from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
-from sglang_harli.core.qos import FixedSplitPolicy, make_policy
-from sglang_harli.core.work import FinetuneWork
+from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
+from sglang_harli.core.colocation.qos import FixedSplitPolicy, make_policy
+from sglang_harli.core.colocation.work import FinetuneWork
 
 README = Path(traces.__file__).with_name("README.md")
 
@@ -194,7 +194,7 @@ def test_simulated_trace_replay_harli_holds_the_slo(replay):
 
 
 def test_trace_replay_reaches_the_report(replay):
-    targets, table, notes = report.simulate_summary(replay)
+    targets, table, notes = simulate.simulate_summary(replay)
     assert "`static/peak`" in table and "`fixed-split/peak`" in table and "`static/oracle`" in table
     assert any("trace azure-code" in t.target and "realistic" in t.target for t in targets)
     assert any("oracle" in t.target for t in targets)

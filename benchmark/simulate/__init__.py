@@ -4,11 +4,12 @@ The paper's claim (finetune throughput +46.2% on average, up to +92%, over the b
 QoS) is about a LLaMA3-8B-class model decoding on an H100; a 2-core CPU cannot reach that regime. This
 package replays seeded bursty request traces (and a real one, the Azure LLM inference trace 2023,
 ``benchmark.traces``) against a model of such an instance and drives, step by
-step, the very objects the server runs: ``core.qos.make_policy`` (``harli`` and the ``idle-only``,
-``naive`` and ``static`` baselines), ``core.predictor.LatencyPredictor`` (fed only with the simulated
-observations), ``core.colocation.CoLocation`` (the loop glue the scheduler uses, built by the same
-``CoLocation.from_config``, here on the simulated clock) and the SM split menu ``core.partition.plan_splits``
-builds on an H100. Only latencies are modelled; every decision is the production code's.
+step, the very objects the server runs: ``core.colocation.qos.make_policy`` (``harli`` and the ``idle-only``,
+``naive`` and ``static`` baselines), ``core.colocation.predictor.LatencyPredictor`` (fed only with the
+simulated observations), ``core.colocation.loop.CoLocation`` (the loop glue the scheduler uses, built by the
+same ``CoLocation.from_config``, here on the simulated clock) and the SM split menu
+``core.colocation.partition.plan_splits`` builds on an H100. Only latencies are modelled; every decision is
+the production code's.
 
 - ``model``: the modelled GPU, model shape, finetune job and assumptions, and ``Roofline``, the latency
   of a decode step or a finetune unit on them (constants and their sources are listed there);
@@ -18,6 +19,7 @@ builds on an H100. Only latencies are modelled; every decision is the production
   one policy on one trace;
 - ``evaluate``: the experiment (``Settings``, ``QUICK``/``FULL``, ``best_static``, ``evaluate_load``,
   ``evaluate_trace``, ``run`` and its ``Report``), with the gain's definition;
+- ``summary``: the part's targets, tables and notes in ``RESULTS.md`` (``simulate_summary``);
 - ``__main__``: the command line.
 
     python -m benchmark.simulate --quick        # seconds
@@ -47,6 +49,7 @@ from benchmark.simulate.evaluate import (
 )
 from benchmark.simulate.loop import Instance, RunResult, SimTrainer, simulate
 from benchmark.simulate.model import Assumptions, FinetuneSetup, Gpu, ModelShape, Roofline
+from benchmark.simulate.summary import simulate_summary
 from benchmark.simulate.workload import Request, Workload
 from benchmark.verdicts import ATTAINMENT_TARGET, BASELINES
 
@@ -82,4 +85,5 @@ __all__ = [
     "gains_by_load",
     "run",
     "simulate",
+    "simulate_summary",
 ]

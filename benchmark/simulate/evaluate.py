@@ -35,16 +35,10 @@ import msgspec
 from benchmark import traces
 from benchmark.simulate.loop import RunResult, SimTrainer, simulate
 from benchmark.simulate.model import Assumptions, FinetuneSetup, Gpu, ModelShape, Roofline
-from benchmark.simulate.workload import (
-    RecordedLengths,
-    Workload,
-    recorded,
-    recorded_lengths,
-    requests,
-)
+from benchmark.simulate.workload import RecordedLengths, Workload, recorded, recorded_lengths, requests
 from benchmark.verdicts import ORACLE, REALISTIC, gain_over_best_baseline, holds_slo
-from sglang_harli.core.partition import DEFAULT_SHARES, plan_splits, sm_granularity
-from sglang_harli.core.work import SHARED
+from sglang_harli.core.colocation.partition import DEFAULT_SHARES, plan_splits, sm_granularity
+from sglang_harli.core.colocation.work import SHARED
 
 PAPER_AVERAGE_GAIN = 0.462
 PAPER_MAX_GAIN = 0.920

@@ -16,18 +16,18 @@ TTFT; its first token here is its first decode step's. Both SLO metrics are repo
 over the tokens after the first, and its attainment the share of requests within the SLO; ITL is the
 gap between consecutive tokens of a request, each weighed by the requests that waited through it. The
 verdicts (``slo_attainment``) are per request. With ``--harli-slo-metric tpot`` the policy is told the
-smallest slack in the batch (``core.tpot``), kept here in closed form (``_Batch.slack``), and each
+smallest slack in the batch (``core.colocation.tpot``), kept here in closed form (``_Batch.slack``), and each
 finished request's TPOT.
 
-The co-location is built as the server builds it, by ``core.colocation.CoLocation.from_config`` from a
-``HarliConfig`` (policy, SLO, static units), the SM split menu ``core.partition.plan_splits`` gives an
-H100, and this module's clock in place of the host's. Where the simulator has to play the engine, it does
+The co-location is built as the server builds it, by ``core.colocation.loop.CoLocation.from_config`` from a
+``HarliConfig`` (policy, SLO, static units), the SM split menu ``core.colocation.partition.plan_splits`` gives
+an H100, and this module's clock in place of the host's. Where the simulator has to play the engine, it does
 what the server does: a unit's observed time is its run time on the split it ran in
-(``CoLocation.unit_done`` with its split, as ``srt.unit_runner`` reports it; unit costs are learnt per
+(``CoLocation.unit_done`` with its split, as ``core.runner.runner`` reports it; unit costs are learnt per
 split and partitioned splits use the overlap form of stage 2), the policy's idle slices and the start-up unit
 profile are the server's, and a decode step that ran beside finetune work does not train stage 1, and
-units are offered as ``srt`` offers them (``core.work.look_ahead`` of them): even the first unit of a
-micro-batch that cannot start for want of lendable pages (``--runnable-only`` offers only units that can
+units are offered as ``srt`` offers them (``core.colocation.work.look_ahead`` of them): even the first unit of
+a micro-batch that cannot start for want of lendable pages (``--runnable-only`` offers only units that can
 start). Such admitted units do not run, and ``CoLocation`` pairs the interval with the units that ran.
 The baselines never consult the predictor, so under them it is not fed (that only saves time).
 
@@ -48,18 +48,19 @@ import numpy as np
 
 from benchmark.simulate.model import FinetuneSetup, ModelShape, Roofline
 from benchmark.simulate.workload import Request
-from sglang_harli.core.colocation import CoLocation
+from sglang_harli.core.colocation.loop import CoLocation
+from sglang_harli.core.colocation.partition import DEFAULT_SHARES, plan_splits, sm_granularity
+from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
+from sglang_harli.core.colocation.work import SHARED, FinetuneWork, ends_micro_batch, look_ahead
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.partition import DEFAULT_SHARES, plan_splits, sm_granularity
-from sglang_harli.core.predictor import DecodeShape, LatencyPredictor
-from sglang_harli.core.work import SHARED, FinetuneWork, ends_micro_batch, look_ahead
 
 
 class SimTrainer:
     """The unit stream ``LoraTrainer.peek`` announces (forward per layer, loss, backward per layer, an
     optimizer step every ``accumulation`` micro-batches), for ever; a dropped micro-batch is replayed.
 
-    ``peek`` units are offered per decision; by default ``core.work.look_ahead``, as the server offers."""
+    ``peek`` units are offered per decision; by default ``core.colocation.work.look_ahead``, as the server
+    offers."""
 
     def __init__(self, model: ModelShape, finetune: FinetuneSetup, peek: int | None = None):
         tokens, layers = finetune.tokens, model.layers
@@ -259,7 +260,10 @@ class Instance:
         self.splits = {split.name: split.share for split in menu}
         self.clock = _Clock()
         config = HarliConfig(
-            tpot_slo_ms=slo_s * 1e3, policy=policy, static_units=static_units, slo_metric=slo_metric  # type: ignore[arg-type]
+            tpot_slo_ms=slo_s * 1e3,
+            policy=policy,
+            static_units=static_units,
+            slo_metric=slo_metric,  # type: ignore[arg-type]
         )
         self.colocation = CoLocation.from_config(
             config,

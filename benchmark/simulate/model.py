@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from sglang_harli.core.work import FinetuneWork
+from sglang_harli.core.colocation.work import FinetuneWork
 
 if TYPE_CHECKING:
     from benchmark.simulate.workload import Workload

@@ -231,7 +231,7 @@ def prepare(argv: list[str]):
     except (ValueError, TypeError, AssertionError) as exc:
         raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if config.peers:
-        from sglang_harli.core.fleet import parse_peers
+        from sglang_harli.core.fleet.peers import parse_peers
 
         try:
             peers = parse_peers(config.peers)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 
@@ -64,15 +65,34 @@ class ServerProcess:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM to the server and everything it spawned; whatever is still running after ``timeout_s``
+        (a scheduler busy in a long unit can outlive the launcher that started it) gets SIGKILL."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        deadline = time.monotonic() + timeout_s
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._group_alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         self._log.close()
+
+    def _group_alive(self) -> bool:
+        """Whether any process of the server's process group is still running (zombies, dead but not yet
+        reaped, do not count)."""
+        if self.proc.poll() is None:
+            return True
+        for process in psutil.process_iter(["status"]):
+            try:
+                if (
+                    os.getpgid(process.pid) == self.proc.pid
+                    and process.info["status"] != psutil.STATUS_ZOMBIE
+                ):
+                    return True
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return False
 
     def kill(self) -> None:
         """A crash: SIGKILL to the server and everything it spawned, nothing flushed, nothing cleaned."""

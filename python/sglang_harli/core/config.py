@@ -32,8 +32,7 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         float,
         msgspec.Meta(
             gt=0,
-            description="Decode time-per-output-token SLO in milliseconds, held as --harli-slo-metric "
-            "says.",
+            description="Decode time-per-output-token SLO in milliseconds, held as --harli-slo-metric says.",
         ),
     ] = 100.0
 
@@ -205,8 +204,8 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         float,
         msgspec.Meta(
             gt=0,
-            description="Largest /harli request body (an inline dataset), in MiB; larger ones are "
-            "refused with 413.",
+            description="Largest request body of a /harli or /api/v1 route (an inline dataset, a Tinker "
+            "batch; a zstd body counts inflated), in MiB; larger ones are refused with 413.",
         ),
     ] = 64.0
 

@@ -29,7 +29,7 @@ import msgspec
 _CONVERTER_VERSION = 1  # bump when the conversion below changes, so cached copies are rewritten
 RETENTION_FILE = "harli_retention.json"
 """A model directory's built-in retention probes: a JSON list of ``{"messages", "expect"}`` objects that
-finetune jobs name with ``"eval": {"retention": "builtin"}`` (``core.evaluation``)."""
+finetune jobs name with ``"eval": {"retention": "builtin"}`` (``core.jobs.evaluation``)."""
 
 
 class PackagedPreset(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,13 +2,14 @@
 
 SGLang ships control requests (load a LoRA, flush the cache, ...) from the tokenizer manager to the
 scheduler as tagged msgspec structs and collects the replies with a ``FanOutCommunicator``. Harli adds
-three IPC types to that channel (registered with ``io_struct.hook_custom_types``, SGLang's seam for
+four IPC types to that channel (registered with ``io_struct.hook_custom_types``, SGLang's seam for
 exactly this) instead of opening a side channel: ordering, DP fan-out and shutdown then behave like
 SGLang's own control paths, and nothing is shared between processes except messages.
 
-The operations themselves are the typed requests of ``core.control``; ``HarliControlReq`` carries one,
-``HarliControlReqOutput`` its reply as JSON with the HTTP status, and ``HarliPublishReq`` the scheduler's
-unsolicited request to serve an adapter version. ``ControlDispatcher`` routes a request to its handler by
+The operations themselves are the typed requests of ``core.wire.control``; ``HarliControlReq`` carries
+one, ``HarliControlReqOutput`` its reply as JSON with the HTTP status; ``HarliPublishReq`` is the
+scheduler's unsolicited request to serve an adapter version and ``HarliTinkerResult`` a Tinker
+operation's outcome (both sent by ``srt.host``). ``ControlDispatcher`` routes a request to its handler by
 type, as SGLang's ``TypeBasedDispatcher`` does, and is the one place a refusal becomes a status.
 """
 
@@ -22,9 +23,9 @@ from sglang.srt.managers.communicator import FanOutCommunicator
 from sglang.srt.managers.io_struct import BaseReq, hook_custom_types
 from sglang.utils import TypeBasedDispatcher
 
-from sglang_harli.core.control import AdapterVersion, AnyControlRequest, ControlRequest
 from sglang_harli.core.errors import HarliError, http_status
-from sglang_harli.core.tinker_futures import Outcome
+from sglang_harli.core.tinker.futures import Outcome
+from sglang_harli.core.wire.control import AdapterVersion, AnyControlRequest, ControlRequest
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class HarliPublishReq(BaseReq, kw_only=True):
 
 class HarliTinkerResult(BaseReq, kw_only=True):
     """Scheduler -> tokenizer manager, unsolicited: a Tinker operation's outcome, for the future the
-    client polls (``srt.tinker``)."""
+    client polls (``srt.tinker.state``)."""
 
     request_id: str
     outcome: Outcome
@@ -80,9 +81,15 @@ class ControlDispatcher:
 
 
 class HarliControlClient:
-    """Tokenizer-manager side: send one request to every scheduler (DP rank) and await the replies."""
+    """Tokenizer-manager side: send one request to every scheduler (DP rank) and await the replies. The
+    HTTP side makes one, at start-up (``srt.service``): its reply type is then registered with the
+    manager's result dispatcher before any request is sent."""
 
-    def __init__(self, tokenizer_manager, fan_out: int):
+    def __init__(self, tokenizer_manager, fan_out: int | None = None):
+        if fan_out is None:
+            from sglang.srt.runtime_context import get_parallel
+
+            fan_out = get_parallel().num_dp_ranks
         self._tokenizer_manager = tokenizer_manager
         self._communicator = FanOutCommunicator(tokenizer_manager._dispatch_to_scheduler, fan_out, "queueing")
         tokenizer_manager._result_dispatcher += TypeBasedDispatcher(
@@ -92,15 +99,3 @@ class HarliControlClient:
     async def call(self, request: ControlRequest) -> list[HarliControlReqOutput]:
         self._tokenizer_manager.auto_create_handle_loop()
         return await self._communicator(HarliControlReq(request=request))
-
-
-def control_client(tokenizer_manager) -> HarliControlClient:
-    """The tokenizer manager's one client (made on first use: its reply type is then registered with the
-    manager's result dispatcher before any request is sent)."""
-    client = getattr(tokenizer_manager, "_harli_control", None)
-    if client is None:
-        from sglang.srt.runtime_context import get_parallel
-
-        client = HarliControlClient(tokenizer_manager, get_parallel().num_dp_ranks)
-        tokenizer_manager._harli_control = client
-    return client

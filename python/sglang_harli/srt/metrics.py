@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 
-from sglang_harli.core.colocation import CoLocation, StepRecord
-from sglang_harli.core.jobs import EvalRecord
-from sglang_harli.core.stats import LendingStats
-from sglang_harli.srt.lending import KvLending
+from sglang_harli.core.colocation.loop import CoLocation, StepRecord
+from sglang_harli.core.jobs.book import EvalRecord
+from sglang_harli.core.wire.stats import LendingStats
+from sglang_harli.srt.memory.lending import KvLending
 
 
 class HarliMetrics:

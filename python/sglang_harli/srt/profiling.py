@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from sglang_harli.core.colocation import new_predictor
+from sglang_harli.core.colocation.loop import new_predictor
+from sglang_harli.core.colocation.predictor import LatencyPredictor
+from sglang_harli.core.colocation.work import WORK_KINDS
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.data import Example
-from sglang_harli.core.jobs import LoraSpec, TrainingSpec
-from sglang_harli.core.predictor import LatencyPredictor
-from sglang_harli.core.stats import ProfileStats
-from sglang_harli.core.tensor_parallel import TensorParallel
-from sglang_harli.core.trainer import LoraTrainer, training_mode
-from sglang_harli.core.work import WORK_KINDS
+from sglang_harli.core.jobs.data import Example
+from sglang_harli.core.jobs.spec import LoraSpec, TrainingSpec
+from sglang_harli.core.training.lora import training_mode
+from sglang_harli.core.training.tensor_parallel import TensorParallel
+from sglang_harli.core.training.trainer import LoraTrainer
+from sglang_harli.core.wire.stats import ProfileStats
 from sglang_harli.models.builtin import cache_root
 from sglang_harli.srt.weights import bind_training_model
 

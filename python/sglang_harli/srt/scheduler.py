@@ -25,12 +25,12 @@ from sglang.srt.managers import scheduler as sglang_scheduler
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.utils import TypeBasedDispatcher
 
+from sglang_harli.core.colocation.plan import Slot
+from sglang_harli.core.colocation.predictor import DecodeShape
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.plan import Slot
-from sglang_harli.core.predictor import DecodeShape
-from sglang_harli.srt.allocator import LendingInvariantChecker
 from sglang_harli.srt.control import HarliControlReq, HarliControlReqOutput, register_control_types
 from sglang_harli.srt.finetune import FinetuneService
+from sglang_harli.srt.memory.allocator import LendingInvariantChecker
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 for all ranks.
 
 Each TP rank runs its own ``HarliScheduler`` in lockstep (SGLang broadcasts every request from rank 0),
-and each trains its slice of the adapter (``core.tensor_parallel``). The slices meet in collectives, so
-every rank must run exactly the same units at the same moments. What the ranks see alike (requests,
+and each trains its slice of the adapter (``core.training.tensor_parallel``). The slices meet in collectives,
+so every rank must run exactly the same units at the same moments. What the ranks see alike (requests,
 batches, job commands) they decide alike; what only rank 0 sees (a request waiting on its socket, its
 clock, its latency predictor) it decides for all: ``RankAgreement`` broadcasts rank 0's plan for each
 token interval, and its go-ahead before each unit, over SGLang's CPU group of the TP ranks.
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from sglang_harli.core.partition import SMSplit
-from sglang_harli.core.plan import BesideDecode, IdleSlice, WorkPlan
-from sglang_harli.core.tensor_parallel import TensorParallel, TensorParallelError
+from sglang_harli.core.colocation.partition import SMSplit
+from sglang_harli.core.colocation.plan import BesideDecode, IdleSlice, WorkPlan
+from sglang_harli.core.training.tensor_parallel import TensorParallel, TensorParallelError
 
 
 def training_group(scheduler) -> TensorParallel | None:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from sglang_harli.core.base_model import build_bound_model
-from sglang_harli.core.tensor_parallel import TensorParallel
+from sglang_harli.core.training.base_model import build_bound_model
+from sglang_harli.core.training.tensor_parallel import TensorParallel
 
 _FUSED = {
     "q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),

@@ -1,0 +1,91 @@
+"""KV lending on a real server with a small pool: decode never pays for it, training never changes by it."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from safetensors.torch import load_file
+
+from helpers.jobs import RECORDS, finished, job_spec, wait_for
+from helpers.lending import BUDGET_MB, BURST, BURST_NEW, POOL, lending_server, memory, metric
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with lending_server(tmp_path_factory.mktemp("lending")) as srv:
+        yield srv
+
+
+def burst(server):
+    """Requests that need nearly the whole pool, all at once, each streamed to its last token."""
+
+    def one(index):
+        body = {
+            "text": f"Burst {index:02d}:",
+            "sampling_params": {"max_new_tokens": BURST_NEW, "temperature": 0, "ignore_eos": True},
+        }
+        resp = requests.post(server.url + "/generate", json=body, timeout=600)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["meta_info"]["completion_tokens"]
+
+    with ThreadPoolExecutor(BURST) as pool:
+        return list(pool.map(one, range(BURST)))
+
+
+def adapter(status):
+    return load_file(status["published"][-1]["path"] + "/adapter_model.safetensors")
+
+
+def test_a_burst_takes_the_pool_back_and_the_adapter_is_the_one_without_it(server):
+    spec = job_spec("burst", {"records": RECORDS}, epochs=12)
+    assert server.post("/harli/jobs", spec).status_code == 201
+    wait_for(server, "burst", lambda s: s["step"] >= 2)
+    lent = memory(server)
+    assert lent["lent_tokens"] > POOL // 4, lent  # the trainer borrowed a real share of the pool
+    assert burst(server) == [BURST_NEW] * BURST  # every request ran to its last token
+    during = memory(server)
+    with_burst = wait_for(server, "burst", finished)
+    assert with_burst["state"] == "completed", with_burst
+    assert during["reclaims"] >= 1  # decode took the pages back ...
+    assert during["waits"] + during["replayed_micro_batches"] + during["spilled_micro_batches"] > 0
+    assert metric(server, "sglang:num_retracted_requests_total") == 0  # ... before it had to retract
+
+    spec["name"] = "quiet"
+    assert server.post("/harli/jobs", spec).status_code == 201
+    quiet = wait_for(server, "quiet", finished)
+    assert quiet["state"] == "completed", quiet
+    trained, reference = adapter(with_burst), adapter(quiet)
+    assert trained.keys() == reference.keys()
+    assert all((trained[k] == reference[k]).all() for k in reference)  # bit for bit
+
+
+def test_a_budget_below_one_micro_batch_trains_on_lent_pages(server):
+    stats = memory(server)
+    activations = stats["activations"]
+    assert activations["budget_bytes"] == BUDGET_MB * 2**20
+    assert activations["last_micro_batch_bytes"] > activations["budget_bytes"]
+    assert activations["placed_total"] > 0
+    assert activations["peak_ordinary_bytes"] <= activations["budget_bytes"]
+    assert stats["poison_violations"] == 0
+
+
+def test_every_page_comes_back_and_the_leak_check_stays_quiet(server):
+    deadline = time.monotonic() + 30
+    while sum((stats := memory(server))[k] for k in ("free_tokens", "cached_tokens")) < POOL:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+    assert stats["lent_tokens"] == 0
+    assert stats["free_tokens"] + stats["cached_tokens"] == POOL
+    log = server.log_path.read_text()
+    assert "memory leak" not in log and "Traceback" not in log
+
+
+def test_without_lending_the_same_job_reports_the_budget(tmp_path):
+    with lending_server(tmp_path, "--harli-kv-lending", "off") as srv:
+        assert memory(srv)["enabled"] is False
+        assert srv.post("/harli/jobs", job_spec("alone", {"records": RECORDS}, epochs=1)).status_code == 201
+        status = wait_for(srv, "alone", finished)
+        assert status["state"] == "failed"
+        assert "--harli-trainer-memory-mb" in status["error"] and "TrainerMemoryError" in status["error"]
+        assert srv.post("/generate", {"text": "Still serving:", "sampling_params": {"max_new_tokens": 4}}).ok
