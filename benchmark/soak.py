@@ -4,7 +4,7 @@ Streaming clients keep decode busy the whole time, some of them asking for adapt
 run, while finetune jobs are submitted, published (a new version every few steps, hot-swapped under
 live requests), cancelled mid-run or left to complete, one cycle after another. Afterwards it reports the
 requests served and failed, the server's resident memory after every cycle (all its processes), and
-whether every lent KV page came back. ``test/test_soak.py`` runs a short soak and asserts on the same
+whether every lent KV page came back. ``test/server/test_soak.py`` runs a short soak and asserts on the same
 report; ``python -m benchmark.soak --cycles N`` runs a longer one for ``RESULTS.md``.
 """
 

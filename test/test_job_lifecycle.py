@@ -13,10 +13,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers.fake_scheduler import FakeScheduler
+from helpers.fake_scheduler import FakeHost, FakeScheduler
 from helpers.jobs import ALL_MODULES, RECORDS
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.errors import Conflict
+from sglang_harli.core.errors import Conflict, SpecError
+from sglang_harli.core.jobs.spec import ServingLimits
 from sglang_harli.core.wire.control import CancelJob, GetJob, ListJobs
 
 TRAIN, HELD_OUT = RECORDS[:8], RECORDS[8:12]
@@ -163,3 +164,20 @@ def test_a_restart_resumes_a_job_from_its_checkpoint_bit_for_bit(tiny_model_dir,
     assert done.loss == reference.loss
     ours, theirs = adapter_weights(done.adapter_path), adapter_weights(reference.adapter_path)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_server_that_cannot_serve_the_adapter_refuses_the_job_naming_the_flag(tiny_model_dir, tmp_path):
+    config = HarliConfig(output_dir=str(tmp_path / "adapters"))
+    no_lora = FakeScheduler(
+        tiny_model_dir, config, FakeHost(tiny_model_dir, limits=ServingLimits(enable_lora=False))
+    )
+    with pytest.raises(SpecError) as refused:
+        no_lora.submit(spec("unservable"))
+    assert refused.value.status == 400 and "--enable-lora" in str(refused.value)
+    small = ServingLimits(enable_lora=True, max_lora_rank=4)
+    with pytest.raises(SpecError) as refused:
+        FakeScheduler(tiny_model_dir, config, FakeHost(tiny_model_dir, limits=small)).submit(
+            spec("too-large")
+        )
+    assert refused.value.field == "lora.r" and "--max-lora-rank" in str(refused.value)
+    assert no_lora.call(ListJobs()) == []  # refused before it was taken

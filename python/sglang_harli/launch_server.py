@@ -273,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    run(server_args)
+    try:
+        run(server_args)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT): stop at once, every process of the server with it (run)
+        return 130
     return 0
 
 

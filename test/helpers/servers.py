@@ -22,3 +22,9 @@ PD_DECODE_ARGS = [
     "cpu_tensor",
 ]
 FAKE_BOOTSTRAP = {"bootstrap_host": "2.2.2.2", "bootstrap_port": 8998}
+
+
+# The keyed server (test/server/conftest.py): SGLang's two keys, and a model name the Tinker cookbook knows
+# (its recipes pick a renderer by the model's name; renderer role_colon).
+USER_KEY, ADMIN_KEY = "sk-user", "sk-admin"
+KEYED_MODEL_NAME = "meta-llama/Llama-3.2-1B"

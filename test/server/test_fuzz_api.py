@@ -29,7 +29,6 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from helpers.servers import SERVER_ARGS
 from sglang_harli.core.jobs.book import FINISHED_STATES
 from sglang_harli.core.jobs.spec import MAX_SEED, PEFT_TARGET_MODULES
 from sglang_harli.server_process import ServerProcess
@@ -63,16 +62,13 @@ JOB_STATUS, ERROR = _validator("JobStatus"), _validator("Error")
 
 
 @pytest.fixture(scope="module")
-def harli_server(tmp_path_factory, tiny_model_dir):
-    run_dir = tmp_path_factory.mktemp("fuzz-api")
-    data_dir = run_dir / "data"
-    data_dir.mkdir()
+def harli_server(server, data_dir):
+    """The shared server, with the dataset files the crafted jobs name. The fuzzer runs last on it (see
+    ``conftest.py``): it leaves behind what it created (jobs, Tinker sessions), which no test should meet."""
     (data_dir / "ok.jsonl").write_text('{"text": "a line to learn"}\n')
     (data_dir / "deep.jsonl").write_bytes(b'{"text": "x"}\n' + NESTED + b"\n")
-    args = [*SERVER_ARGS, "--harli-data-dir", str(data_dir), "--harli-output-dir", str(run_dir / "adapters")]
-    with ServerProcess(args, run_dir / "server.log") as srv:
-        yield srv
-        _cancel_all(srv)
+    yield server
+    _cancel_all(server)
 
 
 def _cancel_all(srv: ServerProcess) -> list[str]:
@@ -355,7 +351,7 @@ def test_accepted_jobs_train_to_completion(harli_server):
         for name in submitted
         if not (
             jobs.get(name, {}).get("state") == "completed"
-            or str(jobs.get(name, {}).get("error")).startswith("FloatingPointError: loss is")
+            or str(jobs.get(name, {}).get("error")).startswith("FloatingPointError: ")
         )
     }
     assert not bad, json.dumps(bad, indent=1)

@@ -11,10 +11,10 @@ from helpers.jobs import RECORDS, finished, job_spec, wait_for
 from helpers.lending import BUDGET_MB, BURST, BURST_NEW, POOL, lending_server, memory, metric
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with lending_server(tmp_path_factory.mktemp("lending")) as srv:
-        yield srv
+@pytest.fixture
+def server(small_server):
+    """The shared small server (``conftest.py``): lending is tested on its pool and trainer budget."""
+    return small_server
 
 
 def burst(server):

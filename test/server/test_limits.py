@@ -12,32 +12,14 @@ from tinker import types
 
 from helpers.bodies import PeakRss, json_filler, post_stream, zstd_bomb
 from helpers.jobs import RECORDS, job_spec
-from helpers.servers import SERVER_ARGS
-from sglang_harli.server_process import ServerProcess
 
 pytestmark = pytest.mark.server
 
 
-@pytest.fixture(scope="module")
-def limited(tmp_path_factory, tiny_model_dir):
-    run = tmp_path_factory.mktemp("limited")
-    (run / "data").mkdir()
-    args = [
-        *SERVER_ARGS,
-        "--harli-data-dir",
-        str(run / "data"),
-        "--harli-output-dir",
-        str(run / "adapters"),
-        "--harli-max-request-mb",
-        "0.05",
-        "--harli-max-dataset-mb",
-        "0.01",
-        "--harli-max-jobs",
-        "2",
-    ]
-    with ServerProcess(args, run / "server.log") as srv:
-        srv.data_dir = run / "data"
-        yield srv
+@pytest.fixture
+def limited(small_server):
+    """The shared small server (``conftest.py``): 0.05 MiB requests, 0.01 MiB datasets, 2 queued jobs."""
+    return small_server
 
 
 def refused(server, body, status, *needles, **kwargs):

@@ -1,9 +1,9 @@
 """tinker-cookbook's own recipes against a real server (a loop surviving a restart: ``test_durable``).
 
-The server serves the tiny model under a name the cookbook knows (its recipes pick a renderer by the
-model's name), keeps its state under --harli-state-dir, and has an API key: the SDK's ``tml-`` key must
-pass SGLang's key check. The recipes run unchanged (``cookbook_recipe.py`` gives them local data in place
-of their downloads), each in a process of its own, as a user runs them.
+The server (the shared keyed server) serves the tiny model under a name the cookbook knows (its recipes pick
+a renderer by the model's name), keeps its state under --harli-state-dir, and has API keys: the SDK's
+``tml-`` key must pass SGLang's key check. The recipes run unchanged (``cookbook_recipe.py`` gives them local
+data in place of their downloads), each in a process of its own, as a user runs them.
 """
 
 import json
@@ -16,37 +16,11 @@ import pytest
 import tinker
 from tinker import types
 
-from helpers.servers import SERVER_ARGS
-from sglang_harli.server_process import ServerProcess, free_port
+from helpers.servers import ADMIN_KEY, KEYED_MODEL_NAME
 
-MODEL_NAME = "meta-llama/Llama-3.2-1B"  # a name the cookbook's model registry knows (renderer role_colon)
-KEY = "sk-tinker"
+MODEL_NAME = KEYED_MODEL_NAME
+KEY = ADMIN_KEY  # Tinker routes are admin routes, like SGLang's /load_lora_adapter: the admin key opens them
 RECIPE = Path(__file__).with_name("cookbook_recipe.py")
-
-
-def _args(state_dir):
-    return [
-        *SERVER_ARGS,
-        "--served-model-name",
-        MODEL_NAME,
-        "--api-key",
-        KEY,
-        "--harli-state-dir",
-        str(state_dir),
-    ]
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tinker-state")
-
-
-@pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory, state_dir, tiny_model_dir):
-    port = free_port()
-    log = tmp_path_factory.mktemp("tinker-server") / "server.log"
-    with ServerProcess(["--model-path", str(tiny_model_dir), *_args(state_dir)], log, port=port) as srv:
-        yield srv
 
 
 def _service(url, key=f"tml-{KEY}"):
