@@ -159,7 +159,9 @@ def finished(status: dict) -> bool:
     return status["state"] in ("completed", "failed", "cancelled")
 
 
-def run_soak(server: ServerProcess, *, cycles: int, clients: int = 3) -> SoakReport:
+def run_soak(server: ServerProcess, *, cycles: int, clients: int = 3, min_requests: int = 0) -> SoakReport:
+    """``cycles`` jobs under ``clients`` streaming clients; the clients go on past the last job until they
+    have sent ``min_requests`` (how much decode a cycle sees depends on how fast jobs train here)."""
     started = time.monotonic()
     rss, states, published = [], {}, 0
     with Clients(server.url, clients) as load:
@@ -177,6 +179,8 @@ def run_soak(server: ServerProcess, *, cycles: int, clients: int = 3) -> SoakRep
             if any(v["loaded"] for v in status["published"]):
                 load.adapters.append(name)
             rss.append(server_rss(server.proc.pid) / 2**20)
+        while load.requests < min_requests:
+            time.sleep(0.1)
     deadline = time.monotonic() + 30
     while True:  # the last streams finish and their pages return to the pool
         memory = server.get("/harli/stats").json()["finetune"]["memory"]

@@ -115,11 +115,15 @@ WRITER = textwrap.dedent(
 
 
 def test_a_writer_killed_at_any_instant_leaves_a_checkpoint_that_verifies(tmp_path):
-    for attempt in range(4):
-        root = tmp_path / f"run{attempt}"
-        writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True
+    # All four writers start at once (each pays torch's import); each is killed at its own instant.
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path / f"run{i}")], stdout=subprocess.PIPE, text=True
         )
+        for i in range(4)
+    ]
+    for attempt, writer in enumerate(writers):
+        root = tmp_path / f"run{attempt}"
         for _ in range(2 + attempt):
             writer.stdout.readline()  # some checkpoints are complete
         time.sleep(0.01 * attempt)

@@ -18,6 +18,7 @@ from helpers.jobs import ALL_MODULES, RECORDS
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.errors import Conflict, SpecError
 from sglang_harli.core.jobs.spec import ServingLimits
+from sglang_harli.core.training.memory import ActivationStore, TrainerMemory
 from sglang_harli.core.wire.control import CancelJob, GetJob, ListJobs
 
 TRAIN, HELD_OUT = RECORDS[:8], RECORDS[8:12]
@@ -181,3 +182,21 @@ def test_a_server_that_cannot_serve_the_adapter_refuses_the_job_naming_the_flag(
         )
     assert refused.value.field == "lora.r" and "--max-lora-rank" in str(refused.value)
     assert no_lora.call(ListJobs()) == []  # refused before it was taken
+
+
+def test_without_lent_pages_a_micro_batch_over_the_trainer_budget_fails_its_job_naming_the_flag(
+    tiny_model_dir, tmp_path
+):
+    """What a server with --harli-kv-lending off and a small --harli-trainer-memory-mb does: ``KvLending``
+    without pages is ``TrainerMemory``. The job fails alone, with the reason; the next job trains."""
+    host = FakeHost(tiny_model_dir)
+    budget = TrainerMemory(ActivationStore(budget_bytes=2**20, keep=host.served.values()))
+    fake = FakeScheduler(
+        tiny_model_dir, HarliConfig(output_dir=str(tmp_path / "adapters")), host, lending=budget
+    )
+    fake.submit(spec("alone", epochs=1, training={"micro_batch_size": 8}))
+    fake.run_until(lambda: fake.job("alone").state not in ("queued", "running"))
+    failed = fake.job("alone")
+    assert failed.state == "failed" and failed.published == []
+    assert "TrainerMemoryError" in failed.error and "--harli-trainer-memory-mb" in failed.error
+    assert budget.trainer is None and budget.store.stats().ordinary_bytes == 0  # let go of it all

@@ -4,73 +4,25 @@ the config, and the CPU platform fills only what was not given; a fleet needs an
 Every command line runs through the launcher in one child process (``helpers.launcher``): SGLang is
 imported once, and none of its process-wide state reaches the other tests."""
 
-import json
-
 import msgspec
 import pytest
 
-from helpers.fleet import KEY
-from helpers.launcher import launched
+from helpers import launcher
+from helpers.launcher import BAD_FLAGS, UNSERVABLE
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.launch_server import PROG
 
-LORA = ["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "all"]
-BAD_FLAGS = [
-    (["--no-such-flag"], "--no-such-flag"),
-    (["--harli-no-such-thing", "1"], "--harli-no-such-thing"),
-    (["--harli-tpot-slo-ms", "-5"], "--harli-tpot-slo-ms"),
-    (["--harli-tpot-slo-ms", "fast"], "--harli-tpot-slo-ms"),
-    (["--harli-slo-percentile", "101"], "--harli-slo-percentile"),
-    (["--port", "http"], "--port"),
-    (["--model-path", "harli:enormous"], "--model-path"),
-]
-UNSERVABLE = [
-    ({"architectures": None}, None, ["config.json", "'architectures'"]),
-    ({"architectures": ["NoSuchModelForCausalLM"]}, None, ["config.json", "NoSuchModelForCausalLM"]),
-    ({}, "tokenizer.json,tokenizer_config.json", ["no tokenizer", "--tokenizer-path"]),
-]
 
-
-def _copy_model(src, dst, drop: str | None = None, **config_changes):
-    import shutil
-
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    config.update(config_changes)
-    for key in [k for k, v in config_changes.items() if v is None]:
-        del config[key]
-    (dst / "config.json").write_text(json.dumps(config))
-    if drop:
-        for name in drop.split(","):
-            (dst / name).unlink(missing_ok=True)
-    return dst
+def prefetch() -> None:
+    """Start the child at the end of collection: SGLang's import overlaps the tests before this module's."""
+    launcher.child()
 
 
 @pytest.fixture(scope="module")
-def outcomes(tiny_model_dir, tmp_path_factory):
-    """Every case of this module, run in one child process; by name."""
-    root = tmp_path_factory.mktemp("models")
-    unservable = [_copy_model(tiny_model_dir, root / f"m{i}", drop, **changes) for i, (changes, drop, _) in
-                  enumerate(UNSERVABLE)]  # fmt: skip
-    cases = {
-        **{f"bad {i}": ("main", args) for i, (args, _) in enumerate(BAD_FLAGS)},
-        "unservable main": ("main", ["--model-path", str(unservable[1])]),
-        **{f"unservable {i}": ("prepare", ["--model-path", str(m)]) for i, m in enumerate(unservable)},
-        "flags": ("prepare", ["--harli-tpot-slo-ms", "42", *LORA]),
-        "explicit": (
-            "prepare",
-            ["--model-path", str(tiny_model_dir), "--dtype", "bfloat16", "--lora-backend", "triton", *LORA],
-        ),
-        "pd decode": (
-            "prepare",
-            ["--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "fake"],
-        ),
-        "fleet without a key": ("prepare", ["--harli-peers", "http://127.0.0.1:1"]),
-        "fleet bad peer": ("prepare", ["--harli-peers", "nowhere", "--admin-api-key", KEY]),
-        "fleet": ("prepare", ["--harli-peers", "http://10.0.0.2:30000", "--admin-api-key", KEY]),
-    }
-    results, spawned = launched(list(cases.values()))
-    return dict(zip(cases, results, strict=True)), spawned
+def outcomes():
+    """Every case of this module, by name, and the processes the child left running."""
+    found = launcher.report()
+    return found["results"], found["spawned"]
 
 
 @pytest.mark.parametrize("index", range(len(BAD_FLAGS)), ids=[flag for _, flag in BAD_FLAGS])

@@ -1,10 +1,8 @@
-import subprocess
-import sys
-
 import psutil
 import pytest
 import torch
 
+from helpers import launcher
 from sglang_harli.srt import platforms
 from sglang_harli.srt.platforms.cpu import DEFAULT_CPU_MAX_TOTAL_TOKENS, HarliCpuPlatform
 
@@ -23,39 +21,25 @@ def test_never_activates_on_cuda_unless_named(monkeypatch):
     assert platforms.activate_cpu() == platforms.CPU_PLATFORM_CLASS
 
 
-# Both checks in one child process: each needs a fresh interpreter (pinning before and after the platform
-# initialises; SGLang resolving its platform on first import), and each start imports torch and SGLang.
-CHILD = """
-import torch
-from sglang_harli.srt.platforms.cpu import HarliCpuPlatform
-try:
-    torch.zeros(2, pin_memory=True)
-    raise SystemExit("pinning unexpectedly worked before init_backend")
-except RuntimeError:
-    pass
-HarliCpuPlatform().init_backend()
-t = torch.tensor([1, 2], dtype=torch.int32, pin_memory=True)
-assert t.pin_memory() is t and t.tolist() == [1, 2]
-assert torch.empty(3, pin_memory=True).shape == (3,)
-print("pinning ok")
-from sglang.srt.platforms import current_platform as p
-print(type(p).__name__, p.is_out_of_tree())
-"""
+def prefetch() -> None:
+    """The platform is probed by the one SGLang child (``helpers.launcher``), started at the end of
+    collection."""
+    launcher.child()
 
 
 @pytest.fixture(scope="module")
 def child():
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.strip().splitlines()
+    """A fresh interpreter's view of the platform (pinning before and after it initialises; SGLang
+    resolving its platform on first import)."""
+    return launcher.report()
 
 
 def test_sglang_discovers_it_through_the_entry_point(child):
-    assert child[-1] == "HarliCpuPlatform True"
+    assert child["platform"] == ["HarliCpuPlatform", True]
 
 
 def test_pinning_is_a_no_op_after_init_backend(child):
-    assert "pinning ok" in child
+    assert child["pinning"] == "ok"
 
 
 def test_memory_queries_are_bounded_by_the_machine():

@@ -1,23 +1,29 @@
 """The trace simulator (``benchmark.simulate``), asserted on its real outputs: the production policies on
 a roofline H100, a seeded bursty trace, no server. Each test simulates a minute or two in a few seconds."""
 
+import functools
+
 import msgspec
 import pytest
 from benchmark import simulate
 
+from helpers import simulations
 from sglang_harli.core.colocation.loop import PREDICTOR_FORGETTING
 from sglang_harli.core.colocation.predictor import LatencyPredictor
 from sglang_harli.core.colocation.qos import HarliPolicy, IdleOnlyPolicy, NaivePolicy, StaticPolicy
 
-SLO_S = 0.050
-DURATION_S = 60.0
+SLO_S, DURATION_S = simulations.SLO_S, simulations.DURATION_S
+simulated = simulations.simulated
+
+
+def prefetch() -> None:
+    """The planned runs start in a child at the end of collection (``helpers.simulations``)."""
+    simulations.start()
 
 
 @pytest.fixture(scope="module")
 def roofline() -> simulate.Roofline:
-    return simulate.Roofline(
-        simulate.ModelShape(), simulate.Gpu(), simulate.Assumptions(), simulate.FinetuneSetup()
-    )
+    return simulations.roofline()
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +31,10 @@ def rate(roofline) -> float:
     return roofline.saturation_rate(simulate.Workload(), SLO_S)
 
 
-def run(roofline, rate, policy, load, *, seed=0, duration_s=DURATION_S, **options) -> simulate.RunResult:
-    trace = simulate.Workload().trace(seed, duration_s, load * rate)
-    return simulate.simulate(
-        roofline, policy, trace, duration_s=duration_s, slo_s=SLO_S, load=load, seed=seed, **options
-    )
+@functools.cache
+def run(roofline, rate, policy, load, **options) -> simulate.RunResult:
+    """The run for these arguments: the child's when it planned it, else computed here (once)."""
+    return simulations.planned(policy, load, options) or simulated(roofline, rate, policy, load, **options)
 
 
 def test_roofline_step_grows_with_batch_and_context(roofline):
@@ -67,9 +72,9 @@ def test_predictor_forgetting_is_the_servers(roofline):
 
 
 def test_deterministic_for_a_seed(roofline, rate):
-    first = run(roofline, rate, "harli", 0.5, seed=3, duration_s=30.0)
-    second = run(roofline, rate, "harli", 0.5, seed=3, duration_s=30.0)
-    other = run(roofline, rate, "harli", 0.5, seed=4, duration_s=30.0)
+    first = simulated(roofline, rate, "harli", 0.5, seed=3, duration_s=30.0)
+    second = simulated(roofline, rate, "harli", 0.5, seed=3, duration_s=30.0)
+    other = simulated(roofline, rate, "harli", 0.5, seed=4, duration_s=30.0)
     assert msgspec.to_builtins(first) == msgspec.to_builtins(second)
     assert first.finetune_tokens_per_s > 0 and first.requests > 100
     assert msgspec.to_builtins(first) != msgspec.to_builtins(other)

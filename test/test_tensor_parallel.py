@@ -8,6 +8,10 @@ writes. No SGLang here: ``test_tensor_parallel_server.py`` does the same through
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,6 +19,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from helpers import background
+from helpers.background import InThread
 from helpers.training import make_examples
 from sglang_harli.core.jobs.spec import LoraSpec, TrainingSpec
 from sglang_harli.core.training.base_model import build_bound_model
@@ -62,6 +68,7 @@ def rank_slice(name: str, tensor: torch.Tensor, rank: int, size: int) -> torch.T
 
 def _rank(rank: int, size: int, init: str, path, examples, variants, out) -> None:
     """One rank: the job trained once per ``layers_per_unit`` of ``variants``, in one process group."""
+    os.nice(19)  # it trains in the background (``prefetch``): the tests in the foreground keep their cores
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
     try:
         torch.set_num_threads(1)
@@ -114,21 +121,31 @@ def tiny():
 VARIANTS = [None, 1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tiny, tmp_path_factory):
+def _train_two_ranks():
     """Both variants trained by one pair of rank processes (each process start imports torch and PEFT)."""
     examples = make_examples(1024, count=9)
-    out = tmp_path_factory.mktemp("ranks")
+    out = Path(tempfile.mkdtemp(prefix="ranks-"))
     for variant in VARIANTS:
         (out / str(variant)).mkdir()
     mp.start_processes(
         _rank,
-        args=(2, f"file://{out / 'rendezvous'}", tiny, examples, VARIANTS, out),
+        args=(2, f"file://{out / 'rendezvous'}", materialize("tiny"), examples, VARIANTS, out),
         nprocs=2,
         join=True,
         start_method="spawn",
     )
     return examples, out
+
+
+def prefetch() -> None:
+    """Start the ranks at the end of collection (``helpers.background``): they train while the tests before
+    this module's run."""
+    background.start("two ranks", lambda: InThread(_train_two_ranks))
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return background.start("two ranks", lambda: InThread(_train_two_ranks)).result(timeout=300)
 
 
 @pytest.mark.parametrize("layers_per_unit", VARIANTS)

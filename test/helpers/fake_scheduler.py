@@ -65,8 +65,13 @@ class FakeScheduler:
     """``Finetuning`` over a ``FakeHost``, as ``srt.finetune.FinetuneService`` wires it over SGLang's."""
 
     def __init__(
-        self, model_dir: str | Path, config: HarliConfig | None = None, host: FakeHost | None = None
+        self,
+        model_dir: str | Path,
+        config: HarliConfig | None = None,
+        host: FakeHost | None = None,
+        lending=None,
     ):
+        """``lending``: the trainer's memory (``core.runner.host.Lending``); ordinary memory by default."""
         self.config = config or HarliConfig()
         self.host = host or FakeHost(model_dir)
         partitioner = make_partitioner("cpu", enabled=False)
@@ -79,6 +84,7 @@ class FakeScheduler:
             colocation=self.colocation,
             partitioner=partitioner,
             stopwatch=stopwatch("cpu"),
+            lending=lending,
         )
         self.handlers = self.finetuning.handlers
 

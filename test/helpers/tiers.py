@@ -1,8 +1,9 @@
 """The two test tiers, as a pytest plugin (``test/conftest.py`` loads it).
 
 Every test under ``test/server/`` is marked ``server``: it starts a real server (or the quickstart, which
-does), so ``python -m pytest -m "not server"`` is the engine-free tier that runs in seconds. A test outside
-that folder that starts one anyway fails at the start, naming itself: a server is started by running
+does). So is a test that needs the real pretrained model (a download on first use), where it is marked by
+hand. ``python -m pytest -m "not server"`` is the engine-free tier: no server, no download, no network. A
+test that starts a server without the mark fails at the start, naming itself: a server is started by running
 ``sglang_harli.launch_server`` (``ServerProcess`` does), ``sglang.launch_server`` or the quickstart in a
 child process, and every child process of the test session is started through ``subprocess.Popen``.
 """
@@ -40,7 +41,10 @@ def _guarded_init(self, args, *rest, **kwargs):
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "server: starts a real sglang_harli server (slower); test/server/")
+    config.addinivalue_line(
+        "markers",
+        "server: starts a real server or needs the real pretrained model (everything in test/server/)",
+    )
     _sessions[0] += 1
     subprocess.Popen.__init__ = _guarded_init
 

@@ -18,6 +18,8 @@ def test_harli_routes_follow_sglang_auth(keyed_server):
     assert requests.get(srv.url + "/harli/stats", headers=wrong, timeout=30).status_code == 401
     ok = requests.get(srv.url + "/harli/stats", headers=USER, timeout=30)
     assert ok.status_code == 200 and ok.json()["config"]["tpot_slo_ms"] == 100.0
+    memory = ok.json()["finetune"]["memory"]  # this server runs with --harli-kv-lending off
+    assert memory["enabled"] is False and memory["reason"] == "--harli-kv-lending off"
     assert requests.get(srv.url + "/harli/jobs", headers=USER, timeout=30).json() == []
     # SGLang's own route behaves the same way, which is the point.
     assert requests.post(srv.url + "/generate", json={"text": "a"}, timeout=30).status_code == 401

@@ -23,10 +23,11 @@ from sglang_harli.core.jobs.control import JobControl
 from sglang_harli.core.jobs.publishing import Publishing
 from sglang_harli.core.jobs.source import JobStarter
 from sglang_harli.core.jobs.store import JobStore
-from sglang_harli.core.runner.host import SOLO, Agreement, Host, Lending, NoLending
+from sglang_harli.core.runner.host import SOLO, Agreement, Host, Lending
 from sglang_harli.core.runner.order import SourceOrder
 from sglang_harli.core.runner.runner import UnitRunner
 from sglang_harli.core.tinker.models import MAX_MODELS, TinkerModels
+from sglang_harli.core.training.memory import ActivationStore, TrainerMemory
 from sglang_harli.core.wire import control
 from sglang_harli.models.builtin import cache_root
 
@@ -48,10 +49,11 @@ class Finetuning:
         unsupported: str | None = None,
         on_release: Callable[[], None] = lambda: None,
     ):
-        """``unsupported``: why this server cannot finetune at all, if it cannot (jobs are refused with
+        """``lending``: where a job's trainer keeps its activations (default: ordinary memory, no budget);
+        ``unsupported``: why this server cannot finetune at all, if it cannot (jobs are refused with
         it); ``rendezvous``: with --harli-peers, this instance's store for jobs trained on several
         instances; ``on_release``: a job let go of its trainer."""
-        lending = lending if lending is not None else NoLending()
+        lending = lending if lending is not None else TrainerMemory(ActivationStore())
         self.store = AdapterStore(config.output_dir or cache_root() / "adapters")
         self.jobs = JobControl(
             max_jobs=config.max_jobs,

@@ -5,7 +5,7 @@ the engine-free tests give a fake over a plain transformers model): the served m
 tokenizer, the limits of its LoRA pool, and the two messages the rooms send to the HTTP side. ``Lending``
 is the KV-page loan a job's trainer may keep its activations in (``srt.memory.lending.KvLending``);
 ``Agreement`` is how tensor-parallel ranks take rank 0's decisions (``srt.tensor_parallel``). Each has a
-stand-in for a host without them: ``NoLending`` and ``SOLO``.
+stand-in for a host without them: ``core.training.memory.TrainerMemory`` (no pages lent) and ``SOLO``.
 """
 
 from __future__ import annotations
@@ -53,28 +53,6 @@ class Lending(Protocol):
 
     def out_of_memory(self) -> bool:
         """A unit ran out of room; True: its micro-batch was dropped, to be replayed with a larger loan."""
-
-
-class NoLending:
-    """Activations in ordinary memory: nothing is borrowed, nothing is taken back."""
-
-    hooks = None
-    place_grads = None
-
-    def micro_batch_done(self, tokens: int) -> None:
-        pass
-
-    def attach(self, trainer) -> None:
-        pass
-
-    def detach(self) -> None:
-        pass
-
-    def prepare(self, tokens: int) -> bool:
-        return True
-
-    def out_of_memory(self) -> bool:
-        return False
 
 
 class Agreement(Protocol):

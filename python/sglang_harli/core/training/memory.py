@@ -277,3 +277,42 @@ class ActivationStore:
             grad_bytes=sum(p.grad.numel() * p.grad.element_size() for p in self._grads if p.grad is not None),
             grads_moved_bytes=self._grads_moved,
         )
+
+
+class TrainerMemory:
+    """A trainer's memory with no pages lent to it (``core.runner.host.Lending``): its saved activations in
+    ordinary memory, held to the trainer budget (``--harli-trainer-memory-mb``) when there is one. A
+    micro-batch that needs more fails its job with ``TrainerMemoryError``, naming the budget; nothing is
+    replayed, since no larger loan could come. ``srt.memory.lending.KvLending`` is this plus the KV pages
+    decode lends."""
+
+    place_grads = None  # gradient buffers live in ordinary memory
+
+    def __init__(self, store: ActivationStore):
+        self.store = store
+        self.trainer = None
+
+    @property
+    def hooks(self):
+        """The trainer's saved-tensor hooks; none without a budget to keep (nothing to place or count)."""
+        return self.store.hooks if self.store.budget_bytes is not None else None
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+        self.store.keep(trainer.params)
+
+    def detach(self) -> None:
+        """The job ended: its micro-batch in flight, if any, is dropped."""
+        if self.trainer is not None:
+            self.trainer.abort_micro_batch()
+        self.trainer = None
+        self.store.micro_batch_done()
+
+    def prepare(self, tokens: int) -> bool:
+        return True
+
+    def out_of_memory(self) -> bool:
+        return False
+
+    def micro_batch_done(self, tokens: int) -> None:
+        self.store.micro_batch_done()

@@ -30,7 +30,7 @@ import time
 import torch
 
 from sglang_harli.core.config import HarliConfig
-from sglang_harli.core.training.memory import ActivationStore, TrainerMemoryError
+from sglang_harli.core.training.memory import ActivationStore, TrainerMemory, TrainerMemoryError
 from sglang_harli.core.training.trainer import LoraTrainer
 from sglang_harli.core.wire.stats import LendingStats
 from sglang_harli.srt.memory.allocator import install_lending, lending_unsupported
@@ -43,12 +43,15 @@ CALM_S = 0.5  # after a reclaim, no new loan for this long: a burst arrives over
 GROWTH = 1.5  # after a micro-batch ran out of room, the next loan is this much larger
 
 
-class KvLending:
+class KvLending(TrainerMemory):
+    """The trainer's memory with KV pages lent to it; without them (lending off or unsupported here,
+    ``reason``) it is ``TrainerMemory``: ordinary memory within the trainer budget."""
+
     def __init__(self, scheduler, config: HarliConfig):
         self.scheduler = scheduler
         budget = int(config.trainer_memory_mb * 2**20) if config.trainer_memory_mb else None
         model = scheduler.tp_worker.model_runner.model
-        self.store = ActivationStore(budget_bytes=budget, keep=model.parameters())
+        super().__init__(ActivationStore(budget_bytes=budget, keep=model.parameters()))
         self.trainer: LoraTrainer | None = None
         self.allocator = scheduler.token_to_kv_pool_allocator
         self.reason = "--harli-kv-lending off" if config.kv_lending == "off" else None
@@ -80,10 +83,8 @@ class KvLending:
 
     @property
     def hooks(self):
-        """The trainer's saved-tensor hooks; none when there is neither lending nor a budget to keep."""
-        if not self.enabled and self.store.budget_bytes is None:
-            return None
-        return self.store.hooks
+        """The trainer's saved-tensor hooks: the store's when lending is on, else as ``TrainerMemory``."""
+        return self.store.hooks if self.enabled else super().hooks
 
     # -- the trainer's side --------------------------------------------------------------------------
     @property
@@ -92,25 +93,25 @@ class KvLending:
         return self.store.place_grads if self.enabled else None
 
     def attach(self, trainer: LoraTrainer) -> None:
-        self.trainer = trainer
-        self.store.keep(trainer.params)
+        super().attach(trainer)
         self._grad_bytes = sum(p.numel() * p.element_size() for p in trainer.params)
         self._growth = 1.0
 
     def detach(self) -> None:
         """The job ended: every page goes back."""
+        if not self.enabled:
+            return super().detach()
         if self.trainer is not None:
             self.trainer.abort_micro_batch()
         self.trainer = None
-        if self.enabled:
-            self.allocator.reclaim()
+        self.allocator.reclaim()
         self.store.micro_batch_done()
 
     def prepare(self, tokens: int) -> bool:
         """Before a micro-batch of ``tokens`` starts: borrow what it needs. False: it must wait, because
         the pool cannot lend all of that now and the trainer budget alone would not hold it."""
         if not self.enabled:
-            return True
+            return super().prepare(tokens)
         allocator, budget = self.allocator, self.store.budget_bytes
         want = self._per_token * tokens * self._growth
         need = want * SLACK + self._grad_bytes
@@ -136,7 +137,9 @@ class KvLending:
     def out_of_memory(self) -> bool:
         """A unit ran out of room. True: its micro-batch was dropped, to be replayed with a larger loan.
         False: the loan was already as large as the pool allows, so no replay would fare better."""
-        if not self.enabled or self.allocator.lent_tokens >= self.ceiling_tokens:
+        if not self.enabled:
+            return super().out_of_memory()
+        if self.allocator.lent_tokens >= self.ceiling_tokens:
             return False
         self.trainer.abort_micro_batch()  # in flight: the store hears of it through micro_batch_done
         self._replayed += 1
@@ -150,7 +153,7 @@ class KvLending:
 
     def micro_batch_done(self, tokens: int) -> None:
         """The trainer's micro-batch ended (``tokens`` 0: dropped); learn what a finished one saved."""
-        self.store.micro_batch_done()
+        super().micro_batch_done(tokens)
         total, _ = self.store.demand
         if tokens and total:
             self._per_token = total / tokens
