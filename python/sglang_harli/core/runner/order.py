@@ -23,10 +23,6 @@ class SourceOrder:
             self._sources.remove(source)
 
     @property
-    def sources(self) -> list[WorkSource]:
-        return list(self._sources)
-
-    @property
     def pending(self) -> bool:
         return any(source.pending for source in self._sources)
 

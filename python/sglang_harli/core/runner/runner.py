@@ -25,7 +25,7 @@ from sglang_harli.core.colocation.work import FinetuneWork
 from sglang_harli.core.jobs.source import JobStarter
 from sglang_harli.core.runner.host import Agreement
 from sglang_harli.core.runner.order import SourceOrder
-from sglang_harli.core.runner.source import UnitMeter, WorkSource
+from sglang_harli.core.runner.source import UnitMeter
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,3 @@ class UnitRunner:
         """Hand the co-location loop (and so the predictor) every unit cost the device has finished."""
         for (work, split), seconds in self._costs.ready():
             self.colocation.unit_cost(work, seconds, split=split)
-
-    @property
-    def sources(self) -> list[WorkSource]:
-        return self.order.sources

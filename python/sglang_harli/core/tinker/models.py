@@ -80,10 +80,6 @@ class TinkerModels:
         self.max_models, self.layers_per_unit = max_models, layers_per_unit
         self.sources: dict[str, TinkerSource] = {}
 
-    @property
-    def trainers(self) -> dict[str, TinkerTrainer]:
-        return {model_id: source.trainer for model_id, source in self.sources.items()}
-
     # -- control requests ----------------------------------------------------------------------------
     def create(self, request: TinkerCreateModel) -> Ack:
         self._new_trainer(request.model_id, request.lora, request.seed)
