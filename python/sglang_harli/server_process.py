@@ -24,7 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class RunningServer:
+    """A server at ``url``, already running (what the quickstart's ``--url`` talks to)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def post(self, path: str, body: dict, timeout: float = 120, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=timeout, **kwargs)
+
+    def get(self, path: str, timeout: float = 60, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=timeout, **kwargs)
+
+
+class ServerProcess(RunningServer):
     """A server started by ``module``: ``sglang_harli.launch_server``, or plain ``sglang.launch_server``
     to compare with."""
 
@@ -38,7 +51,7 @@ class ServerProcess:
     ):
         """``env``: variables set for the server over this process's environment (``OMP_NUM_THREADS``)."""
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -102,12 +115,6 @@ class ServerProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-
-    def post(self, path: str, body: dict, timeout: float = 120, **kwargs) -> requests.Response:
-        return requests.post(self.url + path, json=body, timeout=timeout, **kwargs)
-
-    def get(self, path: str, timeout: float = 60, **kwargs) -> requests.Response:
-        return requests.get(self.url + path, timeout=timeout, **kwargs)
 
     def __enter__(self) -> ServerProcess:
         try:

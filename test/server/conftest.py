@@ -1,5 +1,6 @@
-"""The servers several modules share: the default one (``server``; the fuzzer goes last on it), one behind
-API keys (``keyed_server``) and one where everything is small (``small_server``).
+"""The servers several modules share: the default one (``server``; the soak and then the fuzzer go last on
+it), one behind API keys (``keyed_server``), one where everything is small (``small_server``) and the
+quickstart's own, on the real pretrained preset (``smollm2_server``).
 
 A server start costs about 25 s, and a live server about 5 GB of memory (launcher, scheduler, detokenizer):
 enough idle ones evict the page cache the next start reads its libraries from. So the modules that share a
@@ -13,6 +14,8 @@ import pytest
 
 from helpers.lending import lending_server
 from helpers.servers import ADMIN_KEY, KEYED_MODEL_NAME, SERVER_ARGS, USER_KEY
+from sglang_harli import quickstart
+from sglang_harli.models.builtin import materialize
 from sglang_harli.server_process import ServerProcess
 
 
@@ -74,23 +77,41 @@ def small_server(tmp_path_factory) -> ServerProcess:
         yield srv
 
 
-SHARED = ("keyed_server", "small_server", "server")
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    return materialize("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_dir, tmp_path_factory) -> ServerProcess:
+    """``harli:smollm2-135m`` started as the quickstart starts it (``test_quickstart`` runs it with
+    ``--url``, ``test_smollm2`` checks its tokens and trains it through the Tinker SDK)."""
+    run = tmp_path_factory.mktemp("smollm2")
+    args = quickstart.server_args(["--harli-output-dir", str(run / "adapters")])
+    with ServerProcess(args, run / "server.log") as srv:
+        _LIVE["smollm2_server"] = srv
+        yield srv
+
+
+SHARED = ("keyed_server", "small_server", "server", "smollm2_server")
 _LIVE: dict[str, ServerProcess] = {}  # shared servers started, by fixture name
 _LAST_USE: dict[str, str] = {}  # shared server -> node id of the last test that uses it
 
 
 def _group(module: list[pytest.Item]) -> int:
     """Where a server module runs: by the shared servers it uses, so each server's users are adjacent (the
-    keyed server's, the small one's, then the default one's, with the fuzzer last on it), then the modules
-    that start servers of their own."""
+    keyed server's, the small one's, then the default one's, with the soak and then the fuzzer last on it,
+    then the real preset's), then the modules that start servers of their own."""
     uses = set().union(*(set(item.fixturenames) & set(SHARED) for item in module))
     if "keyed_server" in uses:
         return 0
     if "small_server" in uses:
         return 1 if "server" not in uses else 2
     if "server" in uses:
-        return 4 if module[0].path.name == "test_fuzz_api.py" else 3
-    return 5
+        return {"test_soak.py": 4, "test_fuzz_api.py": 5}.get(module[0].path.name, 3)
+    if "smollm2_server" in uses:
+        return 6
+    return 7
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -100,7 +121,9 @@ def pytest_collection_modifyitems(items) -> None:
 
     def rank(item: pytest.Item) -> tuple[int, int]:
         if item.path.parent.name != "server":
-            return (-1, 0)  # the engine-free tier keeps its order, first
+            # The engine-free tier first, in its order, but the modules whose children run in the
+            # background (``helpers.background``) at its end, when those children have had time to finish.
+            return (-1, int(hasattr(getattr(item, "module", None), "prefetch")))
         return (_group(modules[str(item.path)]), 0)
 
     items.sort(key=rank)  # stable: within a group, modules and tests keep pytest's order

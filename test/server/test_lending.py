@@ -40,7 +40,7 @@ def adapter(status):
 
 
 def test_a_burst_takes_the_pool_back_and_the_adapter_is_the_one_without_it(server):
-    spec = job_spec("burst", {"records": RECORDS}, epochs=12)
+    spec = job_spec("burst", {"records": RECORDS}, epochs=8)
     assert server.post("/harli/jobs", spec).status_code == 201
     wait_for(server, "burst", lambda s: s["step"] >= 2)
     lent = memory(server)

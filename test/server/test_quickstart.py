@@ -1,14 +1,15 @@
-"""The README's first command works: a real model learns new facts and keeps what it knew."""
+"""The README's first command works: a real model learns new facts and keeps what it knew. It runs against
+the server the quickstart would start (``smollm2_server``, started with ``quickstart.server_args()``),
+through ``--url``, so the real preset starts once for this and ``test_smollm2``."""
 
 import re
 import subprocess
 import sys
 
 
-def test_quickstart_learns_the_facts_and_keeps_general_knowledge():
-    proc = subprocess.run(
-        [sys.executable, "-m", "sglang_harli.quickstart"], capture_output=True, text=True, timeout=900
-    )
+def test_quickstart_learns_the_facts_and_keeps_general_knowledge(smollm2_server):
+    command = [sys.executable, "-m", "sglang_harli.quickstart", "--url", smollm2_server.url]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     counts = re.search(r"learnt (\d+)/8, kept (\d+)/(\d+)", proc.stdout)
     assert counts, proc.stdout

@@ -12,22 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sglang_harli.models.builtin import PACKAGED, cache_root, materialize
 from sglang_harli.models.packaged import PresetFetchError, extract_checked, fetch_wheel
-from sglang_harli.server_process import ServerProcess
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    return materialize("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def smollm2_server(smollm2_dir, tmp_path_factory):
-    args = ["--model-path", "harli:smollm2-135m", "--enable-lora", "--max-lora-rank", "8",
-            "--lora-target-modules", "all"]  # fmt: skip
-    with ServerProcess(args, tmp_path_factory.mktemp("smollm2") / "server.log") as server:
-        yield server
 
 
 def test_it_is_the_pretrained_llama_with_tied_embeddings_and_a_chat_template(smollm2_dir):

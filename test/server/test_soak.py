@@ -1,18 +1,13 @@
-"""A short soak (``benchmark.soak``) on its own server: sustained streaming decode, jobs submitted,
-published, cancelled and completed, adapters requested while new versions swap in. Zero failed requests,
-no memory growth from cycle to cycle, and every KV page back in the pool at the end."""
+"""A short soak (``benchmark.soak``) on the shared server, after every other test on it but the fuzzer:
+sustained streaming decode, jobs submitted, published, cancelled and completed, adapters requested while
+new versions swap in. Zero failed requests, no memory growth from cycle to cycle, and every KV page back in
+the pool at the end (the server checks every lent page on return: ``--harli-kv-poison``)."""
 
-import pytest
-from benchmark.soak import SERVER_FLAGS, run_soak
-
-from sglang_harli.server_process import ServerProcess
-
-pytestmark = pytest.mark.server
+from benchmark.soak import run_soak
 
 
-def test_soak_loses_nothing_and_leaks_nothing(tmp_path, tiny_model_dir):
-    with ServerProcess(SERVER_FLAGS, tmp_path / "server.log") as server:
-        report = run_soak(server, cycles=4, min_requests=60)
+def test_soak_loses_nothing_and_leaks_nothing(server):
+    report = run_soak(server, cycles=4, min_requests=60)
     assert report.failures == 0, report.failure_samples
     assert report.requests > 50 and report.adapter_requests > 0
     assert report.job_states == {
