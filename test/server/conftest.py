@@ -6,9 +6,15 @@ A server start costs about 25 s, and a live server about 5 GB of memory (launche
 enough idle ones evict the page cache the next start reads its libraries from. So the modules that share a
 server run one after another (``pytest_collection_modifyitems``), and each shared server stops after the
 last test that uses it (``pytest_runtest_teardown``) rather than at the end of the session.
+
+A start is mostly imports, on one core, so the next shared server is launched while the tests before it
+run (``PRESTART``): the first at the end of collection (beside the engine-free tier), the others when the
+first test of a group that measures no latency of its own starts. Its fixture then only waits for it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -19,62 +25,111 @@ from sglang_harli.models.builtin import materialize
 from sglang_harli.server_process import ServerProcess
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_model_dir, data_dir) -> ServerProcess:
+def _server_launch(factory) -> ServerProcess:
     """The default main job: built-in tiny model, LoRA enabled on all target modules, finetuning on."""
-    run_dir = tmp_path_factory.mktemp("server")
+    run_dir = factory.mktemp("server")
     args = [
         *SERVER_ARGS,
         "--enable-metrics",
         "--harli-kv-poison",  # every lent KV page is checked on return: decode never wrote it
-        "--harli-data-dir",
-        str(data_dir),
-        "--harli-output-dir",
-        str(run_dir / "adapters"),
-    ]
-    with ServerProcess(args, run_dir / "server.log") as srv:
-        _LIVE["server"] = srv
-        yield srv
+        "--harli-data-dir", str(_dirs(factory)["data"]),
+        "--harli-output-dir", str(run_dir / "adapters"),
+    ]  # fmt: skip
+    return ServerProcess(args, run_dir / "server.log")
 
 
-@pytest.fixture(scope="session")
-def keyed_state_dir(tmp_path_factory):
-    """The keyed server's --harli-state-dir (its Tinker saves land there)."""
-    return tmp_path_factory.mktemp("keyed-state")
-
-
-@pytest.fixture(scope="session")
-def keyed_server(tmp_path_factory, keyed_state_dir, tiny_model_dir) -> ServerProcess:
+def _keyed_launch(factory) -> ServerProcess:
     """A server behind SGLang's --api-key and --admin-api-key (``test_auth``), serving the tiny model under a
     name the Tinker cookbook knows, its state under --harli-state-dir (``test_tinker_cookbook``), with KV
     lending off."""
     args = [
-        *SERVER_ARGS,
+        "--model-path", str(materialize("tiny")), *SERVER_ARGS,
         "--served-model-name", KEYED_MODEL_NAME,
         "--api-key", USER_KEY, "--admin-api-key", ADMIN_KEY,
-        "--harli-state-dir", str(keyed_state_dir),
+        "--harli-state-dir", str(_dirs(factory)["keyed-state"]),
         "--harli-kv-lending", "off",  # the flag reaches the scheduler (test_auth); Tinker clients never lend
     ]  # fmt: skip
-    log = tmp_path_factory.mktemp("keyed") / "server.log"
-    with ServerProcess(["--model-path", str(tiny_model_dir), *args], log) as srv:
-        _LIVE["keyed_server"] = srv
-        yield srv
+    return ServerProcess(args, factory.mktemp("keyed") / "server.log")
 
 
-@pytest.fixture(scope="session")
-def small_server(tmp_path_factory) -> ServerProcess:
+def _small_launch(factory) -> ServerProcess:
     """Everything small: an 8,192-token KV pool and a 1 MiB trainer budget (``test_lending``), and request,
     dataset and queue limits (``test_limits``); its ``data_dir`` is its --harli-data-dir."""
-    run = tmp_path_factory.mktemp("small")
+    run = factory.mktemp("small")
     (run / "data").mkdir()
     limits = [
         "--harli-data-dir", str(run / "data"), "--harli-max-request-mb", "0.05",
         "--harli-max-dataset-mb", "0.01", "--harli-max-jobs", "2",
     ]  # fmt: skip
-    with lending_server(run, *limits) as srv:
-        srv.data_dir = run / "data"
-        _LIVE["small_server"] = srv
+    srv = lending_server(run, *limits)
+    srv.data_dir = run / "data"
+    return srv
+
+
+def _smollm2_launch(factory) -> ServerProcess:
+    """``harli:smollm2-135m`` started as the quickstart starts it (``test_quickstart`` runs it with
+    ``--url``, ``test_smollm2`` checks its tokens and trains it through the Tinker SDK)."""
+    materialize("smollm2-135m")
+    run = factory.mktemp("smollm2")
+    args = quickstart.server_args(["--harli-output-dir", str(run / "adapters")])
+    return ServerProcess(args, run / "server.log")
+
+
+LAUNCH = {
+    "keyed_server": _keyed_launch,
+    "small_server": _small_launch,
+    "server": _server_launch,
+    "smollm2_server": _smollm2_launch,
+}
+SHARED = tuple(LAUNCH)
+_STARTED: dict[str, ServerProcess] = {}  # shared servers launched (perhaps early), by fixture name
+_DIRS: dict[str, Path] = {}
+
+
+def _dirs(factory) -> dict[str, Path]:
+    """Directories a shared server and the tests that use it agree on, made once."""
+    if not _DIRS:
+        _DIRS.update(data=factory.mktemp("data"), **{"keyed-state": factory.mktemp("keyed-state")})
+    return _DIRS
+
+
+def _launched(name: str, factory) -> ServerProcess:
+    if name not in _STARTED:
+        _STARTED[name] = LAUNCH[name](factory)
+    return _STARTED[name]
+
+
+def _shared(name: str, factory):
+    with _launched(name, factory) as srv:
+        _LIVE[name] = srv
         yield srv
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> ServerProcess:
+    yield from _shared("server", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The default server's --harli-data-dir: finetune jobs may read dataset files from here."""
+    return _dirs(tmp_path_factory)["data"]
+
+
+@pytest.fixture(scope="session")
+def keyed_state_dir(tmp_path_factory) -> Path:
+    """The keyed server's --harli-state-dir (its Tinker saves land there)."""
+    return _dirs(tmp_path_factory)["keyed-state"]
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory) -> ServerProcess:
+    yield from _shared("keyed_server", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def small_server(tmp_path_factory) -> ServerProcess:
+    yield from _shared("small_server", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -83,19 +138,16 @@ def smollm2_dir():
 
 
 @pytest.fixture(scope="session")
-def smollm2_server(smollm2_dir, tmp_path_factory) -> ServerProcess:
-    """``harli:smollm2-135m`` started as the quickstart starts it (``test_quickstart`` runs it with
-    ``--url``, ``test_smollm2`` checks its tokens and trains it through the Tinker SDK)."""
-    run = tmp_path_factory.mktemp("smollm2")
-    args = quickstart.server_args(["--harli-output-dir", str(run / "adapters")])
-    with ServerProcess(args, run / "server.log") as srv:
-        _LIVE["smollm2_server"] = srv
-        yield srv
+def smollm2_server(tmp_path_factory) -> ServerProcess:
+    yield from _shared("smollm2_server", tmp_path_factory)
 
 
-SHARED = ("keyed_server", "small_server", "server", "smollm2_server")
 _LIVE: dict[str, ServerProcess] = {}  # shared servers started, by fixture name
 _LAST_USE: dict[str, str] = {}  # shared server -> node id of the last test that uses it
+_FIRST_OF_GROUP: dict[str, int] = {}  # node id of a group's first test -> the group
+PRESTART = {0: "small_server", 1: "server", 4: "smollm2_server"}
+"""When the first test of a group (``_group``) starts, the shared server launched beside it: the keyed
+server's tests, the lending tests and the soak measure no latency the start could disturb."""
 
 
 def _group(module: list[pytest.Item]) -> int:
@@ -127,9 +179,37 @@ def pytest_collection_modifyitems(items) -> None:
         return (_group(modules[str(item.path)]), 0)
 
     items.sort(key=rank)  # stable: within a group, modules and tests keep pytest's order
+    seen: set[int] = set()
     for item in items:
         for name in set(item.fixturenames) & set(SHARED):
             _LAST_USE[name] = item.nodeid
+        group = rank(item)[0]
+        if group >= 0 and group not in seen:
+            seen.add(group)
+            _FIRST_OF_GROUP[item.nodeid] = group
+
+
+def _prestart(config, name: str) -> None:
+    if name in _LAST_USE:  # some selected test uses it
+        _launched(name, config._tmp_path_factory)
+
+
+def pytest_collection_finish(session) -> None:
+    """The first shared server the server tier uses is launched beside the engine-free tier."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if item.nodeid in _FIRST_OF_GROUP:
+            first = [name for name in SHARED if name in set(item.fixturenames)]
+            if first:
+                _prestart(session.config, first[0])
+            return
+
+
+def pytest_runtest_setup(item) -> None:
+    group = _FIRST_OF_GROUP.get(item.nodeid)
+    if group in PRESTART:
+        _prestart(item.config, PRESTART[group])
 
 
 @pytest.hookimpl(trylast=True)
@@ -139,3 +219,9 @@ def pytest_runtest_teardown(item, nextitem) -> None:
     for name, nodeid in _LAST_USE.items():
         if nodeid == item.nodeid and name in _LIVE:
             _LIVE.pop(name).stop()
+
+
+def pytest_sessionfinish(session) -> None:
+    """A server launched early that no test ended up waiting for stops with the session."""
+    for srv in _STARTED.values():
+        srv.stop()
