@@ -7,9 +7,10 @@ enough idle ones evict the page cache the next start reads its libraries from. S
 server run one after another (``pytest_collection_modifyitems``), and each shared server stops after the
 last test that uses it (``pytest_runtest_teardown``) rather than at the end of the session.
 
-A start is mostly imports, on one core, so the next shared server is launched while the tests before it
-run (``PRESTART``): the first at the end of collection (beside the engine-free tier), the others when the
-first test of a group that measures no latency of its own starts. Its fixture then only waits for it.
+A start is mostly imports, on one core, so a shared server is launched while the tests before it run where
+those tests are light and time nothing (``PRESTART``: the small server beside the keyed server's tests, the
+default one beside the lending tests); its fixture then only waits for it. Beside anything heavier (the
+engine-free tier, the soak) the two slow each other down more than the overlap saves.
 """
 
 from __future__ import annotations
@@ -145,16 +146,22 @@ def smollm2_server(tmp_path_factory) -> ServerProcess:
 _LIVE: dict[str, ServerProcess] = {}  # shared servers started, by fixture name
 _LAST_USE: dict[str, str] = {}  # shared server -> node id of the last test that uses it
 _FIRST_OF_GROUP: dict[str, int] = {}  # node id of a group's first test -> the group
-PRESTART = {0: "small_server", 1: "server", 4: "smollm2_server"}
-"""When the first test of a group (``_group``) starts, the shared server launched beside it: the keyed
-server's tests, the lending tests and the soak measure no latency the start could disturb."""
+PRESTART = {0: "small_server", 1: "server"}
+"""When the first test of a group (``_group``) starts, the shared server launched beside it."""
+
+
+def _uses(item: pytest.Item, name: str) -> bool:
+    """Whether ``item`` uses the shared server ``name`` (a module's own fixture of that name, such as
+    ``test_lending``'s ``server``, is not it)."""
+    definitions = item._fixtureinfo.name2fixturedefs.get(name)
+    return bool(definitions) and definitions[-1].func.__module__ == _uses.__module__
 
 
 def _group(module: list[pytest.Item]) -> int:
     """Where a server module runs: by the shared servers it uses, so each server's users are adjacent (the
     keyed server's, the small one's, then the default one's, with the soak and then the fuzzer last on it,
     then the real preset's), then the modules that start servers of their own."""
-    uses = set().union(*(set(item.fixturenames) & set(SHARED) for item in module))
+    uses = {name for item in module for name in SHARED if _uses(item, name)}
     if "keyed_server" in uses:
         return 0
     if "small_server" in uses:
@@ -181,8 +188,9 @@ def pytest_collection_modifyitems(items) -> None:
     items.sort(key=rank)  # stable: within a group, modules and tests keep pytest's order
     seen: set[int] = set()
     for item in items:
-        for name in set(item.fixturenames) & set(SHARED):
-            _LAST_USE[name] = item.nodeid
+        for name in SHARED:
+            if _uses(item, name):
+                _LAST_USE[name] = item.nodeid
         group = rank(item)[0]
         if group >= 0 and group not in seen:
             seen.add(group)
@@ -192,18 +200,6 @@ def pytest_collection_modifyitems(items) -> None:
 def _prestart(config, name: str) -> None:
     if name in _LAST_USE:  # some selected test uses it
         _launched(name, config._tmp_path_factory)
-
-
-def pytest_collection_finish(session) -> None:
-    """The first shared server the server tier uses is launched beside the engine-free tier."""
-    if session.config.option.collectonly:
-        return
-    for item in session.items:
-        if item.nodeid in _FIRST_OF_GROUP:
-            first = [name for name in SHARED if name in set(item.fixturenames)]
-            if first:
-                _prestart(session.config, first[0])
-            return
 
 
 def pytest_runtest_setup(item) -> None:

@@ -69,7 +69,7 @@ def test_a_killed_server_resumes_its_job_exactly_and_serves_its_adapters_again(t
         "3",
     ]
     done = job_spec("done-before", {"records": RECORDS}, epochs=2)
-    interrupted = job_spec("interrupted", {"records": RECORDS}, epochs=8)  # 32 steps
+    interrupted = job_spec("interrupted", {"records": RECORDS}, epochs=6)  # 24 steps
     interrupted["publish"] = {"every_steps": 10}
 
     with ServerProcess(args, tmp_path / "first.log") as srv:
@@ -94,11 +94,11 @@ def test_a_killed_server_resumes_its_job_exactly_and_serves_its_adapters_again(t
 
         resumed = wait_for(srv, "interrupted", finished)
         assert resumed["state"] == "completed", resumed
-        assert resumed["resumes"] == 1 and resumed["step"] == resumed["total_steps"] == 32
+        assert resumed["resumes"] == 1 and resumed["step"] == resumed["total_steps"] == 24
         assert "torn" in srv.log_path.read_text()  # the damaged checkpoint was noticed and passed over
         tinker_loop_resumes(srv, saved, expected)
 
-        reference = job_spec("uninterrupted", {"records": RECORDS}, epochs=8)
+        reference = job_spec("uninterrupted", {"records": RECORDS}, epochs=6)
         assert srv.post("/harli/jobs", reference).status_code == 201
         uninterrupted = wait_for(srv, "uninterrupted", finished)
         assert uninterrupted["state"] == "completed", uninterrupted
