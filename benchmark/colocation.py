@@ -143,6 +143,9 @@ class LevelResult(msgspec.Struct, kw_only=True):
     itl_p50_ms: float | None = None
     itl_p99_ms: float | None = None
     itl_attainment: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    """Time to first token, from sending the request to its first streamed token."""
     """Every gap between two tokens of a request (cut requests' too): their percentiles and share within
     the SLO. (``None`` in results recorded before issue 21, whose ``tpot_*`` fields were these gaps.)"""
 
@@ -364,6 +367,7 @@ def run_level(
     # requests a slow policy leaves streaming, and a policy could then "hold" the SLO on a handful.
     counted = [r for r in results if r.gaps_s and (r.ok or r.truncated)]
     tpots = np.array([sum(r.gaps_s) / len(r.gaps_s) for r in counted]) * 1e3
+    ttfts = np.array([r.ttft_s for r in results if r.ttft_s is not None]) * 1e3
     colocation = stats["colocation"]
     predictor = colocation["predictor"]
     corun = predictor["corun"].get(SHARED) or {}
@@ -380,6 +384,8 @@ def run_level(
         itl_p50_ms=float(np.percentile(gaps, 50)) if gaps.size else math.nan,
         itl_p99_ms=float(np.percentile(gaps, 99)) if gaps.size else math.nan,
         itl_attainment=float(np.mean(gaps <= settings.slo_ms)) if gaps.size else math.nan,
+        ttft_p50_ms=float(np.percentile(ttfts, 50)) if ttfts.size else math.nan,
+        ttft_p99_ms=float(np.percentile(ttfts, 99)) if ttfts.size else math.nan,
         finetune_tokens_per_s=trained / trace_s,
         finetune_tokens=trained,
         trace_s=trace_s,
@@ -576,8 +582,8 @@ def print_report(report: Report) -> None:
     alone = report.measured.get("harli", {}).get("alone_tokens_per_s")
     print(f"\nfinetune alone: {alone:.0f} tokens/s" if alone else "")
     header = (
-        "load  policy         req  fail  cut  TPOT p50  TPOT p99  SLO att.  ITL p99  ITL att.  finetune tok/s"
-        "  lent MiB  vs best"
+        "load  policy         req  fail  cut  TPOT p50  TPOT p99  SLO att.  ITL p99  ITL att.  TTFT p50"
+        "  TTFT p99  finetune tok/s  lent MiB  vs best"
     )
     print(header + "\n" + "-" * len(header))
     baselines = REALISTIC if settings.trace is not None else BASELINES
@@ -589,6 +595,7 @@ def print_report(report: Report) -> None:
                 f"{load:<5g} {r.policy:<13} {r.requests:>4} {r.failed:>5} {r.truncated:>4} "
                 f"{r.tpot_p50_ms:>8.1f}  {r.tpot_p99_ms:>8.1f}  {r.slo_attainment:>8.3f}  "
                 f"{r.itl_p99_ms or math.nan:>7.1f}  {r.itl_attainment or math.nan:>8.3f}  "
+                f"{r.ttft_p50_ms or math.nan:>8.1f}  {r.ttft_p99_ms or math.nan:>8.1f}  "
                 f"{r.finetune_tokens_per_s:>14.0f}  {r.lent_mib_mean:>8.1f}  {ratio:>7}"
             )
     harli = [r for r in report.levels if r.policy == "harli"]
@@ -632,6 +639,7 @@ def colocation_summary(report: Report) -> tuple[list[Target], str, list[str]]:
                     _f(r.slo_attainment),
                     _f(r.itl_p99_ms, ".1f"),
                     _f(r.itl_attainment),
+                    _f(r.ttft_p50_ms, ".0f") + " / " + _f(r.ttft_p99_ms, ".0f"),
                     _f(r.finetune_tokens_per_s, ".0f"),
                     _f(r.forward_fraction, ".2f"),
                     _f(r.lent_mib_mean, ".1f") + " / " + _f(r.lent_mib_max, ".1f"),
@@ -719,7 +727,8 @@ def colocation_summary(report: Report) -> tuple[list[Target], str, list[str]]:
             )
     table = _table(
         ["load", "policy", "complete", "TPOT p50 ms", "TPOT p99 ms", "SLO att. (requests)", "ITL p99 ms",
-         "ITL att.", "finetune tok/s", "decode busy", "lent MiB mean / max", "harli vs best"],
+         "ITL att.", "TTFT p50 / p99 ms", "finetune tok/s", "decode busy", "lent MiB mean / max",
+         "harli vs best"],
         rows,
     )  # fmt: skip
     if alone:

@@ -43,6 +43,8 @@ class RequestResult(msgspec.Struct, kw_only=True):
     ok: bool
     tokens: int
     gaps_s: list[float]
+    ttft_s: float | None = None
+    """From sending the request to its first streamed token (``None`` if none came)."""
     truncated: bool = False
     """Cut at the level's deadline while still streaming: not a failure."""
     error: str | None = None
@@ -135,14 +137,15 @@ def stream(url: str, arrival: Arrival, deadline: float | None = None) -> Request
         "stream": True,
         "sampling_params": {"max_new_tokens": arrival.max_new_tokens, "temperature": 0, "ignore_eos": True},
     }
-    gaps, last, tokens = [], None, 0
+    gaps, last, tokens, first = [], None, 0, None
+    sent = time.perf_counter()
     try:
         with requests.post(f"{url}/generate", json=body, stream=True, timeout=300) as resp:
             if resp.status_code != 200:
                 return RequestResult(ok=False, tokens=0, gaps_s=[], error=f"HTTP {resp.status_code}")
             for line in resp.iter_lines():
                 if deadline is not None and time.perf_counter() > deadline:
-                    return RequestResult(ok=False, tokens=tokens, gaps_s=gaps, truncated=True)
+                    return RequestResult(ok=False, tokens=tokens, gaps_s=gaps, ttft_s=first, truncated=True)
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
                     continue
                 now = time.perf_counter()
@@ -151,10 +154,12 @@ def stream(url: str, arrival: Arrival, deadline: float | None = None) -> Request
                 if last is not None and new > tokens:
                     # a chunk carrying k new tokens stands for k token intervals of equal share
                     gaps.extend([(now - last) / (new - tokens)] * (new - tokens))
+                if first is None and new > 0:
+                    first = now - sent
                 last, tokens = now, new
     except requests.RequestException as exc:
-        return RequestResult(ok=False, tokens=tokens, gaps_s=gaps, error=str(exc))
-    return RequestResult(ok=tokens == arrival.max_new_tokens, tokens=tokens, gaps_s=gaps)
+        return RequestResult(ok=False, tokens=tokens, gaps_s=gaps, ttft_s=first, error=str(exc))
+    return RequestResult(ok=tokens == arrival.max_new_tokens, tokens=tokens, gaps_s=gaps, ttft_s=first)
 
 
 def replay(url: str, trace: list[Arrival], *, deadline_s: float | None = None) -> list[RequestResult]:

@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from helpers.colocation import FakeClock, ScriptedPredictor, plan
 from sglang_harli.core.colocation.loop import CoLocation
 from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
 from sglang_harli.core.colocation.qos import (
@@ -17,49 +18,6 @@ from sglang_harli.core.colocation.qos import (
 from sglang_harli.core.colocation.work import FinetuneWork, micro_batch_prefix
 
 SLO = 0.050
-
-
-def micro_batch(tokens=64, layers=4):
-    return (
-        [FinetuneWork(kind="forward", tokens=tokens, layers=1) for _ in range(layers)]
-        + [FinetuneWork(kind="loss", tokens=tokens)]
-        + [FinetuneWork(kind="backward", tokens=tokens, layers=1) for _ in range(layers)]
-    )
-
-
-def plan(micro_batches=3, accumulation=2):
-    units = []
-    for index in range(micro_batches):
-        units += micro_batch(tokens=32 * (index + 1))
-        if index % accumulation == accumulation - 1:
-            units.append(FinetuneWork(kind="optimizer", params=10_000))
-    return units
-
-
-class ScriptedPredictor:
-    """Latency = 1 ms per request in the batch + a fixed cost per unit kind and size, times a drift."""
-
-    COST = {"forward": 2e-5, "backward": 4e-5, "loss": 1e-5, "optimizer": 3e-7}
-
-    def __init__(self):
-        self.drift = 1.0
-        self.known = True
-
-    def solo(self, shape):
-        return 1e-3 * shape.batch_size * self.drift
-
-    def unit_seconds(self, work, split="shared"):
-        return self.COST[work.kind] * work.size * self.drift if self.known else None
-
-    def work_seconds(self, work):
-        return sum(self.unit_seconds(w) for w in work)
-
-    def interval(self, solo_s, work_s, split="shared"):
-        return solo_s + {"shared": 1.0, "half": 0.6}[split] * work_s
-
-    def corun(self, shape, work, split="shared"):
-        base = 0.0 if shape is None else self.solo(shape)
-        return self.interval(base, self.work_seconds(work), split)
 
 
 def harli(predictor=None, **kwargs):
@@ -196,14 +154,6 @@ def test_baselines():
         make_policy("greedy", ScriptedPredictor(), slo_s=SLO, idle_budget_s=1)
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_colocation_pairs_each_admission_with_the_interval_it_lands_in():
     clock = FakeClock()
     predictor = LatencyPredictor(min_samples=2)
@@ -331,4 +281,4 @@ def test_engine_events_resolve_to_intervals_in_an_overlap_loop():
 
     assert not colocation.prefill_waits()
     colocation.arrival_during_work()
-    assert colocation.prefill_waits() and not colocation.prefill_waits()  # asking consumes it
+    assert not colocation.prefill_waits()  # no TTFT objective: a prefill is never held (test_prefill)

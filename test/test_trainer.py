@@ -91,20 +91,22 @@ TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rto
 
 
 @pytest.mark.parametrize(
-    ("preset", "dtype", "layers_per_unit", "layers"),
+    ("preset", "dtype", "layers_per_unit", "layers", "loss_chunks"),
     [
-        ("tiny", torch.float64, None, None),
-        ("tiny", torch.float64, 1, None),
-        ("tiny", torch.float32, 3, None),
-        ("tiny-qwen2", torch.float64, 1, None),
-        ("tiny-qwen2", torch.float32, None, None),
+        ("tiny", torch.float64, None, None, None),
+        ("tiny", torch.float64, 1, None, None),
+        ("tiny", torch.float64, 1, None, 3),  # the loss cut into three units of rows: the same run
+        ("tiny", torch.float32, 3, None, None),
+        ("tiny-qwen2", torch.float64, 1, None, 2),
+        ("tiny-qwen2", torch.float32, None, None, None),
         # the real pretrained model (tied embeddings, GQA 9/3), its first 7 of 30 layers: what depth adds is
         # more of the same layer, and float64 on all 30 took most of the engine-free tier's time. Marked
         # ``server``: the real model is a download, and the engine-free tier needs neither it nor a network.
-        pytest.param("smollm2-135m", torch.float64, 5, 7, marks=pytest.mark.server),
+        # Its head weighs as much as 1.6 of those 5-layer segments: two loss chunks, chosen by shape.
+        pytest.param("smollm2-135m", torch.float64, 5, 7, None, marks=pytest.mark.server),
     ],
 )
-def test_trainer_matches_plain_peft_loop(preset, dtype, layers_per_unit, layers):
+def test_trainer_matches_plain_peft_loop(preset, dtype, layers_per_unit, layers, loss_chunks):
     path = materialize(preset)
     config = AutoConfig.from_pretrained(path)
     if layers is not None:
@@ -115,16 +117,28 @@ def test_trainer_matches_plain_peft_loop(preset, dtype, layers_per_unit, layers)
         served["lm_head.weight"] = served["model.embed_tokens.weight"]
 
     trainer = LoraTrainer(
-        build_bound_model(config, served), examples, LORA, TRAINING, layers_per_unit=layers_per_unit
+        build_bound_model(config, served),
+        examples,
+        LORA,
+        TRAINING,
+        layers_per_unit=layers_per_unit,
+        loss_chunks=loss_chunks,
     )
     segments = math.ceil(config.num_hidden_layers / (layers_per_unit or config.num_hidden_layers))
+    chunks = trainer.loss_chunks
+    if loss_chunks is not None:
+        assert chunks == loss_chunks
+    elif preset == "smollm2-135m":
+        assert chunks == 2  # 49,152 x 576 head weights over 5 layers of about 3.5M each
+    else:
+        assert chunks == 1  # the tiny models' heads are smaller than a segment
     planned = trainer.peek(10_000)
     units = 0
     while trainer.run_unit():
         units += 1
     assert trainer.done and trainer.step == trainer.total_steps == 4  # 2 epochs x ceil(ceil(7/2)/2)
-    # per micro-batch (4 an epoch): forward segments, the loss, backward segments; and 4 optimizer steps
-    assert units + 1 == len(planned) == 4 + (2 * segments + 1) * 8
+    # per micro-batch (4 an epoch): forward segments, the loss chunks, backward segments; 4 optimizer steps
+    assert units + 1 == len(planned) == 4 + (2 * segments + chunks) * 8
     assert [w.kind for w in planned].count("optimizer") == 4
     assert sum(w.tokens for w in planned if w.kind == "loss") == trainer.tokens_trained
     assert trainer.tokens_trained == 2 * sum(len(e.input_ids) for e in examples)

@@ -76,9 +76,9 @@ def job_spec(rehearsal_answers: list[str]) -> dict:
         # every other question (on the attention projections the same job forgot "cold" and "Moscow").
         "lora": {"r": 8, "alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
         "training": {"epochs": 8, "learning_rate": 0.002, "micro_batch_size": 4, "seed": 0},
-        # Scored on the model's built-in retention probes as it trains (every 4 epochs, and at the end): the
-        # progress line shows "kept". Each evaluation generates every probe's answer, about 10 s on a CPU.
-        "eval": {"retention": "builtin", "every_steps": 28},
+        # Scored on the model's built-in retention probes when it ends (one evaluation generates every
+        # probe's answer, about 10 s on a CPU): the progress line shows "kept".
+        "eval": {"retention": "builtin"},
     }
 
 

@@ -2,7 +2,9 @@
 
 ``python -m sglang.bench_serving`` (random token ids, so nothing is downloaded) reports each request's
 TPOT as ``(latency - TTFT) / (output tokens - 1)``; the server holds the SLO on exactly that by default
-(``--harli-slo-metric tpot``), so the client's own figures must be within it while the job trains."""
+(``--harli-slo-metric tpot``), so the client's own figures must be within it while the job trains, and so
+must the two it prints beside it: every token interval within the default cap (twice the SLO), and the
+time to first token within its objective (by default, five SLOs)."""
 
 import json
 import os
@@ -14,10 +16,13 @@ from helpers.jobs import PROMPTS, job_spec, wait_for
 PROMPTS_SENT = 24
 
 
-def test_bench_serving_reports_tpot_within_the_slo_while_a_job_trains(server, tiny_model_dir, tmp_path):
+def test_bench_serving_reports_tpot_itl_and_ttft_within_their_bounds_while_a_job_trains(
+    server, tiny_model_dir, tmp_path
+):
     config = server.get("/harli/stats").json()["config"]
     slo_ms = config["tpot_slo_ms"]
     assert config["slo_metric"] == "tpot"  # the default: the metric bench_serving reports
+    assert config["max_itl_ms"] is None and config["ttft_slo_ms"] is None  # the defaults
     dataset = {"records": [{"text": p} for p in PROMPTS]}
     resp = server.post("/harli/jobs", job_spec("bench", dataset, epochs=1000))
     assert resp.status_code == 201, resp.text
@@ -42,8 +47,18 @@ def test_bench_serving_reports_tpot_within_the_slo_while_a_job_trains(server, ti
     assert job["tokens_trained"] > before  # and the job trained while they ran
     # the client's own TPOT: every request within the SLO (p99 of 24 requests is their slowest but one)
     assert 0 < result["median_tpot_ms"] <= result["p99_tpot_ms"] <= slo_ms, result
+    # every token interval within the default cap, and every first token within the default objective
+    colocation = stats["colocation"]
+    assert colocation["itl_cap_ms"] == 2 * slo_ms
+    assert 0 < result["p99_itl_ms"] <= colocation["itl_cap_ms"], result
+    ttft = colocation["prefill"]["ttft"]
+    assert ttft["objective_ms"] == 5 * slo_ms and not ttft["objective_set"]
+    assert 0 < result["p99_ttft_ms"] <= ttft["objective_ms"], result
     # the server saw the same requests the same way
-    requests = stats["colocation"]["requests"]
+    requests = colocation["requests"]
     assert requests["count"] >= PROMPTS_SENT and requests["slo_attainment"] >= 0.99
-    assert stats["colocation"]["slo_metric"] == "tpot"
-    assert "harli:request_tpot_seconds_bucket" in server.get("/metrics").text
+    assert ttft["count"] >= PROMPTS_SENT and ttft["slo_attainment"] >= 0.99
+    assert colocation["prefill"]["cost"]["samples"] > 0  # prefill cost is learnt
+    assert colocation["slo_metric"] == "tpot"
+    metrics = server.get("/metrics").text
+    assert "harli:request_tpot_seconds_bucket" in metrics and "harli:request_ttft_seconds_bucket" in metrics

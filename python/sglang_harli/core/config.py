@@ -57,10 +57,22 @@ class HarliConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = "tpot"
 
     max_itl_ms: Annotated[
-        Annotated[float, msgspec.Meta(gt=0)] | None,
+        Annotated[float, msgspec.Meta(ge=0)] | None,
         msgspec.Meta(
             description="With --harli-slo-metric tpot, a hard cap in milliseconds on each token interval: "
-            "banked slack is never spent past it (held at --harli-slo-percentile of intervals).",
+            "banked slack is never spent past it (held at --harli-slo-percentile of intervals). Unset: "
+            "twice --harli-tpot-slo-ms; 0 (or none) turns the cap off.",
+        ),
+    ] = None
+
+    ttft_slo_ms: Annotated[
+        Annotated[float, msgspec.Meta(gt=0)] | None,
+        msgspec.Meta(
+            description="Time-to-first-token objective in milliseconds, for a server that prefills (not "
+            "--disaggregation-mode decode): a request that arrives while finetune work runs beside decode "
+            "has its prefill held one decode step (so that step keeps the interval the policy budgeted) "
+            "only while its predicted TTFT stays within half of this. Unset: prefills are never held for "
+            "finetune work, and TTFT attainment is reported against 5x --harli-tpot-slo-ms.",
         ),
     ] = None
 
@@ -241,7 +253,14 @@ def config_from_flags(values: dict[str, object]) -> HarliConfig:
 
 S = TypeVar("S", bound=msgspec.Struct)
 _SEQUENCES = (mi.ListType, mi.VarTupleType, mi.SetType, mi.FrozenSetType)
-_SCALARS: dict[type, type] = {mi.IntType: int, mi.FloatType: float, mi.StrType: str}
+
+
+def _float(text: str) -> float:
+    """A float flag's value; ``none`` and ``off`` read as 0 (where 0 turns something off)."""
+    return 0.0 if text.strip().lower() in ("none", "off") else float(text)
+
+
+_SCALARS: dict[type, Callable[[str], Any]] = {mi.IntType: int, mi.FloatType: _float, mi.StrType: str}
 
 
 def add_struct_flags(
@@ -259,8 +278,8 @@ def add_struct_flags(
     it would be typed; ``empty`` for ``""``, ``none`` for ``None`` or an empty collection). The argparse
     shape follows the annotation, through ``Annotated`` and ``X | None``:
 
-    - ``int``/``float``/``str`` -> ``type=``; any other class msgspec treats as custom (``pathlib.Path``)
-      -> ``type=`` that class, called on the string;
+    - ``int``/``float``/``str`` -> ``type=`` (a float also reads ``none``/``off`` as 0); any other class
+      msgspec treats as custom (``pathlib.Path``) -> ``type=`` that class, called on the string;
     - ``Literal[...]``/an ``Enum`` -> ``choices=`` (the literal values, the enum's values);
     - ``bool`` -> ``argparse.BooleanOptionalAction`` (``--x`` / ``--no-x``);
     - ``list[X]`` (also tuple/set/frozenset) -> ``nargs="+"`` with X's type and choices.

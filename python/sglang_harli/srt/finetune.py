@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from sglang_harli.core.colocation.loop import CoLocation
+from sglang_harli.core.colocation.loop import CoLocation, reported_ttft_s
 from sglang_harli.core.colocation.partition import make_partitioner
 from sglang_harli.core.colocation.plan import Slot
 from sglang_harli.core.colocation.predictor import DecodeShape
@@ -52,7 +52,7 @@ class FinetuneService:
         self.metrics = None
         if scheduler.server_args.enable_metrics:
             labels = dict(getattr(scheduler.metrics_collector, "labels", None) or {})
-            self.metrics = HarliMetrics(labels, config.tpot_slo_ms / 1e3)
+            self.metrics = HarliMetrics(labels, config.tpot_slo_ms / 1e3, ttft_s=reported_ttft_s(config))
         self.agreement = RankAgreement(scheduler)
         tensor_parallel, unsupported = None, None
         try:
@@ -107,14 +107,21 @@ class FinetuneService:
         *,
         device: Timing | None = None,
         nothing_waiting: bool = False,
+        prefill_tokens: int = 0,
     ) -> None:
         """A forward ran for ``seconds`` of host time (``device``: as the device timed it): a decode step
-        of shape ``decode``, or (``None``) another batch."""
+        of shape ``decode``, or (``None``) another batch, a prefill of ``prefill_tokens`` new tokens."""
         self.steps.record_forward(seconds)
         if decode is not None:
             self.steps.record_decode(seconds, decode.batch_size)
         step = device if device is not None else seconds
-        self.colocation.forward_ran(decode, step, nothing_waiting=nothing_waiting)
+        self.colocation.forward_ran(
+            decode, step, nothing_waiting=nothing_waiting, prefill_tokens=prefill_tokens
+        )
+
+    def request_arrived(self, rid: str, prompt_tokens: int) -> None:
+        """A request joined the waiting queue of a server that prefills (its TTFT counts from here)."""
+        self.colocation.request_arrived(rid, prompt_tokens)
 
     def result_arrived(
         self, *, decode: bool, prefill_tokens: int | None = None, requests: Sequence[RequestTokens] = ()
@@ -127,6 +134,8 @@ class FinetuneService:
         if self.metrics is not None:
             if self.colocation.just_finished:
                 self.metrics.requests(self.colocation.just_finished)
+            if self.colocation.first_tokens:
+                self.metrics.first_tokens(self.colocation.first_tokens)
             if record is not None:
                 self.metrics.interval(record)
                 self.metrics.refresh(self.colocation, self.lending)

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import time
 
-from sglang_harli.core.colocation.loop import CoLocation, StepRecord
+from sglang_harli.core.colocation.loop import CoLocation
+from sglang_harli.core.colocation.tally import StepRecord
 from sglang_harli.core.jobs.book import EvalRecord
 from sglang_harli.core.wire.stats import LendingStats
 from sglang_harli.srt.memory.lending import KvLending
 
 
 class HarliMetrics:
-    def __init__(self, labels: dict[str, str], slo_s: float):
+    def __init__(self, labels: dict[str, str], slo_s: float, *, ttft_s: float):
+        """``slo_s``: the TPOT SLO; ``ttft_s``: what TTFT attainment is judged against."""
         from prometheus_client import Counter, Gauge, Histogram  # after SGLang set the multiprocess dir
 
         names = list(labels)
@@ -51,6 +53,18 @@ class HarliMetrics:
         )
         self.request_attainment = gauge(
             "harli:request_slo_attainment", "Share of recent finished requests whose TPOT met the SLO."
+        )
+        self.request_ttft = Histogram(
+            "harli:request_ttft_seconds",
+            "Time to first token, from the request's arrival at the scheduler to its first token.",
+            names,
+            buckets=sorted({round(ttft_s * f, 6) for f in (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2, 4)}),
+        )
+        self.ttft_attainment = gauge(
+            "harli:ttft_slo_attainment", "Share of recent requests whose TTFT met the TTFT objective."
+        )
+        self.held_prefills = gauge(
+            "harli:held_prefills", "Prefills held one decode step behind finetune work, in all."
         )
         self.margin = gauge("harli:qos_margin_seconds", "The QoS policy's current safety margin.")
         self.mape = gauge("harli:predictor_mape", "Predictor error (fraction).", ["stage", "window"])
@@ -88,6 +102,10 @@ class HarliMetrics:
         for tpot in tpots:
             self.request_tpot.labels(**self.labels).observe(tpot)
 
+    def first_tokens(self, ttfts: list[float]) -> None:
+        for ttft in ttfts:
+            self.request_ttft.labels(**self.labels).observe(ttft)
+
     def unit(self, when: str, micro_batch_tokens: int) -> None:
         self.units.labels(**self.labels, when=when).inc()
         if micro_batch_tokens:
@@ -111,6 +129,9 @@ class HarliMetrics:
             self.attainment.labels(**self.labels).set(stats.token_intervals.slo_attainment)
         if stats.requests.slo_attainment is not None:
             self.request_attainment.labels(**self.labels).set(stats.requests.slo_attainment)
+        if stats.prefill.ttft.slo_attainment is not None:
+            self.ttft_attainment.labels(**self.labels).set(stats.prefill.ttft.slo_attainment)
+        self.held_prefills.labels(**self.labels).set(stats.prefill.held)
         if stats.policy.margin_ms is not None:
             self.margin.labels(**self.labels).set(stats.policy.margin_ms / 1e3)
         self.decode_rate.labels(**self.labels).set(stats.decode_tokens_per_s)

@@ -67,10 +67,19 @@ class HarliSchedulerMixin:
         self.harli.reclaim_kv()
         return super().process_decode_queue(*args, **kwargs)
 
+    def _add_request_to_queue(self, req, is_retracted: bool = False):
+        """A new request joins the waiting queue: its time to first token counts from here (a server that
+        prefills; a PD decode instance gets its requests' first tokens from the prefill instance)."""
+        super()._add_request_to_queue(req, is_retracted=is_retracted)
+        queued = self.waiting_queue and self.waiting_queue[-1] is req
+        if queued and not is_retracted and self.disaggregation_mode == DisaggregationMode.NULL:
+            self.harli.request_arrived(req.rid, len(req.origin_input_ids))
+
     def _should_defer_prefill(self, running_batch) -> bool:
-        """Decode first when a request arrived during finetune work admitted beside decode: the decode
-        step closes the interval the policy budgeted, and the prefill follows in the next one. Not with
-        --tp-size > 1, where only rank 0 sees the arrival and every rank must choose the same batch."""
+        """Decode first when a request arrived during finetune work admitted beside decode and the TTFT
+        objective leaves room (``core.colocation.prefill``): the decode step closes the interval the
+        policy budgeted, and the prefill follows in the next one. Not with --tp-size > 1, where only rank
+        0 sees the arrival and every rank must choose the same batch."""
         decoding = not running_batch.is_empty() and not running_batch.is_prefill_only
         if self.harli.prefill_waits(decoding=decoding):
             return True
@@ -90,7 +99,10 @@ class HarliSchedulerMixin:
             self.harli.forward_ran(_shape(batch.reqs, batch.seq_lens_sum or 0), elapsed, device=device)
         else:
             waiting = not all(req.finished() for req in self.running_batch.reqs)
-            self.harli.forward_ran(None, elapsed, device=device, nothing_waiting=not waiting)
+            prefill = int(batch.extend_num_tokens or 0) if batch.forward_mode.is_extend() else 0
+            self.harli.forward_ran(
+                None, elapsed, device=device, nothing_waiting=not waiting, prefill_tokens=prefill
+            )
         return result
 
     def process_batch_result(self, batch, result):

@@ -15,6 +15,10 @@ intervals), gives the policy its feedback, and keeps the per-step record that ``
 benchmarks read. It imports no engine, so SGLang's scheduler, the GPU decode stand-in and the trace
 simulator all drive the same code.
 
+On a server that prefills it keeps ``core.colocation.prefill``'s state too: each request's arrival
+(``request_arrived``) and first token (TTFT), what prefill batches cost, the arrival rate, and so the room
+admission leaves for prefills and whether a prefill may be held one decode step (``prefill_waits``).
+
 It also keeps the per-request TPOT ledger (``core.colocation.tpot``): the engine passes each batch's requests
 with its results (``result_arrived(requests=...)``), admission reads the smallest slack in the batch from it,
 and each finished request's TPOT goes to the policy and to the stats. A loop that keeps per-request time
@@ -30,16 +34,16 @@ margin) but does not train the predictor, whose stage 2 describes decode and fin
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
-import numpy as np
 
-from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor, PredictorStats
-from sglang_harli.core.colocation.qos import Admission, PolicyStats, QosPolicy, make_policy
+from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
+from sglang_harli.core.colocation.prefill import DEFAULT_TTFT_FACTOR, Prefills
+from sglang_harli.core.colocation.qos import Admission, QosPolicy, make_policy
+from sglang_harli.core.colocation.tally import CoLocationStats, IntervalSummary, StepRecord, _Tally
 from sglang_harli.core.colocation.timing import Timing
-from sglang_harli.core.colocation.tpot import LatencySummary, RequestTokens, TpotLedger, TpotSummary
+from sglang_harli.core.colocation.tpot import RequestTokens, TpotLedger
 from sglang_harli.core.colocation.work import SHARED, FinetuneWork
 from sglang_harli.core.config import HarliConfig, SloMetric
 
@@ -55,98 +59,6 @@ def new_predictor(state: dict | None = None) -> LatencyPredictor:
     return LatencyPredictor.from_state(state, forgetting=PREDICTOR_FORGETTING)
 
 
-class StepRecord(msgspec.Struct, array_like=True):
-    """One token interval: [time, batch, predicted ms, observed ms, units, split]."""
-
-    at_s: float
-    batch_size: int
-    predicted_ms: float | None
-    observed_ms: float
-    units: int
-    split: str
-
-
-class IntervalSummary(LatencySummary, kw_only=True):
-    """Token intervals over the stats window: what streaming clients experience between two tokens."""
-
-
-class CoLocationStats(msgspec.Struct, kw_only=True):
-    policy: PolicyStats
-    predictor: PredictorStats
-    token_intervals: IntervalSummary
-    requests: TpotSummary
-    """Per-request TPOT of finished requests (``sglang.bench_serving``'s definition) and its attainment."""
-    slo_metric: str
-    """What the policy holds the SLO on: ``tpot`` (per request) or ``itl`` (per token interval)."""
-    decode_tokens_per_s: float
-    finetune_tokens_per_s: float
-    """Tokens of micro-batches completed per second, over the rate window."""
-    finetune_busy_fraction: float
-    """Share of the rate window spent running finetune units."""
-    decode_busy_fraction: float
-    """Share of the rate window spent in decode forwards (what a fleet's placement leaves to decode)."""
-    unit_ms: dict[str, float | None]
-    """Run time of recent finetune units (p50/p99)."""
-    decision_us: dict[str, float | None]
-    """How long the policy took to decide (p50/p99): the only delay Harli adds before a decode launch."""
-    recent_steps: list[StepRecord]
-
-
-class _Rate:
-    """Events summed over a sliding time window."""
-
-    def __init__(self, window_s: float, clock: Callable[[], float]):
-        self.window_s, self.clock = window_s, clock
-        self.started = clock()
-        self._events: deque[tuple[float, float]] = deque()
-        self._sum = 0.0
-
-    def add(self, amount: float) -> None:
-        self._events.append((self.clock(), amount))
-        self._sum += amount
-
-    def per_s(self) -> float:
-        now = self.clock()
-        while self._events and self._events[0][0] < now - self.window_s:
-            self._sum -= self._events.popleft()[1]
-        span = min(self.window_s, now - self.started)
-        return self._sum / span if span > 0 else 0.0
-
-
-class _Tally:
-    """What ``CoLocation.snapshot`` reports, kept as the events come: the token intervals, decision times
-    and unit run times of the stats window, the latest steps, and token and busy-time rates over the rate
-    window."""
-
-    def __init__(self, window: int, rate_window_s: float, recent: int, clock: Callable[[], float]):
-        self.intervals: deque[float] = deque(maxlen=window)
-        self.decisions: deque[float] = deque(maxlen=window)
-        self.units: deque[float] = deque(maxlen=window)
-        self.recent: deque[StepRecord] = deque(maxlen=recent)
-        self.decode_tokens = _Rate(rate_window_s, clock)
-        self.finetune_tokens = _Rate(rate_window_s, clock)
-        self.finetune_busy = _Rate(rate_window_s, clock)
-        self.decode_busy = _Rate(rate_window_s, clock)
-
-    def stats(
-        self, policy: PolicyStats, predictor: PredictorStats, requests: TpotLedger, slo_s: float, metric: str
-    ) -> CoLocationStats:
-        return CoLocationStats(
-            policy=policy,
-            predictor=predictor,
-            token_intervals=IntervalSummary.of(self.intervals, slo_s),
-            requests=requests.summary(),
-            slo_metric=metric,
-            decode_tokens_per_s=self.decode_tokens.per_s(),
-            finetune_tokens_per_s=self.finetune_tokens.per_s(),
-            finetune_busy_fraction=min(self.finetune_busy.per_s(), 1.0),
-            decode_busy_fraction=min(self.decode_busy.per_s(), 1.0),
-            unit_ms=_p50_p99(self.units, 1e3),
-            decision_us=_p50_p99(self.decisions, 1e6),
-            recent_steps=list(self.recent),
-        )
-
-
 class CoLocation:
     def __init__(
         self,
@@ -159,11 +71,23 @@ class CoLocation:
         recent: int = 64,
         clock: Callable[[], float] = time.perf_counter,
         slo_metric: SloMetric = "tpot",
+        itl_cap_s: float | None = None,
+        prefills: Prefills | None = None,
     ):
+        """``itl_cap_s``: the interval cap the policy holds (for the report); ``prefills``: the prefill
+        side's state (default: no TTFT objective, attainment reported against the default)."""
         self.predictor, self.policy, self.slo_s, self.clock = predictor, policy, slo_s, clock
+        self.itl_cap_s = itl_cap_s
+        reported_s = DEFAULT_TTFT_FACTOR * slo_s
+        self.prefills = prefills or Prefills(
+            objective_s=None, reported_s=reported_s, clock=clock, forgetting=PREDICTOR_FORGETTING
+        )
+        self._prefill: tuple[int, float | Timing] | None = None  # the latest prefill, until its result
         self.requests = TpotLedger(slo_s, window)
         self.just_finished: list[float] = []
         """TPOTs of the requests the latest ``result_arrived`` finished (for the engine's metrics)."""
+        self.first_tokens: list[float] = []
+        """TTFTs of the requests the latest ``result_arrived`` gave their first token."""
         self.slo_metric = slo_metric
         self._last_decode_done: float | None = None
         self._pending: Admission | None = None  # admitted after the last decode step, not yet observed
@@ -198,6 +122,7 @@ class CoLocation:
         if isinstance(splits, Mapping):
             predictor.set_split_shares({name: share for name, share in splits.items() if share < 1.0})
         slo_s = config.tpot_slo_ms / 1e3
+        cap_s = itl_cap_s(config)
         policy = make_policy(
             config.policy,
             predictor,
@@ -207,29 +132,52 @@ class CoLocation:
             static_units=config.static_units,
             splits=list(splits),
             metric=config.slo_metric,
-            max_itl_s=None if config.max_itl_ms is None else config.max_itl_ms / 1e3,
+            max_itl_s=cap_s,
         )
-        window = config.stats_window
-        return cls(predictor, policy, slo_s=slo_s, window=window, clock=clock, slo_metric=config.slo_metric)
+        objective_s = None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3
+        prefills = Prefills(
+            objective_s=objective_s,
+            reported_s=reported_ttft_s(config),
+            clock=clock,
+            forgetting=PREDICTOR_FORGETTING,
+            window=config.stats_window,
+        )
+        return cls(
+            predictor, policy, slo_s=slo_s, window=config.stats_window, clock=clock,
+            slo_metric=config.slo_metric, itl_cap_s=cap_s if config.slo_metric == "tpot" else None,
+            prefills=prefills,
+        )  # fmt: skip
 
     # -- events from an engine that launches forwards and collects their results ------------------------
     def forward_ran(
-        self, decode: DecodeShape | None, seconds: float | Timing, *, nothing_waiting: bool = False
+        self,
+        decode: DecodeShape | None,
+        seconds: float | Timing,
+        *,
+        nothing_waiting: bool = False,
+        prefill_tokens: int = 0,
     ) -> None:
         """A forward ran for ``seconds`` (or a device ``Timing``, read when its result arrives): a
-        decode step of shape ``decode``, or (``None``) another batch, a prefill, during which
-        ``nothing_waiting`` says no running request awaited its next token."""
+        decode step of shape ``decode``, or (``None``) another batch, a prefill of ``prefill_tokens`` new
+        tokens, during which ``nothing_waiting`` says no running request awaited its next token."""
         if decode is not None:
             self._forward = (decode, seconds)
         else:
             self._chain_broken = True
             self._fresh_batch = nothing_waiting
+            self._prefill = (prefill_tokens, seconds) if prefill_tokens else None
 
     def result_arrived(self, *, decode: bool, requests: Sequence[RequestTokens] = ()) -> StepRecord | None:
         """A batch's results are out; for a decode batch, returns the token interval it closed, if any.
         ``requests``: the batch's requests, each with the output tokens it has and whether it finished."""
         record = None
         self.tokens_out(requests, decode=decode)
+        if not decode and self._prefill is not None:
+            tokens, step = self._prefill
+            self._prefill = None
+            step_s = step if isinstance(step, float) else step.seconds()
+            if step_s is not None:
+                self.prefills.prefill_ran(tokens, step_s)
         if not decode:
             if self._fresh_batch:  # only new requests: their first tokens start the chain
                 self.chain_restarts()
@@ -251,16 +199,27 @@ class CoLocation:
         on top of it is what would push the interval over the SLO."""
         self._decode_first = True
 
+    def request_arrived(self, rid: str, prompt_tokens: int) -> None:
+        """A request reached the engine with ``prompt_tokens`` to prefill (its TTFT counts from here)."""
+        self.prefills.arrived(rid, prompt_tokens)
+
     def prefill_waits(self) -> bool:
-        """Whether the prefill about to be scheduled waits one decode step (``arrival_during_work``);
-        asking consumes the answer."""
+        """Whether the prefill about to be scheduled waits one decode step: a request arrived during
+        finetune work beside decode (``arrival_during_work``) and the TTFT objective leaves room for the
+        wait (``Prefills.hold``); asking consumes the answer."""
         waits, self._decode_first = self._decode_first, False
-        return waits
+        if not waits:
+            return False
+        solo = self.predictor.solo(self._forward[0]) if self._forward is not None else None
+        return self.prefills.hold(solo)
 
     def tokens_out(self, requests: Sequence[RequestTokens], *, decode: bool) -> list[float]:
         """A batch's requests got their tokens now (``result_arrived`` calls it; a loop that keeps its own
         clock calls it after ``decode_done``); returns the TPOTs of those it finished."""
         self.just_finished = self.requests.results(self.clock(), requests, decode=decode) if requests else []
+        self.first_tokens = [
+            ttft for rid, tokens, _ in requests if (ttft := self.prefills.tokens_out(rid, tokens)) is not None
+        ]
         for tpot in self.just_finished:
             self.policy.observe_request(tpot)
         return self.just_finished
@@ -347,7 +306,8 @@ class CoLocation:
         if slack_s is None and next_decode is not None and self.slo_metric == "tpot":
             last = self._last_decode_done
             slack_s = self.requests.slack(self.clock() if last is None else last)
-        admission = self.policy.admit(next_decode, upcoming, slack_s=slack_s)
+        load = self.prefills.load() if next_decode is not None else 0.0
+        admission = self.policy.admit(next_decode, upcoming, slack_s=slack_s, prefill_load=load)
         self._tally.decisions.append(time.perf_counter() - started)
         if next_decode is not None:
             self._pending, self._ran = admission, 0
@@ -386,12 +346,19 @@ class CoLocation:
         return min(self._tally.decode_busy.per_s(), 1.0)
 
     def snapshot(self) -> CoLocationStats:
-        policy, predictor = self.policy.snapshot(), self.predictor.snapshot()
-        return self._tally.stats(policy, predictor, self.requests, self.slo_s, self.slo_metric)
+        return self._tally.stats(self)
 
 
-def _p50_p99(values: deque[float], scale: float) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    p50, p99 = np.percentile(np.fromiter(values, dtype=np.float64) * scale, [50, 99])
-    return {"p50": float(p50), "p99": float(p99)}
+def reported_ttft_s(config: HarliConfig) -> float:
+    """What TTFT attainment is reported against: ``--harli-ttft-slo-ms``, or by default
+    ``DEFAULT_TTFT_FACTOR`` TPOT SLOs."""
+    ms = config.ttft_slo_ms if config.ttft_slo_ms is not None else DEFAULT_TTFT_FACTOR * config.tpot_slo_ms
+    return ms / 1e3
+
+
+def itl_cap_s(config: HarliConfig) -> float | None:
+    """The token-interval cap ``config`` asks for: ``--harli-max-itl-ms``, twice the TPOT SLO when it is
+    unset, none when it is 0."""
+    if config.max_itl_ms is None:
+        return 2 * config.tpot_slo_ms / 1e3
+    return config.max_itl_ms / 1e3 if config.max_itl_ms > 0 else None

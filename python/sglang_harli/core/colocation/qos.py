@@ -13,7 +13,7 @@ How the budget is set depends on what the SLO is held on (``--harli-slo-metric``
   (of it, what lies beyond a reserve of one SLO kept for the tokens still to come, ``BANKED_RESERVE``, and
   never less than one SLO while that much is there), less a margin kept for what the tokens still to come
   may cost beyond prediction (a prefill landing in a later interval, a step slower than predicted), and
-  never past ``--harli-max-itl-ms`` when that cap is set.
+  never past ``--harli-max-itl-ms`` (by default twice the SLO).
   The margin adapts as the ``itl`` one below, per interval, with the slack the budget was cut from in
   place of the SLO (an interval longer than that put its tightest request behind), and on finished
   requests too: each one over the SLO widens it by a larger step, since requests finish tens of times
@@ -30,6 +30,10 @@ How the budget is set depends on what the SLO is held on (``--harli-slo-metric``
   so the violations decode causes on its own (a long prefill) leave training only what remains of the
   budget, and when decode alone uses all of it the margin grows to the whole SLO and ``harli`` trains only
   when idle.
+
+On a server that also prefills, the budget leaves room for the prefills expected to land in the interval
+(``core.colocation.prefill``): the admitted work and the decode step together get ``budget / (1 + rho)``,
+``rho`` being the share of time prefills are expected to take.
 
 The baselines, kept here so they run in the same server, are ``idle-only`` (train only with no decode
 work), ``naive`` (a whole micro-batch after every step, no latency control) and ``static`` (a fixed number
@@ -80,7 +84,12 @@ class QosPolicy(Protocol):
     name: str
 
     def admit(
-        self, decode: DecodeShape | None, upcoming: Sequence[FinetuneWork], *, slack_s: float | None = None
+        self,
+        decode: DecodeShape | None,
+        upcoming: Sequence[FinetuneWork],
+        *,
+        slack_s: float | None = None,
+        prefill_load: float = 0.0,
     ) -> Admission: ...
 
     def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None: ...
@@ -102,14 +111,23 @@ class _Policy:
         self.admitted_units = 0
         self.steps_with_work = 0
         self.violations_with_work = 0
+        self.prefill_load = 0.0  # of the decision being made
 
     def admit(
-        self, decode: DecodeShape | None, upcoming: Sequence[FinetuneWork], *, slack_s: float | None = None
+        self,
+        decode: DecodeShape | None,
+        upcoming: Sequence[FinetuneWork],
+        *,
+        slack_s: float | None = None,
+        prefill_load: float = 0.0,
     ) -> Admission:
         """``slack_s``: the smallest per-request slack in the next step's batch (``core.colocation.tpot``),
-        where the engine tracks it; only a policy holding per-request TPOT reads it."""
+        where the engine tracks it; only a policy holding per-request TPOT reads it. ``prefill_load``: the
+        share of time prefills are expected to take (``core.colocation.prefill``); only ``harli`` plans
+        with it."""
         if decode is None:
             return Admission(units=len(upcoming), budget_s=self.idle_budget_s, work=tuple(upcoming))
+        self.prefill_load = prefill_load
         admission = self._admit_with_decode(decode, upcoming, slack_s)
         self.decisions += 1
         self.admitted_units += admission.units
@@ -212,7 +230,7 @@ class HarliPolicy(_Policy):
     def _admit_with_decode(
         self, decode: DecodeShape, upcoming: Sequence[FinetuneWork], slack_s: float | None
     ) -> Admission:
-        budget = self.budget_for(slack_s)
+        budget = self.budget_for(slack_s) / (1.0 + self.prefill_load)
         slack_s = slack_s if self.metric == "tpot" else None
         solo = self.predictor.solo(decode)
         if solo is None:

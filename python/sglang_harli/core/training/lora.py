@@ -28,6 +28,8 @@ from sglang_harli.core.colocation.work import FinetuneWork
 from sglang_harli.core.jobs.spec import LoraSpec
 from sglang_harli.core.training.tensor_parallel import TensorParallel
 
+MAX_LOSS_CHUNKS = 16
+"""The most units one micro-batch's loss is cut into."""
 SavedTensorHooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
 
 
@@ -94,6 +96,24 @@ class LoraModel:
         per_unit = min(layers_per_unit or layers, layers)
         self._segments = [range(i, min(i + per_unit, layers)) for i in range(0, layers, per_unit)]
         self._trainable = sum(p.numel() for p in self.params)
+        self.loss_chunks = 1
+        """Units the loss of a micro-batch is cut into (``head_chunks``; a subclass sets it)."""
+
+    def head_chunks(self) -> int:
+        """Loss units per micro-batch such that each costs about one forward segment: the LM head's
+        weights over a segment's (its matmuls per token), at most ``MAX_LOSS_CHUNKS``. On a model whose
+        vocabulary dwarfs a layer (SmolLM2-135M: 28M head weights, 3.5M per layer) one loss unit would be
+        the longest wait a request arriving during training has before its prefill runs; cut by rows,
+        each chunk is a few milliseconds. Fixed by the model's shape, never by timing, so a resumed run
+        cuts the same way and stays bit for bit."""
+        tp, weight = self.tensor_parallel, self._lm_head.weight
+        # Whole-model figures, so that every tensor-parallel rank (whose vocabulary slices may differ by
+        # a row) cuts the same way: the full vocabulary, and a segment's slice times the ranks.
+        head = weight.shape[-1] * (tp.vocab_size if tp is not None else weight.shape[0])
+        layers = self._segments[0]
+        segment = sum(p.numel() for i in layers for p in self._decoder.layers[i].parameters())
+        segment *= tp.size if tp is not None else 1
+        return max(1, min(MAX_LOSS_CHUNKS, -(-head // max(segment, 1))))
 
     def _saving(self):
         if self.saved_tensor_hooks is None:
@@ -152,17 +172,19 @@ class LoraModel:
 
     @property
     def units_per_micro_batch(self) -> int:
-        """A micro-batch's forward segments, its loss and its backward segments."""
-        return 2 * len(self._segments) + 1
+        """A micro-batch's forward segments, its loss chunks and its backward segments."""
+        return 2 * len(self._segments) + self.loss_chunks
 
     def _unit_work(self, unit: int, per_micro: int, tokens: int) -> FinetuneWork:
         """Unit ``unit`` of a micro-batch of ``tokens`` that takes ``per_micro`` units: the forward
-        segments, then the loss, then the backward segments in reverse."""
+        segments, then the loss (in ``loss_chunks`` units, each with its share of the tokens), then the
+        backward segments in reverse."""
         segments = len(self._segments)
         if unit < segments:
             return FinetuneWork(kind="forward", tokens=tokens, layers=len(self._segments[unit]))
-        if unit == segments:
-            return FinetuneWork(kind="loss", tokens=tokens)
+        if unit < segments + self.loss_chunks:  # the tokens shared out as the rows are
+            share, extra = divmod(tokens, self.loss_chunks)
+            return FinetuneWork(kind="loss", tokens=share + (unit - segments < extra))
         return FinetuneWork(kind="backward", tokens=tokens, layers=len(self._segments[per_micro - 1 - unit]))
 
     @staticmethod

@@ -148,6 +148,7 @@ class _InFlight:
         self.layer_calls = layer_calls
         self.hidden = hidden  # input of the next forward segment; then the gradient flowing backwards
         self.segments: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) per forward segment
+        self.head_input: torch.Tensor | None = None  # the loss chunks' input, collecting their gradients
         self.loss_sum = 0.0
 
 
@@ -162,6 +163,7 @@ class LoraTrainer(LoraModel):
         training: TrainingSpec,
         *,
         layers_per_unit: int | None = None,
+        loss_chunks: int | None = None,
         saved_tensor_hooks: SavedTensorHooks | None = None,
         on_micro_batch_end: Callable[[int], None] | None = None,
         place_grads: Callable[[list[nn.Parameter]], None] | None = None,
@@ -177,6 +179,9 @@ class LoraTrainer(LoraModel):
             saved_tensor_hooks=saved_tensor_hooks,
             tensor_parallel=tensor_parallel,
         )
+        if loss_chunks is not None and loss_chunks < 1:
+            raise ValueError("loss_chunks must be at least 1")
+        self.loss_chunks = loss_chunks or self.head_chunks()
         self.plan = StepPlan(examples, training)
         self.examples = self.plan.examples
         self.training = training
@@ -250,8 +255,8 @@ class LoraTrainer(LoraModel):
                 self._start_micro_batch([self.examples[i] for i in plan[self._micro]])
             if self._unit < segments:
                 self._forward_segment(self._unit)
-            elif self._unit == segments:
-                self._loss()
+            elif self._unit < segments + self.loss_chunks:
+                self._loss(self._unit - segments)
             else:
                 self._backward_segment(self.units_per_micro_batch - 1 - self._unit)
             self._unit += 1
@@ -301,15 +306,28 @@ class LoraTrainer(LoraModel):
         flight.segments.append((hidden, output))
         flight.hidden = output
 
-    def _loss(self) -> None:
+    def _loss(self, chunk: int) -> None:
+        """Loss chunk ``chunk`` of ``loss_chunks``: final norm, LM head and cross-entropy over its share of
+        the micro-batch's targets, and their backward, which adds to the gradient of the head's input (the
+        norm works row by row, so a chunk of rows costs its share and changes no figure)."""
         flight, batch = self._in_flight, self._in_flight.batch
-        hidden = flight.hidden.detach().requires_grad_(True)
+        if chunk == 0:
+            flight.head_input = flight.hidden.detach().requires_grad_(True)
+        hidden = flight.head_input
+        rows = torch.tensor_split(torch.arange(batch.targets.numel()), self.loss_chunks)[chunk]
+        if rows.numel():
+            self._loss_rows(hidden, batch.predict_at[rows], batch.targets[rows])
+        if chunk == self.loss_chunks - 1:
+            flight.hidden = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+
+    def _loss_rows(self, hidden: torch.Tensor, predict_at: torch.Tensor, targets: torch.Tensor) -> None:
+        flight = self._in_flight
         with self._saving():
-            normed = self._decoder.norm(hidden)
-            logits = self._lm_head(normed[:, batch.predict_at, :])[0]
+            normed = self._decoder.norm(hidden[:, predict_at, :])
+            logits = self._lm_head(normed)[0]
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
-            loss_sum = F.cross_entropy(logits, batch.targets, reduction="sum")
+            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
         if not torch.isfinite(loss_sum):  # stop before a NaN reaches the gradients, the adapter, the users
             raise FloatingPointError(
                 f"loss is {float(loss_sum.detach())} at optimizer step {self.step + 1}; "
@@ -317,8 +335,7 @@ class LoraTrainer(LoraModel):
             )
         self._before_backward()  # a LoRA on the LM head gets its gradient here
         (loss_sum / max(self._step_targets, 1)).backward()
-        flight.loss_sum = float(loss_sum.detach())
-        flight.hidden = hidden.grad
+        flight.loss_sum += float(loss_sum.detach())
 
     def _backward_segment(self, index: int) -> None:
         flight = self._in_flight

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from sglang_harli.core.colocation.loop import CoLocationStats
+from sglang_harli.core.colocation.tally import CoLocationStats
 from sglang_harli.core.colocation.work import WorkKind
 from sglang_harli.core.config import HarliConfig
 from sglang_harli.core.fleet.peers import FleetStats
