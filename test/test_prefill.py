@@ -9,7 +9,12 @@ import pytest
 from helpers.colocation import FakeClock, ScriptedPredictor, plan
 from sglang_harli.core.colocation.loop import CoLocation, itl_cap_s, reported_ttft_s
 from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
-from sglang_harli.core.colocation.prefill import ARRIVAL_WINDOW_S, DEFAULT_TTFT_FACTOR, Prefills
+from sglang_harli.core.colocation.prefill import (
+    ARRIVAL_WINDOW_S,
+    DEFAULT_TTFT_FACTOR,
+    PrefillOutlook,
+    Prefills,
+)
 from sglang_harli.core.colocation.qos import HarliPolicy
 from sglang_harli.core.config import HarliConfig, add_struct_flags, config_from_flags, flag_name
 
@@ -103,15 +108,27 @@ def test_the_arrival_rate_and_prompt_length_give_the_prefill_load():
 
 
 def test_the_budget_leaves_room_for_the_prefills_to_come():
-    predictor = ScriptedPredictor()
-    policy = HarliPolicy(predictor, slo_s=SLO, idle_budget_s=0.05, metric="itl")
     upcoming = plan(micro_batches=6)
-    alone = policy.admit(SHAPE, upcoming)
-    busy = policy.admit(SHAPE, upcoming, prefill_load=0.5)
-    assert alone.budget_s == pytest.approx(policy.budget_s)
-    assert busy.budget_s == pytest.approx(policy.budget_s / 1.5)
-    assert 0 < busy.units < alone.units
-    assert busy.predicted_s <= busy.budget_s
+    tpot = HarliPolicy(ScriptedPredictor(), slo_s=SLO, idle_budget_s=0.05, max_itl_s=4 * SLO)
+    slack = 0.5 * SLO  # no banked slack: the cap is far
+    alone = tpot.admit(SHAPE, upcoming, slack_s=slack)
+    busy = tpot.admit(SHAPE, upcoming, slack_s=slack, prefills=PrefillOutlook(load=0.5, prefill_s=0.001))
+    assert busy.budget_s == pytest.approx(alone.budget_s / 1.5)  # TPOT averages: room for rho of it
+    assert 0 < busy.units < alone.units and busy.predicted_s <= busy.budget_s
+    # with slack banked the cap binds: one landing prefill breaks the interval, so a whole one is kept free
+    rich = 10 * SLO
+    cap = 4 * SLO - tpot.cap_margin_s
+    assert tpot.admit(SHAPE, upcoming, slack_s=rich).budget_s == pytest.approx(cap)
+    frequent = PrefillOutlook(load=0.01, arrivals_per_s=2.0, prefill_s=0.004)  # 0.4 arrivals per cap
+    assert tpot.admit(SHAPE, upcoming, slack_s=rich, prefills=frequent).budget_s == pytest.approx(cap - 0.004)
+    bursty = PrefillOutlook(load=0.01, arrivals_per_s=20.0, prefill_s=0.004)  # 4 per cap: 4 prefills
+    assert tpot.admit(SHAPE, upcoming, slack_s=rich, prefills=bursty).budget_s == pytest.approx(cap - 0.016)
+    rare = PrefillOutlook(load=1e-5, arrivals_per_s=0.01, prefill_s=0.004)  # likelier under the 0.5%
+    assert tpot.admit(SHAPE, upcoming, slack_s=rich, prefills=rare).budget_s == pytest.approx(cap)
+    # itl holds every interval at its percentile: the same whole prefill kept free
+    itl = HarliPolicy(ScriptedPredictor(), slo_s=SLO, idle_budget_s=0.05, metric="itl")
+    limit = itl.admit(SHAPE, upcoming).budget_s
+    assert itl.admit(SHAPE, upcoming, prefills=frequent).budget_s == pytest.approx(limit - 0.004)
 
 
 def test_colocation_measures_ttft_and_prefill_cost_from_engine_events():

@@ -55,12 +55,13 @@ def _keyed_launch(factory) -> ServerProcess:
 
 def _small_launch(factory) -> ServerProcess:
     """Everything small: an 8,192-token KV pool and a 1 MiB trainer budget (``test_lending``), and request,
-    dataset and queue limits (``test_limits``); its ``data_dir`` is its --harli-data-dir."""
+    dataset and queue limits (``test_limits``); its ``data_dir`` is its --harli-data-dir. A TTFT objective
+    (``test_ttft``) so generous that every prefill arriving during finetune work beside decode is held."""
     run = factory.mktemp("small")
     (run / "data").mkdir()
     limits = [
         "--harli-data-dir", str(run / "data"), "--harli-max-request-mb", "0.05",
-        "--harli-max-dataset-mb", "0.01", "--harli-max-jobs", "2",
+        "--harli-max-dataset-mb", "0.01", "--harli-max-jobs", "2", "--harli-ttft-slo-ms", "60000",
     ]  # fmt: skip
     srv = lending_server(run, *limits)
     srv.data_dir = run / "data"

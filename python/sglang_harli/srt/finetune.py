@@ -145,9 +145,8 @@ class FinetuneService:
         self.colocation.requests.clear()
 
     def prefill_waits(self, *, decoding: bool) -> bool:
-        """Whether the next prefill waits one decode step, because a request arrived during finetune
-        work beside decode (``CoLocation.arrival_during_work``); only while requests are ``decoding``."""
-        if self.colocation.prefill_waits() and decoding:
+        """Whether the next prefill waits one decode step (``CoLocation.prefill_waits``)."""
+        if self.colocation.prefill_waits(decoding=decoding):
             self.steps.record_deferred_prefill()
             return True
         return False

@@ -81,7 +81,8 @@ class HarliSchedulerMixin:
         policy budgeted, and the prefill follows in the next one. Not with --tp-size > 1, where only rank
         0 sees the arrival and every rank must choose the same batch."""
         decoding = not running_batch.is_empty() and not running_batch.is_prefill_only
-        if self.harli.prefill_waits(decoding=decoding):
+        # SGLang asks every round; only a round with a request waiting to prefill has one to hold.
+        if self.waiting_queue and self.harli.prefill_waits(decoding=decoding):
             return True
         return super()._should_defer_prefill(running_batch)
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 import msgspec
 
 from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
-from sglang_harli.core.colocation.prefill import DEFAULT_TTFT_FACTOR, Prefills
+from sglang_harli.core.colocation.prefill import DEFAULT_TTFT_FACTOR, NO_PREFILLS, Prefills
 from sglang_harli.core.colocation.qos import Admission, QosPolicy, make_policy
 from sglang_harli.core.colocation.tally import CoLocationStats, IntervalSummary, StepRecord, _Tally
 from sglang_harli.core.colocation.timing import Timing
@@ -203,12 +203,13 @@ class CoLocation:
         """A request reached the engine with ``prompt_tokens`` to prefill (its TTFT counts from here)."""
         self.prefills.arrived(rid, prompt_tokens)
 
-    def prefill_waits(self) -> bool:
+    def prefill_waits(self, *, decoding: bool = True) -> bool:
         """Whether the prefill about to be scheduled waits one decode step: a request arrived during
-        finetune work beside decode (``arrival_during_work``) and the TTFT objective leaves room for the
-        wait (``Prefills.hold``); asking consumes the answer."""
+        finetune work beside decode (``arrival_during_work``), requests are ``decoding`` (else there is no
+        interval to protect) and the TTFT objective leaves room for the wait (``Prefills.hold``); asking
+        consumes the answer."""
         waits, self._decode_first = self._decode_first, False
-        if not waits:
+        if not (waits and decoding):
             return False
         solo = self.predictor.solo(self._forward[0]) if self._forward is not None else None
         return self.prefills.hold(solo)
@@ -306,8 +307,8 @@ class CoLocation:
         if slack_s is None and next_decode is not None and self.slo_metric == "tpot":
             last = self._last_decode_done
             slack_s = self.requests.slack(self.clock() if last is None else last)
-        load = self.prefills.load() if next_decode is not None else 0.0
-        admission = self.policy.admit(next_decode, upcoming, slack_s=slack_s, prefill_load=load)
+        prefills = self.prefills.outlook() if next_decode is not None else NO_PREFILLS
+        admission = self.policy.admit(next_decode, upcoming, slack_s=slack_s, prefills=prefills)
         self._tally.decisions.append(time.perf_counter() - started)
         if next_decode is not None:
             self._pending, self._ran = admission, 0

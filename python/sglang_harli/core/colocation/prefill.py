@@ -13,9 +13,12 @@ running requests' token intervals (the TPOT SLO and the interval cap), the waiti
   predictor fits finetune units (``fits.OnlineLinearModel``, with the same forgetting).
 - **How often requests come, and how long**: arrivals and their prompt tokens over a sliding window.
   Together they give the *prefill load* ``rho``: the share of time prefills will take. A token interval
-  that is to hold finetune work is planned with room for the prefills expected to land in it: the work
-  and the decode step together get ``budget / (1 + rho)``, since an interval of length ``T`` collects
-  about ``rho * T`` of prefill.
+  that is to hold finetune work is planned with room for the prefills expected to land in it
+  (``PrefillOutlook``): against per-request TPOT, which averages, the work and the decode step together
+  get ``budget / (1 + rho)``, since an interval of length ``T`` collects about ``rho * T`` of prefill;
+  against a percentile of intervals (the cap, or ``itl``), where one prefill landing breaks the one
+  interval it lands in, the interval keeps a whole mean prefill free whenever an arrival within it is
+  likelier than the violations the percentile allows.
 
 Holding a prefill back one decode step (the scheduler's answer to a request that arrived during finetune
 work beside decode: the decode step closes the interval the policy budgeted, the prefill follows) trades
@@ -54,6 +57,27 @@ MIN_SAMPLES = 4
 _FEATURES = ("intercept", "tokens")
 _SCALES = (1.0, 2.0**6)
 """Prompts of tens to thousands of tokens reach the fit near 1, where its prior weighs little."""
+
+
+class PrefillOutlook(msgspec.Struct, frozen=True, kw_only=True):
+    """What the policy plans an interval's finetune work with: the prefills that may land in it."""
+
+    load: float = 0.0
+    """``rho``: the share of time prefills are expected to take."""
+    arrivals_per_s: float = 0.0
+    prefill_s: float = 0.0
+    """Predicted prefill of a mean prompt (0 while unknown)."""
+
+    def reserve_s(self, interval_s: float, violation_rate: float) -> float:
+        """What an interval held to ``interval_s`` at a percentile allowing ``violation_rate`` of them over
+        must keep free for prefills: where an arrival within it is likelier than that rate, the prefills of
+        the arrivals it should expect (at least one); otherwise nothing."""
+        expected = self.arrivals_per_s * interval_s
+        return self.prefill_s * max(1.0, expected) if expected > violation_rate else 0.0
+
+
+NO_PREFILLS = PrefillOutlook()
+"""A PD decode instance's (or a simulator's without prefills) outlook."""
 
 
 class TtftSummary(LatencySummary, kw_only=True):
@@ -139,11 +163,15 @@ class Prefills:
 
     def load(self) -> float:
         """``rho``: arrivals per second times the predicted prefill of a mean prompt (0 while unknown)."""
+        return self.outlook().load
+
+    def outlook(self) -> PrefillOutlook:
         rate, mean = self.arrival_rate(), self.mean_prompt_tokens()
-        if not rate or mean is None:
-            return 0.0
-        prefill = self.predict(round(mean))
-        return 0.0 if prefill is None else min(rate * prefill, MAX_PREFILL_LOAD)
+        prefill = self.predict(round(mean)) if rate and mean is not None else None
+        if prefill is None:
+            return NO_PREFILLS
+        load = min(rate * prefill, MAX_PREFILL_LOAD)
+        return PrefillOutlook(load=load, arrivals_per_s=rate, prefill_s=prefill)
 
     def hold(self, decode_s: float | None) -> bool:
         """Whether the prefill about to run may wait one decode step of ``decode_s``: only with an

@@ -31,9 +31,10 @@ How the budget is set depends on what the SLO is held on (``--harli-slo-metric``
   budget, and when decode alone uses all of it the margin grows to the whole SLO and ``harli`` trains only
   when idle.
 
-On a server that also prefills, the budget leaves room for the prefills expected to land in the interval
-(``core.colocation.prefill``): the admitted work and the decode step together get ``budget / (1 + rho)``,
-``rho`` being the share of time prefills are expected to take.
+On a server that also prefills, the budget leaves room for the prefills that may land in the interval
+(``core.colocation.prefill.PrefillOutlook``): per-request TPOT's ``budget / (1 + rho)``, ``rho`` being the
+share of time prefills are expected to take; a percentile of intervals (the cap, ``itl``) keeps a whole
+mean prefill free where an arrival is likelier than the violations it allows.
 
 The baselines, kept here so they run in the same server, are ``idle-only`` (train only with no decode
 work), ``naive`` (a whole micro-batch after every step, no latency control) and ``static`` (a fixed number
@@ -48,6 +49,7 @@ from typing import Protocol, get_args
 import msgspec
 
 from sglang_harli.core.colocation.predictor import DecodeShape, LatencyPredictor
+from sglang_harli.core.colocation.prefill import NO_PREFILLS, PrefillOutlook
 from sglang_harli.core.colocation.work import SHARED, FinetuneWork, micro_batch_prefix
 from sglang_harli.core.config import PolicyName, SloMetric
 
@@ -89,7 +91,7 @@ class QosPolicy(Protocol):
         upcoming: Sequence[FinetuneWork],
         *,
         slack_s: float | None = None,
-        prefill_load: float = 0.0,
+        prefills: PrefillOutlook = NO_PREFILLS,
     ) -> Admission: ...
 
     def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None: ...
@@ -111,7 +113,7 @@ class _Policy:
         self.admitted_units = 0
         self.steps_with_work = 0
         self.violations_with_work = 0
-        self.prefill_load = 0.0  # of the decision being made
+        self.prefills = NO_PREFILLS  # of the decision being made
 
     def admit(
         self,
@@ -119,15 +121,15 @@ class _Policy:
         upcoming: Sequence[FinetuneWork],
         *,
         slack_s: float | None = None,
-        prefill_load: float = 0.0,
+        prefills: PrefillOutlook = NO_PREFILLS,
     ) -> Admission:
         """``slack_s``: the smallest per-request slack in the next step's batch (``core.colocation.tpot``),
-        where the engine tracks it; only a policy holding per-request TPOT reads it. ``prefill_load``: the
-        share of time prefills are expected to take (``core.colocation.prefill``); only ``harli`` plans
-        with it."""
+        where the engine tracks it; only a policy holding per-request TPOT reads it. ``prefills``: the
+        prefills that may land in the interval (``core.colocation.prefill``); only ``harli`` plans with
+        them."""
         if decode is None:
             return Admission(units=len(upcoming), budget_s=self.idle_budget_s, work=tuple(upcoming))
-        self.prefill_load = prefill_load
+        self.prefills = prefills
         admission = self._admit_with_decode(decode, upcoming, slack_s)
         self.decisions += 1
         self.admitted_units += admission.units
@@ -215,22 +217,26 @@ class HarliPolicy(_Policy):
         return self.budget_for(None)
 
     def budget_for(self, slack_s: float | None) -> float:
-        """The interval the admitted work must fit in, given the smallest slack in the batch."""
+        """The interval the admitted work must fit in, given the smallest slack in the batch and the
+        prefills that may land in it (``self.prefills``, from ``admit``)."""
+        prefills, rate = self.prefills, self.target_violation_rate
         if self.metric == "itl":
-            return self.slo_s - self.margin_s
+            limit = self.slo_s - self.margin_s
+            return min(limit / (1 + prefills.load), limit - prefills.reserve_s(self.slo_s, rate))
         slack = self.slo_s if slack_s is None else slack_s
         # never more than the SLO while no request has banked more than the reserve beyond it; never
         # more than the slack there is
         spendable = max(min(slack, self.slo_s), slack - BANKED_RESERVE * self.slo_s)
-        budget = spendable - self.margin_s
+        budget = (spendable - self.margin_s) / (1 + prefills.load)
         if self.max_itl_s is not None:
-            budget = min(budget, self.max_itl_s - self.cap_margin_s)
+            reserve = prefills.reserve_s(self.max_itl_s, rate)
+            budget = min(budget, self.max_itl_s - self.cap_margin_s - reserve)
         return budget
 
     def _admit_with_decode(
         self, decode: DecodeShape, upcoming: Sequence[FinetuneWork], slack_s: float | None
     ) -> Admission:
-        budget = self.budget_for(slack_s) / (1.0 + self.prefill_load)
+        budget = self.budget_for(slack_s)
         slack_s = slack_s if self.metric == "tpot" else None
         solo = self.predictor.solo(decode)
         if solo is None:
