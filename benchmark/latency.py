@@ -65,7 +65,7 @@ def job() -> dict:
         "name": "latency",
         "dataset": {"records": records},
         "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"]},
-        "training": {"epochs": 10_000, "learning_rate": 1e-4, "micro_batch_size": 4, "max_seq_len": 96},
+        "training": {"epochs": 1000, "learning_rate": 1e-4, "micro_batch_size": 4, "max_seq_len": 96},
     }
 
 
@@ -88,6 +88,8 @@ def bench(server: ServerProcess, model_dir: Path, args, out: Path) -> dict:
 def run_server(name: str, flags: list[str], model_dir: Path, args, work: Path, *, vanilla=False) -> Row:
     module = "sglang.launch_server" if vanilla else "sglang_harli.launch_server"
     full = ["--model-path", str(model_dir), *LORA_FLAGS, *flags]
+    if vanilla:  # what the Harli launcher adds by itself on a CPU machine (benchmark.overhead)
+        full += ["--device", "cpu", "--dtype", "float32", "--sleep-on-idle", "--lora-backend", "torch_native"]
     with ServerProcess(full, work / f"{name}.log", module=module) as server:
         tokens_before = started = None
         if not vanilla:
