@@ -17,6 +17,9 @@ from pathlib import Path
 import psutil
 import requests
 
+PORT_TAKEN = "error while attempting to bind on address"
+"""What uvicorn logs when another process holds the port (the launcher then waits, never ready)."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -49,16 +52,26 @@ class ServerProcess(RunningServer):
         module: str = "sglang_harli.launch_server",
         env: dict[str, str] | None = None,
     ):
-        """``env``: variables set for the server over this process's environment (``OMP_NUM_THREADS``)."""
-        self.port = port or free_port()
-        super().__init__(f"http://127.0.0.1:{self.port}")
+        """``env``: variables set for the server over this process's environment (``OMP_NUM_THREADS``).
+        Without ``port`` a free one is picked; if another process takes it before the server binds it (a
+        race no pick can close: SGLang's own processes pick free ports too), ``wait_ready`` starts the
+        server again on another."""
+        self._pick_port = port is None
         self.log_path = Path(log_path)
-        self._log = open(self.log_path, "w")
+        self._command = [sys.executable, "-m", module, *args]
+        self._env = None if env is None else {**os.environ, **env}
+        self._spawn(port or free_port(), "w")
+
+    def _spawn(self, port: int, mode: str) -> None:
+        self.port = port
+        super().__init__(f"http://127.0.0.1:{port}")
+        self._log = open(self.log_path, mode)
+        command = self._command[:3] + ["--port", str(port)] + self._command[3:]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", str(self.port), *args],
+            command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=None if env is None else {**os.environ, **env},
+            env=self._env,
             start_new_session=True,  # its own process group, so stop() reaches every child
         )
 
@@ -71,7 +84,9 @@ class ServerProcess(RunningServer):
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
-                pass
+                if self._pick_port and PORT_TAKEN in self.log_tail(5):
+                    self.stop()
+                    self._spawn(free_port(), "a")  # the log keeps the attempt that lost its port
             time.sleep(0.25)
         raise TimeoutError(f"server not ready within {timeout_s}s:\n{self.log_tail()}")
 

@@ -8,9 +8,9 @@ server run one after another (``pytest_collection_modifyitems``), and each share
 last test that uses it (``pytest_runtest_teardown``) rather than at the end of the session.
 
 A start is mostly imports, on one core, so a shared server is launched while the tests before it run where
-those tests are light and time nothing (``PRESTART``: the small server beside the keyed server's tests, the
-default one beside the lending tests); its fixture then only waits for it. Beside anything heavier (the
-engine-free tier, the soak) the two slow each other down more than the overlap saves.
+those tests are light and time nothing (``PRESTART``: the small server beside the keyed server's tests);
+its fixture then only waits for it. Beside anything heavier (the engine-free tier, the lending burst, the
+soak) the two slow each other down more than the overlap saves.
 """
 
 from __future__ import annotations
@@ -42,26 +42,27 @@ def _server_launch(factory) -> ServerProcess:
 def _keyed_launch(factory) -> ServerProcess:
     """A server behind SGLang's --api-key and --admin-api-key (``test_auth``), serving the tiny model under a
     name the Tinker cookbook knows, its state under --harli-state-dir (``test_tinker_cookbook``), with KV
-    lending off."""
+    lending off, and a TTFT objective (``test_ttft``) so generous that every prefill arriving during
+    finetune work beside decode may be held."""
     args = [
         "--model-path", str(materialize("tiny")), *SERVER_ARGS,
         "--served-model-name", KEYED_MODEL_NAME,
         "--api-key", USER_KEY, "--admin-api-key", ADMIN_KEY,
         "--harli-state-dir", str(_dirs(factory)["keyed-state"]),
         "--harli-kv-lending", "off",  # the flag reaches the scheduler (test_auth); Tinker clients never lend
+        "--harli-ttft-slo-ms", "60000",
     ]  # fmt: skip
     return ServerProcess(args, factory.mktemp("keyed") / "server.log")
 
 
 def _small_launch(factory) -> ServerProcess:
     """Everything small: an 8,192-token KV pool and a 1 MiB trainer budget (``test_lending``), and request,
-    dataset and queue limits (``test_limits``); its ``data_dir`` is its --harli-data-dir. A TTFT objective
-    (``test_ttft``) so generous that every prefill arriving during finetune work beside decode is held."""
+    dataset and queue limits (``test_limits``); its ``data_dir`` is its --harli-data-dir."""
     run = factory.mktemp("small")
     (run / "data").mkdir()
     limits = [
         "--harli-data-dir", str(run / "data"), "--harli-max-request-mb", "0.05",
-        "--harli-max-dataset-mb", "0.01", "--harli-max-jobs", "2", "--harli-ttft-slo-ms", "60000",
+        "--harli-max-dataset-mb", "0.01", "--harli-max-jobs", "2",
     ]  # fmt: skip
     srv = lending_server(run, *limits)
     srv.data_dir = run / "data"
@@ -147,7 +148,7 @@ def smollm2_server(tmp_path_factory) -> ServerProcess:
 _LIVE: dict[str, ServerProcess] = {}  # shared servers started, by fixture name
 _LAST_USE: dict[str, str] = {}  # shared server -> node id of the last test that uses it
 _FIRST_OF_GROUP: dict[str, int] = {}  # node id of a group's first test -> the group
-PRESTART = {0: "small_server", 1: "server"}
+PRESTART = {0: "small_server"}
 """When the first test of a group (``_group``) starts, the shared server launched beside it."""
 
 
