@@ -218,9 +218,13 @@ class CoLocation:
         """A batch's requests got their tokens now (``result_arrived`` calls it; a loop that keeps its own
         clock calls it after ``decode_done``); returns the TPOTs of those it finished."""
         self.just_finished = self.requests.results(self.clock(), requests, decode=decode) if requests else []
-        self.first_tokens = [
-            ttft for rid, tokens, _ in requests if (ttft := self.prefills.tokens_out(rid, tokens)) is not None
-        ]
+        self.first_tokens = []
+        if self.prefills.waiting:  # a decode batch of running requests costs nothing here
+            self.first_tokens = [
+                ttft
+                for rid, tokens, _ in requests
+                if (ttft := self.prefills.tokens_out(rid, tokens)) is not None
+            ]
         for tpot in self.just_finished:
             self.policy.observe_request(tpot)
         return self.just_finished

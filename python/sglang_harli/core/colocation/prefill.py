@@ -133,6 +133,11 @@ class Prefills:
         self._arrived_tokens += prompt_tokens
         self._forget(now)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a request that arrived has no first token yet."""
+        return bool(self._open)
+
     def tokens_out(self, rid: str, tokens: int) -> float | None:
         """A batch result gave request ``rid`` ``tokens`` output tokens so far; its TTFT when this is its
         first (``None`` otherwise)."""
@@ -211,9 +216,6 @@ class Prefills:
             load=self.load(),
             cost=stage_stats(self.cost, self._errors),
         )
-
-    def ttft_summary(self) -> TtftSummary:
-        return self.snapshot().ttft
 
     def _forget(self, now: float) -> None:
         while self._arrivals and self._arrivals[0][0] < now - ARRIVAL_WINDOW_S:
