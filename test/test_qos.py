@@ -111,6 +111,29 @@ def test_margin_settles_at_the_slo_percentile():
     assert work / steps > 0.75 * slack
 
 
+def test_the_tpot_error_factor_settles_at_the_quantile_of_how_much_longer_intervals_take_than_predicted():
+    rng = random.Random(1)
+    policy = harli(metric="tpot")
+    admission = Admission(units=3, predicted_s=0.040, budget_s=SLO)
+    ratios = [rng.lognormvariate(0.0, 0.05) for _ in range(40_000)]  # intervals around their prediction
+    for ratio in ratios:
+        policy.observe(admission, admission.predicted_s * ratio)
+    quantile = sorted(ratios)[int(len(ratios) * (1 - policy.target_violation_rate))]
+    assert policy.error_factor == pytest.approx(quantile, rel=0.03)
+    # intervals without work, or without a prediction, teach it nothing
+    before = policy.error_factor
+    policy.observe(Admission(units=0, predicted_s=0.040), 1.0)
+    policy.observe(Admission(units=2, predicted_s=None), 1.0)
+    assert policy.error_factor == before
+    # and the work admitted is what fits the budget once its prediction is stretched by it
+    predictor = ScriptedPredictor()
+    decode, upcoming = DecodeShape(batch_size=20, context_tokens=4000), plan(4)
+    admission = policy.admit(decode, upcoming)
+    assert 0 < admission.units < len(upcoming)
+    assert predictor.corun(decode, upcoming[: admission.units]) * before <= admission.budget_s
+    assert predictor.corun(decode, upcoming[: admission.units + 1]) * before > admission.budget_s
+
+
 def test_a_violation_counts_by_the_tokens_that_waited_through_it():
     """Clients measure TPOT per token: an interval over the SLO with six requests waiting widens the
     margin about six times what one with a single request does, at the same mean batch."""

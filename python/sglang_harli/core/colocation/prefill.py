@@ -17,8 +17,8 @@ running requests' token intervals (the TPOT SLO and the interval cap), the waiti
   (``PrefillOutlook``): against per-request TPOT, which averages, the work and the decode step together
   get ``budget / (1 + rho)``, since an interval of length ``T`` collects about ``rho * T`` of prefill;
   against a percentile of intervals (the cap, or ``itl``), where one prefill landing breaks the one
-  interval it lands in, the interval keeps a whole mean prefill free whenever an arrival within it is
-  likelier than the violations the percentile allows.
+  interval it lands in, the interval keeps free the mean prefills of the fewest arrivals that more land
+  in it less often than the violations the percentile allows (a Poisson quantile).
 
 Holding a prefill back one decode step (the scheduler's answer to a request that arrived during finetune
 work beside decode: the decode step closes the interval the policy budgeted, the prefill follows) trades
@@ -34,6 +34,7 @@ bounded window of TTFTs.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -70,11 +71,24 @@ class PrefillOutlook(msgspec.Struct, frozen=True, kw_only=True):
 
     def reserve_s(self, interval_s: float, violation_rate: float) -> float:
         """What an interval held to ``interval_s`` at a percentile allowing ``violation_rate`` of them over
-        must keep free for prefills: where an arrival within it is likelier than that rate, the prefills of
-        the arrivals it should expect (at least one); otherwise nothing."""
+        must keep free for prefills: the prefills of the fewest arrivals that more arrive in it less often
+        than that rate (Poisson arrivals; none where even one is rarer than that). The mean is not enough:
+        at 0.8 arrivals expected, two or more land in one interval in almost a fifth of them."""
         expected = self.arrivals_per_s * interval_s
-        return self.prefill_s * max(1.0, expected) if expected > violation_rate else 0.0
+        if expected <= 0.0 or self.prefill_s <= 0.0:
+            return 0.0
+        term = math.exp(-expected)  # P(N = k), from k = 0
+        below = term  # P(N <= k)
+        arrivals = 0
+        while 1.0 - below > violation_rate and arrivals < MAX_RESERVED_PREFILLS:
+            arrivals += 1
+            term *= expected / arrivals
+            below += term
+        return self.prefill_s * arrivals
 
+
+MAX_RESERVED_PREFILLS = 16
+"""Past this many arrivals in one interval, a server is overloaded by prefills alone."""
 
 NO_PREFILLS = PrefillOutlook()
 """A PD decode instance's (or a simulator's without prefills) outlook."""

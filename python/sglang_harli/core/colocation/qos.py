@@ -18,7 +18,9 @@ How the budget is set depends on what the SLO is held on (``--harli-slo-metric``
   place of the SLO (an interval longer than that put its tightest request behind), and on finished
   requests too: each one over the SLO widens it by a larger step, since requests finish tens of times
   less often than intervals close. A cap on the interval has a margin of its own, adapted per interval
-  against the cap.
+  against the cap. Work is sized for the predictor's error too: its predicted interval times
+  ``error_factor``, how much longer than predicted an interval with work takes at the quantile the SLO
+  allows, learnt from every such interval by the same stochastic approximation.
 - ``itl`` (per token interval): the SLO minus a safety margin. The margin tracks the SLO percentile by
   stochastic approximation: each violation widens it by ``step * (1 - r)`` of the SLO, each interval that
   holds narrows it by ``step * r``, so it settles where a fraction ``r`` of intervals violate, and it
@@ -80,6 +82,9 @@ class PolicyStats(msgspec.Struct, kw_only=True):
     violations_with_work: int
     """Token intervals that carried finetune work and exceeded the SLO."""
     margin_ms: float | None
+    error_factor: float | None = None
+    """``harli``: how much longer than predicted an interval with work may take, at the SLO's quantile;
+    admitted work is sized so its prediction times this fits the budget."""
 
 
 class QosPolicy(Protocol):
@@ -161,6 +166,7 @@ class _Policy:
             steps_with_work=self.steps_with_work,
             violations_with_work=self.violations_with_work,
             margin_ms=self._margin_ms(),
+            error_factor=getattr(self, "error_factor", None),
         )
 
 
@@ -175,6 +181,10 @@ BANKED_RESERVE = 1.0
 spends only what a request banked beyond one SLO plus this. Decode itself may later need it (a burst of
 arrivals makes every step slower, a prefill lands in an interval), and a request that had spent all of
 it on finetune work would then finish over the SLO with no later token to win the overrun back."""
+ERROR_QUANTILE_STEP = 0.02
+"""Per interval with finetune work, how far the prediction-error factor moves (times ``1 - r`` or ``r``)."""
+INITIAL_ERROR_FACTOR = 1.0
+MAX_ERROR_FACTOR = 2.0
 REQUEST_MARGIN_STEP = 0.1
 """Per finished request, the share of the SLO the ``tpot`` margin moves by (times ``1 - r`` or ``r``):
 requests finish tens of times less often than intervals close, so each one moves it further."""
@@ -209,6 +219,11 @@ class HarliPolicy(_Policy):
         self.max_margin_s = max_margin * slo_s
         self.request_margin_step_s = REQUEST_MARGIN_STEP * slo_s
         self.cap_margin_s = 0.0 if max_itl_s is None else initial_margin * max_itl_s
+        # tpot: what an interval with work takes over its prediction, at the quantile the SLO allows.
+        # Every such interval teaches it, not only the rare one past a limit (a request's slack, the cap),
+        # so it learns the tail of the predictor's error (a busy host, a unit slower than its fit) long
+        # before those margins would. (itl: every interval already votes on the margin under the SLO.)
+        self.error_factor = INITIAL_ERROR_FACTOR
         self._mean_tokens: float | None = None
 
     @property
@@ -273,10 +288,11 @@ class HarliPolicy(_Policy):
     def _longest_prefix(self, solo, work_s, split, budget) -> tuple[int, float | None]:
         """Predicted latency grows with every unit added, so the admissible prefixes form a range."""
         low, high, predicted = 0, len(work_s), None
+        factor = self.error_factor if self.metric == "tpot" else 1.0
         while low < high:
             middle = (low + high + 1) // 2
             latency = self.predictor.interval(solo, work_s[middle - 1], split)
-            if latency <= budget:
+            if latency * factor <= budget:
                 low, predicted = middle, latency
             else:
                 high = middle - 1
@@ -284,6 +300,10 @@ class HarliPolicy(_Policy):
 
     def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None:
         super().observe(admission, interval_s, tokens=tokens)
+        if self.metric == "tpot" and admission.units and admission.predicted_s:
+            over = 1.0 if interval_s > admission.predicted_s * self.error_factor else 0.0
+            self.error_factor += ERROR_QUANTILE_STEP * (over - self.target_violation_rate)
+            self.error_factor = min(max(self.error_factor, 1.0), MAX_ERROR_FACTOR)
         limit = self.slo_s
         if self.metric == "tpot":
             if self.max_itl_s is not None:
