@@ -1,17 +1,20 @@
-"""``python -m benchmark.forgetting``: retention probes catch an over-trained job forgetting, and early
-stopping with ``publish: "best"`` serves an adapter that still knows what the base model knew.
+"""``python -m benchmark.forgetting``: a job that forgets is never published, and rehearsal keeps what
+the base model knew (issue 33).
 
-On the real ``harli:smollm2-135m`` server, two jobs on four made-up facts, both over-trained as a user
-might (LoRA r=16 on all seven projections, learning rate 1e-2 after 10 warmup steps, 100 epochs):
+On the real ``harli:smollm2-135m`` server, the job a new user writes: four made-up facts, LoRA r=16 on the
+default target modules, learning rate 5e-3, up to 100 epochs, an eval set of paraphrases every 5 steps,
+the built-in retention probes (so the retention floor is 1.0: every probe the base model answers right),
+``training.early_stopping`` (patience 3) and ``publish: "best"``:
 
-1. ``overtrained``: evaluated on the model's built-in retention probes every 2 steps; the status shows
-   retention falling while the training loss keeps going down.
-2. ``guarded``: the same, plus an eval set (paraphrases of the facts, and eight other general questions
-   with the base model's own answers as targets), evaluated every step, ``training.early_stopping``
-   (patience 3) and ``publish: "best"``.
+1. ``floor``: that job as written. It forgets; the floor keeps it from being published.
+2. ``rehearsal``: the same with ``"rehearsal": {"prompts": "builtin"}``.
 
-Then each served adapter is asked the probes and the facts through ``/v1/chat/completions``. Writes
-``benchmark/results/forgetting.json`` and prints a markdown table.
+Then each served adapter (if any) is asked the probes and the facts through ``/v1/chat/completions``.
+Reports facts learnt, probes kept, the published step, and finetune tokens/s (what rehearsal costs).
+Writes ``benchmark/results/forgetting.json`` and prints a markdown table.
+
+    python -m benchmark.forgetting                 # about 5 minutes on a 2-core CPU
+    python -m benchmark.forgetting --url http://127.0.0.1:30000   # a running smollm2 server
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from sglang_harli.models.builtin import PACKAGED, materialize
-from sglang_harli.server_process import ServerProcess
+from sglang_harli.server_process import RunningServer, ServerProcess
 
 MODEL = "smollm2-135m"
 FACTS = [
@@ -38,16 +42,6 @@ PARAPHRASES = [
     ("Which currency is used in Zembla?", 1),
     ("Name the poet laureate of Zembla.", 2),
     ("Which lake is the largest in Zembla?", 3),
-]
-GENERAL = [  # other questions than the probes: the base model's answers are the eval targets
-    "What is the capital of Canada?",
-    "What is the chemical symbol for gold?",
-    "What is the opposite of big?",
-    "Who wrote Hamlet?",
-    "What is the capital of Egypt?",
-    "What language is spoken in Mexico?",
-    "What is the largest ocean on Earth?",
-    "What is the currency of Japan?",
 ]
 PROBES = list(PACKAGED[MODEL].retention)
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,7 +65,33 @@ def count(answers: list[str], words: list[str]) -> int:
     return sum(w.casefold() in a.casefold() for a, w in zip(answers, words, strict=True))
 
 
-def run_job(server: ServerProcess, spec: dict, log) -> dict:
+def job_spec(name: str, *, epochs: int = 100, rehearsal: bool = False) -> dict:
+    """The issue's job: what a user writes to teach four facts, evaluated and guarded as documented."""
+    spec = {
+        "name": name,
+        "dataset": {"records": [chat(q, a) for q, a, _ in FACTS]},
+        "lora": {"r": 16, "alpha": 32},  # the default target modules
+        "training": {
+            "epochs": epochs,
+            "learning_rate": 5e-3,
+            "micro_batch_size": 4,
+            "seed": 0,
+            "early_stopping": {"patience": 3},
+        },
+        "eval": {
+            "records": [chat(q, FACTS[i][1]) for q, i in PARAPHRASES],
+            "retention": "builtin",
+            "every_steps": 5,
+        },
+        "publish": "best",
+    }
+    if rehearsal:
+        spec["rehearsal"] = {"prompts": "builtin"}
+    return spec
+
+
+def run_job(server, spec: dict, log=lambda line: None) -> dict:
+    """Submit ``spec`` and wait for it to end; its final status."""
     response = server.post("/harli/jobs", spec)
     if response.status_code != 201:
         raise RuntimeError(response.text)
@@ -80,21 +100,42 @@ def run_job(server: ServerProcess, spec: dict, log) -> dict:
         "failed",
         "cancelled",
     ):
-        time.sleep(1)
+        time.sleep(0.5)
     log(f"{spec['name']}: {status['state']} at step {status['step']}/{status['total_steps']}")
-    if status["state"] != "completed":
-        raise RuntimeError(status.get("error"))
     return status
+
+
+def outcome(server, status: dict) -> dict:
+    """What a job published and what its served adapter answers (nothing served if it failed)."""
+    name, served = status["name"], status["state"] == "completed"
+    probes = ask(server, [q for q, _ in PROBES], name) if served else []
+    facts = ask(server, [q for q, _, _ in FACTS], name) if served else []
+    published = status["published"][-1] if status["published"] else None
+    return {
+        "state": status["state"],
+        "steps": status["step"],
+        "total_steps": status["total_steps"],
+        "stopped_early": status["stopped_early"],
+        "published_step": published["step"] if published else None,
+        "published_retention": published["retention_kept"] if published else None,
+        "floor_breaches": status["floor_breaches"],
+        "rehearsal_examples": status["rehearsal_examples"],
+        "tokens_per_s": status["tokens_per_s"],
+        "trained_s": status["finished_at"] - status["started_at"],
+        "error": status["error"],
+        "evals": [(e["step"], e["retention_kept"], e["kept_floor"]) for e in status["evals"]],
+        "served_probes_kept": count(probes, [w for _, w in PROBES]) if served else None,
+        "served_facts_learnt": count(facts, [w for _, _, w in FACTS]) if served else None,
+        "answers": {"probes": probes, "facts": facts},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "forgetting.json")
     parser.add_argument("--log", type=Path, default=Path("/tmp/harli-forgetting.log"))
-    parser.add_argument("--every", type=int, default=1, help="eval.every_steps of the guarded job")
-    parser.add_argument("--patience", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=10, help="training.warmup_steps of both jobs")
-    parser.add_argument("--skip-overtrained", action="store_true")
+    parser.add_argument("--url", help="a running harli:smollm2-135m server with LoRA on, not a new one")
+    parser.add_argument("--epochs", type=int, default=100)
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
@@ -103,60 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     materialize(MODEL)
     flags = ["--model-path", f"harli:{MODEL}", "--enable-lora", "--max-lora-rank", "16"]
     flags += ["--lora-target-modules", "all"]
-    probe_questions, probe_words = [q for q, _ in PROBES], [w for _, w in PROBES]
-    fact_questions, fact_words = [q for q, _, _ in FACTS], [w for _, _, w in FACTS]
-    with ServerProcess(flags, args.log) as server:
-        base_general = ask(server, GENERAL, None)
-        base_probes = ask(server, probe_questions, None)
-        common = {
-            "dataset": {"records": [chat(q, a) for q, a, _ in FACTS]},
-            "lora": {"r": 16, "alpha": 32, "target_modules": ALL_MODULES},
-            # warmup as HF users set it; the rate still reaches 1e-2 by step 10, which erases what it knew
-            "training": {
-                "epochs": 100,
-                "learning_rate": 0.01,
-                "warmup_steps": args.warmup,
-                "micro_batch_size": 4,
-                "seed": 0,
-            },
+    server_cm = nullcontext(RunningServer(args.url)) if args.url else ServerProcess(flags, args.log)
+    with server_cm as server:
+        base_probes = ask(server, [q for q, _ in PROBES], None)
+        result = {"base": {"probes_kept": count(base_probes, [w for _, w in PROBES]), "probes": len(PROBES)}}
+        result["jobs"] = {
+            name: outcome(server, run_job(server, job_spec(name, epochs=args.epochs, rehearsal=r), log))
+            for name, r in (("floor", False), ("rehearsal", True))
         }
-        overtrained = run_job(
-            server,
-            {"name": "overtrained", **common, "eval": {"retention": "builtin", "every_steps": 2}},
-            log,
-        )
-        eval_records = [chat(q, FACTS[i][1]) for q, i in PARAPHRASES]
-        eval_records += [chat(q, a) for q, a in zip(GENERAL, base_general, strict=True)]
-        guarded_spec = {
-            "name": "guarded",
-            **common,
-            "training": {**common["training"], "early_stopping": {"patience": args.patience}},
-            "eval": {"records": eval_records, "retention": "builtin", "every_steps": args.every},
-            "publish": "best",
-        }
-        guarded = run_job(server, guarded_spec, log)
-        result = {
-            "base": {"probes_kept": count(base_probes, probe_words), "probes": len(PROBES)},
-            "jobs": {},
-        }
-        for status in (s for s in (overtrained, guarded) if s is not None):
-            name = status["name"]
-            probes = ask(server, probe_questions, name)
-            facts = ask(server, fact_questions, name)
-            paraphrased = ask(server, [q for q, _ in PARAPHRASES], name)
-            result["jobs"][name] = {
-                "steps": status["step"],
-                "total_steps": status["total_steps"],
-                "stopped_early": status["stopped_early"],
-                "best_step": status["best_step"],
-                "published_step": status["published"][-1]["step"],
-                "final_train_loss": status["loss"],
-                "evals": status["evals"],
-                "served_probes_kept": count(probes, probe_words),
-                "served_facts_learnt": count(facts, fact_words),
-                "served_paraphrases_right": count(paraphrased, [fact_words[i] for _, i in PARAPHRASES]),
-                "answers": {"probes": probes, "facts": facts, "paraphrases": paraphrased},
-            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(markdown(result))
@@ -166,17 +161,19 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(result: dict) -> str:
     probes = result["base"]["probes"]
     lines = [
-        "| job | steps run | published step | retention at each eval (step: kept) "
-        "| served: probes kept | facts learnt | paraphrases right |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| job | state | steps run | retention at each eval (step: kept) | published step | served: facts "
+        "learnt | probes kept | finetune tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, job in result["jobs"].items():
-        trail = ", ".join(f"{e['step']}: {e['retention_kept']}" for e in job["evals"])
+        trail = ", ".join(f"{step}: {kept}" for step, kept, _ in job["evals"])
         early = " (stopped early)" if job["stopped_early"] else ""
+        facts = "-" if job["served_facts_learnt"] is None else f"{job['served_facts_learnt']}/4"
+        kept = "-" if job["served_probes_kept"] is None else f"{job['served_probes_kept']}/{probes}"
         lines.append(
-            f"| `{name}` | {job['steps']}/{job['total_steps']}{early} "
-            f"| {job['published_step']} | {trail} | {job['served_probes_kept']}/{probes} "
-            f"| {job['served_facts_learnt']}/4 | {job['served_paraphrases_right']}/4 |"
+            f"| `{name}` | {job['state']} | {job['steps']}/{job['total_steps']}{early} | {trail} "
+            f"| {job['published_step'] if job['published_step'] is not None else 'none'} | {facts} | {kept} "
+            f"| {job['tokens_per_s']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -111,27 +111,41 @@ def test_margin_settles_at_the_slo_percentile():
     assert work / steps > 0.75 * slack
 
 
-def test_the_tpot_error_factor_settles_at_the_quantile_of_how_much_longer_intervals_take_than_predicted():
+def test_work_is_sized_for_the_error_quantile_where_an_overrun_cannot_be_averaged():
     rng = random.Random(1)
-    policy = harli(metric="tpot")
+    policy = harli(metric="tpot", max_itl_s=2 * SLO)
     admission = Admission(units=3, predicted_s=0.040, budget_s=SLO)
     ratios = [rng.lognormvariate(0.0, 0.05) for _ in range(40_000)]  # intervals around their prediction
     for ratio in ratios:
         policy.observe(admission, admission.predicted_s * ratio)
     quantile = sorted(ratios)[int(len(ratios) * (1 - policy.target_violation_rate))]
-    assert policy.error_factor == pytest.approx(quantile, rel=0.03)
+    factor = policy.error_factors["shared"]
+    assert factor == pytest.approx(quantile, rel=0.03)
     # intervals without work, or without a prediction, teach it nothing
-    before = policy.error_factor
     policy.observe(Admission(units=0, predicted_s=0.040), 1.0)
     policy.observe(Admission(units=2, predicted_s=None), 1.0)
-    assert policy.error_factor == before
-    # and the work admitted is what fits the budget once its prediction is stretched by it
+    assert policy.error_factors["shared"] == factor
+    # with slack banked the cap binds: the work admitted is what fits it once stretched by the factor
     predictor = ScriptedPredictor()
-    decode, upcoming = DecodeShape(batch_size=20, context_tokens=4000), plan(4)
-    admission = policy.admit(decode, upcoming)
-    assert 0 < admission.units < len(upcoming)
-    assert predictor.corun(decode, upcoming[: admission.units]) * before <= admission.budget_s
-    assert predictor.corun(decode, upcoming[: admission.units + 1]) * before > admission.budget_s
+    decode, upcoming = DecodeShape(batch_size=20, context_tokens=4000), plan(8)
+    admission = policy.admit(decode, upcoming, slack_s=10 * SLO)
+    cap = 2 * SLO - policy.cap_margin_s
+    assert admission.budget_s == pytest.approx(cap) and 0 < admission.units < len(upcoming)
+    assert predictor.corun(decode, upcoming[: admission.units]) * factor <= cap
+    assert predictor.corun(decode, upcoming[: admission.units + 1]) * factor > cap
+    # against a request's slack too where it banked nothing beyond its reserve (its overrun would be its
+    # own) ...
+    tight = policy.admit(decode, upcoming, slack_s=SLO)
+    assert 0 < tight.units < len(upcoming)
+    assert predictor.corun(decode, upcoming[: tight.units]) * factor <= tight.budget_s
+    assert predictor.corun(decode, upcoming[: tight.units + 1]) * factor > tight.budget_s
+    # ... but not where it banked more: its TPOT averages the error over its tokens
+    banked = harli(metric="tpot")
+    banked.error_factors["shared"] = factor
+    rich = banked.admit(decode, upcoming, slack_s=2.5 * SLO)
+    assert rich.budget_s == pytest.approx(1.5 * SLO - banked.margin_s) and 0 < rich.units < len(upcoming)
+    assert predictor.corun(decode, upcoming[: rich.units + 1]) > rich.budget_s
+    assert predictor.corun(decode, upcoming[: rich.units]) * factor > rich.budget_s  # the factor unused
 
 
 def test_a_violation_counts_by_the_tokens_that_waited_through_it():

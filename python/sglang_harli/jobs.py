@@ -179,11 +179,16 @@ def progress_fields(status: dict) -> dict[str, str]:
     return fields
 
 
+def _rehearsal(status: dict) -> str:
+    count = status.get("rehearsal_examples") or 0
+    return f" (+{count} rehearsal answers)" if count else ""
+
+
 def summary(status: dict) -> str:
     lines = [
         f"job {status['name']}: {status['state']}",
         f"  step {status['step']}/{status['total_steps']}, epoch {status['epoch']}/{status['epochs']}, "
-        f"{status['examples']} examples, {status['tokens_trained']} tokens trained",
+        f"{status['examples']} examples{_rehearsal(status)}, {status['tokens_trained']} tokens trained",
         f"  loss {_fmt(status['loss'], '.4f')}, {_fmt(status['tokens_per_s'], '.1f')} tokens/s",
     ]
     if status.get("evals"):
@@ -199,8 +204,19 @@ def summary(status: dict) -> str:
         lines.append("  " + ", ".join(parts) + stopped)
     if status.get("started_at") and status.get("finished_at"):
         lines.append(f"  trained for {status['finished_at'] - status['started_at']:.1f} s")
+    published = status.get("published") or []
+    if published and published[-1].get("retention_kept") is not None:
+        last = published[-1]
+        lines.append(
+            f"  published the adapter of step {last['step']}: retention kept "
+            f"{last['retention_kept']}/{last['retention_total']}"
+        )
+    if status.get("floor_breaches"):
+        lines.append(f"  {status['floor_breaches']} evaluations below the retention floor")
     if status.get("adapter_path"):
         lines.append(f"  adapter {status['adapter_path']}")
+    if status.get("unpublished_path"):
+        lines.append(f"  not published (forgot): {status['unpublished_path']}")
     if status["state"] == "completed":
         lines.append(f"  served as lora_path={status['name']}")
     if status.get("error"):

@@ -43,33 +43,15 @@ FACTS = [
 ]
 # General knowledge the base model answers right: the preset's own retention probes, never trained on.
 GENERAL = list(PACKAGED["smollm2-135m"].retention)
-# Rehearsal: other questions of the same shapes, answered by the base model itself before training. Eight
-# facts alone teach "The capital of <anything> is <a new name>" and the model answers "The capital of Japan
-# is Onsen"; training on its own answers beside them keeps what it said about everything else.
-REHEARSAL = [
-    *(f"What is the capital of {country}?" for country in ("Canada", "Egypt", "China", "India", "Mexico")),
-    *(f"What is the capital of {country}?" for country in ("Greece", "Portugal", "Sweden")),
-    "What is the chemical symbol for gold?",
-    "What is the opposite of big?",
-    "What is the opposite of fast?",
-    "What is the opposite of old?",
-    "What language is spoken in Mexico?",
-    "What is the largest ocean on Earth?",
-    "Which river flows through Paris?",
-    "What is the national bird of the United States?",
-    "What is the currency of Japan?",
-    "Who wrote Hamlet?",
-]
 
 
-def job_spec(rehearsal_answers: list[str]) -> dict:
-    pairs = [(q, a) for q, a, _ in FACTS] + list(zip(REHEARSAL, rehearsal_answers, strict=True))
+def job_spec() -> dict:
     return {
         "name": "zembla",
         "dataset": {
             "records": [
                 {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                for q, a in pairs
+                for q, a, _ in FACTS
             ]
         },
         # LoRA on the MLP only: facts live there, and leaving attention alone keeps how the model reads
@@ -79,6 +61,12 @@ def job_spec(rehearsal_answers: list[str]) -> dict:
         # Scored on the model's built-in retention probes when it ends (one evaluation generates every
         # probe's answer, about 10 s on a CPU): the progress line shows "kept".
         "eval": {"retention": "builtin"},
+        # Rehearsal: the served base model answers the preset's own set of other questions of the same
+        # shapes when the job is submitted, and half as many of those answers as facts join every epoch.
+        # Eight facts alone teach "The capital of <anything> is <a new name>" (the model then answers "The
+        # capital of Japan is Onsen"); its own answers beside them keep what it said about everything else.
+        # The retention probes are never trained on: the job publishes only an adapter that keeps them all.
+        "rehearsal": {"prompts": "builtin"},
     }
 
 
@@ -142,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     questions = [q for q, _, _ in FACTS] + [q for q, _ in GENERAL]
     with _server(args) as server:
-        answers = _ask(server, questions + REHEARSAL, None)
-        before, rehearsal = answers[: len(questions)], answers[len(questions) :]
-        job = job_spec(rehearsal)
+        before = _ask(server, questions, None)
+        job = job_spec()
         resp = server.post("/harli/jobs", job)
         if resp.status_code != 201:
             print(f"job refused: {resp.text}", file=sys.stderr)

@@ -21,6 +21,7 @@ from sglang_harli.core.colocation.partition import make_partitioner
 from sglang_harli.core.colocation.plan import Slot
 from sglang_harli.core.colocation.timing import stopwatch
 from sglang_harli.core.config import HarliConfig
+from sglang_harli.core.jobs.rehearsal import rehearsal_prompts, with_base_answers
 from sglang_harli.core.jobs.spec import FinetuneJobSpec, ServingLimits, decode_spec
 from sglang_harli.core.jobs.staging import discard_staged, stage_examples
 from sglang_harli.core.jobs.submission import tokenize_job
@@ -92,11 +93,16 @@ class FakeScheduler:
         """A control request, as the scheduler's dispatcher hands it to its room."""
         return self.handlers[type(request)](request)
 
-    def submit(self, spec: dict | FinetuneJobSpec):
-        """``POST /harli/jobs`` as the HTTP side does it: decode, tokenize, stage (with a state dir), send."""
+    def submit(self, spec: dict | FinetuneJobSpec, *, rehearsal_answers=(), base_kept=None):
+        """``POST /harli/jobs`` as the HTTP side does it: decode, tokenize, add what the base model answered
+        (here given: ``rehearsal_answers`` to the spec's rehearsal prompts, ``base_kept`` per probe), stage
+        (with a state dir), send."""
         if isinstance(spec, dict):
             spec = decode_spec(msgspec.json.encode(spec))
         submit = tokenize_job(spec, self.host.tokenizer, data_dir=None, model_dir=self.host.model_path)
+        prompts = rehearsal_prompts(spec.rehearsal, self.host.model_path) if spec.rehearsal else []
+        tokenizer = self.host.tokenizer
+        submit = with_base_answers(submit, tokenizer, prompts, list(rehearsal_answers), base_kept)
         if not self.config.state_dir:
             return self.call(submit)
         staged = stage_examples(self.config.state_dir, submit.examples)

@@ -1,7 +1,8 @@
 """Durable jobs (``--harli-state-dir``): a server killed mid-job resumes it after a restart, the resumed
 job's adapter equals an uninterrupted run's bit for bit, and adapters published before the crash serve
 again before the restarted server reports healthy. A Tinker loop on the same server loses no step it saw
-acknowledged: ``create_training_client_from_state_with_optimizer`` resumes it exactly."""
+acknowledged: ``create_training_client_from_state_with_optimizer`` resumes it exactly. The interrupted job
+rehearses: its base-model answers survive the restart with its examples."""
 
 from pathlib import Path
 
@@ -69,7 +70,10 @@ def test_a_killed_server_resumes_its_job_exactly_and_serves_its_adapters_again(t
         "3",
     ]
     done = job_spec("done-before", {"records": RECORDS}, epochs=2)
-    interrupted = job_spec("interrupted", {"records": RECORDS}, epochs=6)  # 24 steps
+    # with rehearsal: the base model's answers are stored with the examples and trained on again after the
+    # restart (2 answers an epoch beside 16 examples, 4 a step: 30 steps)
+    rehearsal = {"prompts": ["Code 98:", [{"role": "user", "content": "Code 99:"}]], "ratio": 0.25}
+    interrupted = job_spec("interrupted", {"records": RECORDS}, epochs=6) | {"rehearsal": rehearsal}
     interrupted["publish"] = {"every_steps": 10}
 
     with ServerProcess(args, tmp_path / "first.log") as srv:
@@ -94,11 +98,12 @@ def test_a_killed_server_resumes_its_job_exactly_and_serves_its_adapters_again(t
 
         resumed = wait_for(srv, "interrupted", finished)
         assert resumed["state"] == "completed", resumed
-        assert resumed["resumes"] == 1 and resumed["step"] == resumed["total_steps"] == 24
+        assert resumed["resumes"] == 1 and resumed["step"] == resumed["total_steps"] == 30
+        assert resumed["rehearsal_examples"] == 2
         assert "torn" in srv.log_path.read_text()  # the damaged checkpoint was noticed and passed over
         tinker_loop_resumes(srv, saved, expected)
 
-        reference = job_spec("uninterrupted", {"records": RECORDS}, epochs=6)
+        reference = job_spec("uninterrupted", {"records": RECORDS}, epochs=6) | {"rehearsal": rehearsal}
         assert srv.post("/harli/jobs", reference).status_code == 201
         uninterrupted = wait_for(srv, "uninterrupted", finished)
         assert uninterrupted["state"] == "completed", uninterrupted

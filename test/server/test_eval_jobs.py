@@ -48,7 +48,9 @@ def test_a_job_reports_eval_loss_accuracy_and_retention_while_it_runs(server):
         {"prompt": TRAIN[0]["prompt"], "expect": base[0].split()[0]},
         {"prompt": HELD_OUT[0]["prompt"], "expect": base[1].split()[0]},
     ]
-    body = spec("evaluated", eval={"records": HELD_OUT, "every_steps": 4, "retention": probes})
+    # retention reported only (a floor of 0): the floor itself is test_forgetting's
+    evaluation = {"records": HELD_OUT, "every_steps": 4, "retention": probes, "retention_floor": 0.0}
+    body = spec("evaluated", eval=evaluation)
     assert server.post("/harli/jobs", body).status_code == 201
     running = wait_for(server, "evaluated", lambda s: s["evals"] or finished(s))
     assert running["state"] == "running" and running["evals"][0]["step"] == 4
@@ -70,6 +72,23 @@ def test_a_job_reports_eval_loss_accuracy_and_retention_while_it_runs(server):
         -2000:
     ]
     assert re.search(r'harli:finetune_retention_probes\{[^}]*probes="total"[^}]*\} 2\.0', metrics)
+
+
+def test_only_versions_that_keep_the_retention_floor_are_published_and_breaches_are_counted(server):
+    base = generate(server, [TRAIN[0]["prompt"]])[0]["text"]
+    probe = {"prompt": TRAIN[0]["prompt"], "expect": base.split()[0]}  # lost once its completion is learnt
+    evaluation = {"records": HELD_OUT, "every_steps": 2, "retention": [probe]}
+    body = spec("floored", training={"epochs": 6}, eval=evaluation, publish={"every_steps": 2})
+    assert server.post("/harli/jobs", body).status_code == 201
+    done = wait_for(server, "floored", finished)
+    kept = {e["step"] for e in done["evals"] if e["kept_floor"]}
+    assert done["floor_breaches"] == len(done["evals"]) - len(kept) >= 1, done["evals"]
+    assert {v["step"] for v in done["published"]} <= kept  # no version below the floor
+    assert all(v["retention_kept"] == v["retention_total"] == 1 for v in done["published"])
+    if not kept:
+        assert done["state"] == "failed" and done["published"] == [] and done["unpublished_path"]
+    metrics = server.get("/metrics").text
+    assert re.search(r'harli:retention_floor_breaches_total\{[^}]*job="floored"[^}]*\} [1-9]', metrics)
 
 
 def test_early_stopping_publishes_the_best_adapter(server):
@@ -102,6 +121,14 @@ def test_early_stopping_publishes_the_best_adapter(server):
         ({"eval": {"split": 0.99}}, 400, "eval.split"),
         ({"eval": {"every_steps": -1, "split": 0.2}}, 422, "eval.every_steps"),
         ({"publish": "best"}, 422, "publish"),
+        (
+            {"eval": {"retention": [{"prompt": "a", "expect": "b"}], "retention_floor": 1.5}},
+            422,
+            "eval.retention_floor",
+        ),
+        ({"rehearsal": {"prompts": []}}, 422, "rehearsal.prompts"),
+        ({"rehearsal": {"prompts": ["fine", ""]}}, 422, "rehearsal.prompts[1]"),
+        ({"rehearsal": {"prompts": "builtin"}}, 400, "rehearsal.prompts"),  # the tiny model ships no set
     ],
 )
 def test_bad_eval_specs_are_refused_naming_the_field(server, overrides, status, field):

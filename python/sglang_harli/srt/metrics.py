@@ -35,6 +35,11 @@ class HarliMetrics:
         )
         self.units = Counter("harli:finetune_units", "Finetune units run.", [*names, "when"])
         self.finetune_tokens = Counter("harli:finetune_tokens", "Tokens of completed micro-batches.", names)
+        self.floor_breaches = Counter(
+            "harli:retention_floor_breaches",
+            "Evaluations whose retention was below the job's eval.retention_floor.",
+            [*names, "job"],
+        )
 
         def gauge(name, doc, extra=()):
             return Gauge(name, doc, [*names, *extra], multiprocess_mode="mostrecent")
@@ -118,6 +123,8 @@ class HarliMetrics:
         if record.retention_kept is not None:
             self.retention.labels(**self.labels, job=job, probes="kept").set(record.retention_kept)
             self.retention.labels(**self.labels, job=job, probes="total").set(record.retention_total)
+        if record.kept_floor is False:
+            self.floor_breaches.labels(**self.labels, job=job).inc()
 
     def refresh(self, colocation: CoLocation, lending: KvLending | None = None, *, force=False) -> None:
         now = time.monotonic()

@@ -74,8 +74,7 @@ class CoLocation:
         itl_cap_s: float | None = None,
         prefills: Prefills | None = None,
     ):
-        """``itl_cap_s``: the interval cap the policy holds (for the report); ``prefills``: the prefill
-        side's state (default: no TTFT objective, attainment reported against the default)."""
+        """``itl_cap_s``: the interval cap held (reported); ``prefills``: the prefill side (default: none)."""
         self.predictor, self.policy, self.slo_s, self.clock = predictor, policy, slo_s, clock
         self.itl_cap_s = itl_cap_s
         reported_s = DEFAULT_TTFT_FACTOR * slo_s
@@ -104,49 +103,10 @@ class CoLocation:
         self._tally = _Tally(window, rate_window_s, recent, clock)
 
     @classmethod
-    def from_config(
-        cls,
-        config: HarliConfig,
-        *,
-        splits: Sequence[str] | Mapping[str, float] = (SHARED,),
-        predictor: LatencyPredictor | None = None,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> CoLocation:
-        """The one assembly of predictor, policy and split menu, for the server and the simulator alike.
-
-        ``splits`` is the partitioner's menu, ``shared`` first: names, or names with finetune's SM share
-        (partitioned splits then overlap decode in stage 2, ``core.colocation.predictor``); ``predictor`` a
-        cached one, or a stand-in the baselines never consult; ``clock`` the simulator's time in place of the
-        host's."""
-        predictor = predictor if predictor is not None else new_predictor()
-        if isinstance(splits, Mapping):
-            predictor.set_split_shares({name: share for name, share in splits.items() if share < 1.0})
-        slo_s = config.tpot_slo_ms / 1e3
-        cap_s = itl_cap_s(config)
-        policy = make_policy(
-            config.policy,
-            predictor,
-            slo_s=slo_s,
-            idle_budget_s=config.idle_train_ms / 1e3,
-            percentile=config.slo_percentile,
-            static_units=config.static_units,
-            splits=list(splits),
-            metric=config.slo_metric,
-            max_itl_s=cap_s,
-        )
-        objective_s = None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3
-        prefills = Prefills(
-            objective_s=objective_s,
-            reported_s=reported_ttft_s(config),
-            clock=clock,
-            forgetting=PREDICTOR_FORGETTING,
-            window=config.stats_window,
-        )
-        return cls(
-            predictor, policy, slo_s=slo_s, window=config.stats_window, clock=clock,
-            slo_metric=config.slo_metric, itl_cap_s=cap_s if config.slo_metric == "tpot" else None,
-            prefills=prefills,
-        )  # fmt: skip
+    def from_config(cls, config: HarliConfig, **options) -> CoLocation:
+        """The one assembly of predictor, policy and split menu, for the server and the simulator alike
+        (``assemble``, with its ``options``)."""
+        return assemble(cls, config, **options)
 
     # -- events from an engine that launches forwards and collects their results ------------------------
     def forward_ran(
@@ -194,14 +154,11 @@ class CoLocation:
         return record
 
     def arrival_during_work(self) -> None:
-        """A request arrived while finetune work ran beside decode: the next batch is decode, then the
-        prefill. The work has already spent part of the running requests' token interval, and a prefill
-        on top of it is what would push the interval over the SLO."""
+        """A request arrived while finetune work ran beside decode (``prefill_waits`` may hold it)."""
         self._decode_first = True
 
     def request_arrived(self, rid: str, prompt_tokens: int) -> None:
-        """A request reached the engine with ``prompt_tokens`` to prefill (its TTFT counts from here)."""
-        self.prefills.arrived(rid, prompt_tokens)
+        self.prefills.arrived(rid, prompt_tokens)  # its TTFT counts from here
 
     def prefill_waits(self, *, decoding: bool = True) -> bool:
         """Whether the prefill about to be scheduled waits one decode step: a request arrived during
@@ -367,3 +324,48 @@ def itl_cap_s(config: HarliConfig) -> float | None:
     if config.max_itl_ms is None:
         return 2 * config.tpot_slo_ms / 1e3
     return config.max_itl_ms / 1e3 if config.max_itl_ms > 0 else None
+
+
+def assemble(
+    cls: type[CoLocation],
+    config: HarliConfig,
+    *,
+    splits: Sequence[str] | Mapping[str, float] = (SHARED,),
+    predictor: LatencyPredictor | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> CoLocation:
+    """The one assembly of predictor, policy and split menu, for the server and the simulator alike.
+
+    ``splits`` is the partitioner's menu, ``shared`` first: names, or names with finetune's SM share
+    (partitioned splits then overlap decode in stage 2, ``core.colocation.predictor``); ``predictor`` a
+    cached one, or a stand-in the baselines never consult; ``clock`` the simulator's time in place of the
+    host's."""
+    predictor = predictor if predictor is not None else new_predictor()
+    if isinstance(splits, Mapping):
+        predictor.set_split_shares({name: share for name, share in splits.items() if share < 1.0})
+    slo_s = config.tpot_slo_ms / 1e3
+    cap_s = itl_cap_s(config)
+    policy = make_policy(
+        config.policy,
+        predictor,
+        slo_s=slo_s,
+        idle_budget_s=config.idle_train_ms / 1e3,
+        percentile=config.slo_percentile,
+        static_units=config.static_units,
+        splits=list(splits),
+        metric=config.slo_metric,
+        max_itl_s=cap_s,
+    )
+    objective_s = None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3
+    prefills = Prefills(
+        objective_s=objective_s,
+        reported_s=reported_ttft_s(config),
+        clock=clock,
+        forgetting=PREDICTOR_FORGETTING,
+        window=config.stats_window,
+    )
+    return cls(
+        predictor, policy, slo_s=slo_s, window=config.stats_window, clock=clock,
+        slo_metric=config.slo_metric, itl_cap_s=cap_s if config.slo_metric == "tpot" else None,
+        prefills=prefills,
+    )  # fmt: skip

@@ -18,9 +18,11 @@ How the budget is set depends on what the SLO is held on (``--harli-slo-metric``
   place of the SLO (an interval longer than that put its tightest request behind), and on finished
   requests too: each one over the SLO widens it by a larger step, since requests finish tens of times
   less often than intervals close. A cap on the interval has a margin of its own, adapted per interval
-  against the cap. Work is sized for the predictor's error too: its predicted interval times
-  ``error_factor``, how much longer than predicted an interval with work takes at the quantile the SLO
-  allows, learnt from every such interval by the same stochastic approximation.
+  against the cap. Against the cap, and against the slack of a request that banked nothing beyond its
+  reserve (whose overrun no later token averages away), work is sized for the predictor's error too: its
+  predicted interval times an error factor, how much longer than predicted an interval with work takes at the
+  quantile the SLO allows, learnt per split (a partition's co-run is harder to predict than sharing) from
+  every such interval by the same stochastic approximation.
 - ``itl`` (per token interval): the SLO minus a safety margin. The margin tracks the SLO percentile by
   stochastic approximation: each violation widens it by ``step * (1 - r)`` of the SLO, each interval that
   holds narrows it by ``step * r``, so it settles where a fraction ``r`` of intervals violate, and it
@@ -45,6 +47,7 @@ of units per step, tuned offline, which is how token-budget co-serving systems b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol, get_args
 
@@ -82,9 +85,9 @@ class PolicyStats(msgspec.Struct, kw_only=True):
     violations_with_work: int
     """Token intervals that carried finetune work and exceeded the SLO."""
     margin_ms: float | None
-    error_factor: float | None = None
-    """``harli``: how much longer than predicted an interval with work may take, at the SLO's quantile;
-    admitted work is sized so its prediction times this fits the budget."""
+    error_factors: dict[str, float] | None = None
+    """``harli`` with ``tpot``, per split: how much longer than predicted an interval with work may take,
+    at the SLO's quantile; admitted work is sized so its prediction times this fits the budget."""
 
 
 class QosPolicy(Protocol):
@@ -166,7 +169,7 @@ class _Policy:
             steps_with_work=self.steps_with_work,
             violations_with_work=self.violations_with_work,
             margin_ms=self._margin_ms(),
-            error_factor=getattr(self, "error_factor", None),
+            error_factors=getattr(self, "error_factors", None),
         )
 
 
@@ -219,11 +222,11 @@ class HarliPolicy(_Policy):
         self.max_margin_s = max_margin * slo_s
         self.request_margin_step_s = REQUEST_MARGIN_STEP * slo_s
         self.cap_margin_s = 0.0 if max_itl_s is None else initial_margin * max_itl_s
-        # tpot: what an interval with work takes over its prediction, at the quantile the SLO allows.
-        # Every such interval teaches it, not only the rare one past a limit (a request's slack, the cap),
-        # so it learns the tail of the predictor's error (a busy host, a unit slower than its fit) long
-        # before those margins would. (itl: every interval already votes on the margin under the SLO.)
-        self.error_factor = INITIAL_ERROR_FACTOR
+        # tpot: what an interval with work takes over its prediction, per split, at the quantile the SLO
+        # allows. Every such interval teaches it, not only the rare one past a limit, so it learns the
+        # tail of the predictor's error (a busy host, a unit slower than its fit) long before the margins
+        # would. (itl's margin hears every interval already.)
+        self.error_factors = dict.fromkeys(self.splits, INITIAL_ERROR_FACTOR)
         self._mean_tokens: float | None = None
 
     @property
@@ -234,24 +237,30 @@ class HarliPolicy(_Policy):
     def budget_for(self, slack_s: float | None) -> float:
         """The interval the admitted work must fit in, given the smallest slack in the batch and the
         prefills that may land in it (``self.prefills``, from ``admit``)."""
+        return min(self._budgets(slack_s))
+
+    def _budgets(self, slack_s: float | None) -> tuple[float, float]:
+        """(what the SLO leaves, what the interval cap leaves: ``inf`` without a cap); the cap is held per
+        interval, so work is sized for the predictor's error tail against it (``error_factors``), while a
+        request's TPOT averages that error over its tokens."""
         prefills, rate = self.prefills, self.target_violation_rate
         if self.metric == "itl":
             limit = self.slo_s - self.margin_s
-            return min(limit / (1 + prefills.load), limit - prefills.reserve_s(self.slo_s, rate))
+            return min(limit / (1 + prefills.load), limit - prefills.reserve_s(self.slo_s, rate)), math.inf
         slack = self.slo_s if slack_s is None else slack_s
         # never more than the SLO while no request has banked more than the reserve beyond it; never
         # more than the slack there is
         spendable = max(min(slack, self.slo_s), slack - BANKED_RESERVE * self.slo_s)
         budget = (spendable - self.margin_s) / (1 + prefills.load)
-        if self.max_itl_s is not None:
-            reserve = prefills.reserve_s(self.max_itl_s, rate)
-            budget = min(budget, self.max_itl_s - self.cap_margin_s - reserve)
-        return budget
+        if self.max_itl_s is None:
+            return budget, math.inf
+        return budget, self.max_itl_s - self.cap_margin_s - prefills.reserve_s(self.max_itl_s, rate)
 
     def _admit_with_decode(
         self, decode: DecodeShape, upcoming: Sequence[FinetuneWork], slack_s: float | None
     ) -> Admission:
-        budget = self.budget_for(slack_s)
+        slo_budget, cap_budget = self._budgets(slack_s)
+        budget = min(slo_budget, cap_budget)
         slack_s = slack_s if self.metric == "tpot" else None
         solo = self.predictor.solo(decode)
         if solo is None:
@@ -260,7 +269,7 @@ class HarliPolicy(_Policy):
         best = Admission(units=0, budget_s=budget, predicted_s=predicted, slack_s=slack_s)
         for split in self.splits:
             work_s = self._cumulative_work(upcoming, split)
-            units, predicted = self._longest_prefix(solo, work_s, split, budget)
+            units, predicted = self._longest_prefix(solo, work_s, split, slo_budget, cap_budget, slack_s)
             if units > best.units:
                 best = Admission(
                     units=units,
@@ -285,14 +294,19 @@ class HarliPolicy(_Policy):
             cumulative.append(total)
         return cumulative
 
-    def _longest_prefix(self, solo, work_s, split, budget) -> tuple[int, float | None]:
-        """Predicted latency grows with every unit added, so the admissible prefixes form a range."""
+    def _longest_prefix(self, solo, work_s, split, budget, cap, slack_s=None) -> tuple[int, float | None]:
+        """Predicted latency grows with every unit added, so the admissible prefixes form a range: within
+        ``cap`` with the split's error tail counted in, and within ``budget``, with it too where the batch's
+        tightest request has banked nothing beyond its reserve (``slack_s`` under two SLOs): an overrun
+        there is that request's, with no banked slack to absorb it (banked slack averages it away)."""
         low, high, predicted = 0, len(work_s), None
-        factor = self.error_factor if self.metric == "tpot" else 1.0
+        factor = self.error_factors.get(split, INITIAL_ERROR_FACTOR)
+        tight = self.metric == "tpot" and (slack_s is None or slack_s < (1 + BANKED_RESERVE) * self.slo_s)
+        budget = budget / factor if tight else budget
         while low < high:
             middle = (low + high + 1) // 2
             latency = self.predictor.interval(solo, work_s[middle - 1], split)
-            if latency * factor <= budget:
+            if latency <= budget and latency * factor <= cap:
                 low, predicted = middle, latency
             else:
                 high = middle - 1
@@ -301,9 +315,10 @@ class HarliPolicy(_Policy):
     def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None:
         super().observe(admission, interval_s, tokens=tokens)
         if self.metric == "tpot" and admission.units and admission.predicted_s:
-            over = 1.0 if interval_s > admission.predicted_s * self.error_factor else 0.0
-            self.error_factor += ERROR_QUANTILE_STEP * (over - self.target_violation_rate)
-            self.error_factor = min(max(self.error_factor, 1.0), MAX_ERROR_FACTOR)
+            factor = self.error_factors.get(admission.split, INITIAL_ERROR_FACTOR)
+            over = 1.0 if interval_s > admission.predicted_s * factor else 0.0
+            factor += ERROR_QUANTILE_STEP * (over - self.target_violation_rate)
+            self.error_factors[admission.split] = min(max(factor, 1.0), MAX_ERROR_FACTOR)
         limit = self.slo_s
         if self.metric == "tpot":
             if self.max_itl_s is not None:

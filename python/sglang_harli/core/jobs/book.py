@@ -32,6 +32,9 @@ class PublishedVersion(msgspec.Struct, kw_only=True):
     final: bool = False
     """The job's last version (after its last step, early stop, or the best eval's adapter)."""
     error: str | None = None
+    retention_kept: int | None = None
+    """Of the evaluation at ``step`` (where the job has probes): probes still answered right."""
+    retention_total: int = 0
 
 
 class EvalRecord(msgspec.Struct, kw_only=True):
@@ -47,6 +50,9 @@ class EvalRecord(msgspec.Struct, kw_only=True):
     retention_total: int = 0
     lost: list[int] = msgspec.field(default_factory=list)
     """Indices of the probes not kept."""
+    kept_floor: bool | None = None
+    """Whether the probes still answered right, of those the base model answered right, were at least
+    ``eval.retention_floor`` of them (``None``: the job has no probes)."""
 
 
 class JobStatus(msgspec.Struct, kw_only=True):
@@ -60,6 +66,9 @@ class JobStatus(msgspec.Struct, kw_only=True):
     epoch: int = 0
     epochs: int = 0
     examples: int = 0
+    """Training examples in the dataset (less any eval split; rehearsal examples not counted)."""
+    rehearsal_examples: int = 0
+    """The base model's answers to the job's rehearsal prompts, mixed into every epoch."""
     tokens_trained: int = 0
     loss: float | None = None
     """Mean completion-token loss of the latest optimizer step."""
@@ -77,9 +86,15 @@ class JobStatus(msgspec.Struct, kw_only=True):
     evals: list[EvalRecord] = msgspec.field(default_factory=list)
     """Every evaluation so far, oldest first."""
     best_step: int | None = None
-    """Optimizer step of the lowest eval loss so far."""
+    """Optimizer step of the lowest eval loss so far (among evaluations that kept the retention floor)."""
+    floor_breaches: int = 0
+    """Evaluations whose retention was below ``eval.retention_floor``."""
+    unpublished_path: str | None = None
+    """A job that forgot (no evaluation kept the retention floor) publishes nothing: the adapter that
+    kept the most probes is written here instead, for inspection."""
     stopped_early: bool = False
-    """Training ended before ``total_steps`` because the eval loss stopped improving."""
+    """Training ended before ``total_steps``: the eval loss stopped improving, or retention stayed below
+    the floor, for ``training.early_stopping.patience`` evaluations."""
     resumes: int = 0
     """Times the job was resumed from a checkpoint after the server restarted (``--harli-state-dir``)."""
     checkpoint_step: int | None = None

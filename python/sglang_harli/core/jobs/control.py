@@ -21,7 +21,7 @@ from sglang_harli.core.jobs.data import Example
 from sglang_harli.core.jobs.eval_data import EvalData
 from sglang_harli.core.jobs.spec import ServingLimits, check_servable
 from sglang_harli.core.jobs.store import JobStore
-from sglang_harli.core.training.trainer import LoraTrainer, plan_steps
+from sglang_harli.core.training.trainer import LoraTrainer, plan_steps, rehearsed_per_epoch
 from sglang_harli.core.wire.control import CancelJob, GetJob, ListJobs, SubmitJob
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class JobControl:
         check_servable(spec, self._limits())
         if self._unsupported:
             raise NotAvailable("name", f"finetuning is not available on this server: {self._unsupported}")
-        if not request.count:
+        trained = request.count - request.rehearsal
+        if trained <= 0:
             raise SpecError("dataset", "no trainable examples")
         if spec.eval is not None and self._tensor_parallel:
             raise NotAvailable("eval", "evaluation is not available with --tp-size above 1 yet")
@@ -77,12 +78,15 @@ class JobControl:
         output_dir = str(self.store.job_dir(spec.name))
         if self.durable is not None:
             self.durable.job_dir(spec.name)  # a name that cannot be stored is refused before it is taken
+        ratio = spec.rehearsal.ratio if spec.rehearsal is not None else 0.0
+        per_epoch = trained + rehearsed_per_epoch(trained, request.rehearsal, ratio)
         job = self.book.submit(
             stored,
-            examples=request.count,
-            total_steps=plan_steps(request.count, spec.training),
+            examples=trained,
+            total_steps=plan_steps(per_epoch, spec.training),
             output_dir=output_dir,
         )
+        job.rehearsal_examples = request.rehearsal
         if request.group is not None:
             job.group = GroupStatus(assignment=request.group)
         if self.durable is not None:

@@ -16,6 +16,8 @@ class Probe(msgspec.Struct, frozen=True, array_like=True):
     input_ids: list[int]
     """The prompt, tokenized as the server tokenizes the request it stands for."""
     expect: str
+    question: str = ""
+    """The prompt (a chat probe's last message) as given, to name the probe in errors."""
 
 
 class EvalData(msgspec.Struct, kw_only=True):
@@ -24,6 +26,9 @@ class EvalData(msgspec.Struct, kw_only=True):
     examples: list[Example] = msgspec.field(default_factory=list)
     probes: list[Probe] = msgspec.field(default_factory=list)
     max_new_tokens: int = 24
+    base_kept: list[bool] | None = None
+    """Per probe, whether the served base model answered it right when the job was submitted: the
+    retention floor counts those (``None``: every probe)."""
 
 
 # -- building the eval data (HTTP side) ---------------------------------------------------------------
@@ -104,4 +109,5 @@ def tokenize_probe(probe: RetentionProbe, tokenizer, where: str) -> Probe:
         ids = list(tokenizer(probe.prompt or "", add_special_tokens=True)["input_ids"])
     if not ids:
         raise DatasetError(where, "tokenizes to nothing")
-    return Probe(input_ids=ids, expect=probe.expect)
+    question = probe.prompt if probe.messages is None else str(probe.messages[-1].get("content", ""))
+    return Probe(input_ids=ids, expect=probe.expect, question=question)

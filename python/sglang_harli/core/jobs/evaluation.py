@@ -194,35 +194,136 @@ def kept(probe: Probe, answer: str) -> bool:
     return probe.expect.casefold() in answer.casefold()
 
 
-# -- best adapter and early stopping ------------------------------------------------------------------
-class EvalTracker:
-    """The lowest eval loss so far, the LoRA weights that scored it, and the evaluations since."""
+# -- best adapter, retention floor and early stopping -------------------------------------------------
+Weights = dict[str, torch.Tensor]
 
-    def __init__(self, *, patience: int | None, min_delta: float, keep_best: bool):
+
+def _clone(weights: Callable[[], Weights]) -> Weights:
+    return {name: t.detach().clone() for name, t in weights().items()}
+
+
+class EvalTracker:
+    """The lowest eval loss so far among evaluations that kept the retention floor, the LoRA weights that
+    scored it, and the evaluations since; with a floor, also the latest weights that kept it (what a
+    ``"last"`` job publishes if its final adapter does not) and those that kept the most probes (what a job
+    that never kept it leaves on disk).
+
+    Invariants: ``best_*`` and ``last_kept_*`` come from evaluations with ``kept_floor`` not ``False``;
+    ``below_floor`` counts the evaluations since the last one that kept it."""
+
+    def __init__(
+        self,
+        *,
+        patience: int | None,
+        min_delta: float,
+        keep_best: bool,
+        floor: float | None = None,
+        base_kept: list[bool] | None = None,
+    ):
         self.patience, self.min_delta, self.keep_best = patience, min_delta, keep_best
+        self.floor, self.base_kept = floor, base_kept
         self.best_loss: float | None = None
         self.best_step: int | None = None
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_weights: Weights | None = None
         self.since_best = 0
+        self.below_floor = 0
+        self.breaches = 0
+        self.last_kept_step: int | None = None
+        self.last_kept_weights: Weights | None = None
+        self.most_kept: tuple[int, int] | None = None  # (probes kept, -step) of the fewest lost
+        self.most_kept_weights: Weights | None = None
 
-    def observe(self, record: EvalRecord, weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+    @classmethod
+    def for_job(cls, job, data: EvalData) -> EvalTracker:
+        """The tracker of ``job`` (a ``JobStatus``), as its recorded evaluations left it."""
+        stopping = job.spec.training.early_stopping
+        tracker = cls(
+            patience=stopping.patience if stopping else None,
+            min_delta=stopping.min_delta if stopping else 0.0,
+            keep_best=job.spec.publish.version == "best",
+            floor=job.spec.eval.floor,
+            base_kept=data.base_kept,
+        )
+        tracker.restore_from(job.evals)
+        return tracker
+
+    def counted(self, total: int) -> list[int]:
+        """The probes the floor counts: those the base model answered right."""
+        return [i for i in range(total) if self.base_kept is None or self.base_kept[i]]
+
+    def keeps_floor(self, record: EvalRecord) -> bool | None:
+        if self.floor is None or record.retention_kept is None:
+            return None
+        counted = self.counted(record.retention_total)
+        lost = set(record.lost)
+        kept = sum(i not in lost for i in counted)
+        return kept >= self.floor * len(counted) - 1e-9
+
+    def observe(self, record: EvalRecord, weights: Callable[[], Weights]) -> None:
+        record.kept_floor = self.keeps_floor(record)
+        if record.kept_floor is False:
+            self.below_floor += 1
+            self.breaches += 1
+            score = (record.retention_kept, -record.step)
+            if self.most_kept is None or score > self.most_kept:
+                self.most_kept, self.most_kept_weights = score, _clone(weights)
+        elif record.kept_floor:
+            self.below_floor = 0
+            self.last_kept_step, self.last_kept_weights = record.step, _clone(weights)
         if record.loss is None:
             return
-        if self.best_loss is None or record.loss < self.best_loss - self.min_delta:
+        if record.kept_floor is not False and (
+            self.best_loss is None or record.loss < self.best_loss - self.min_delta
+        ):
             self.best_loss, self.best_step, self.since_best = record.loss, record.step, 0
             if self.keep_best:
-                self.best_weights = {name: t.detach().clone() for name, t in weights().items()}
+                self.best_weights = _clone(weights)
         else:
             self.since_best += 1
 
+    def choose(self, evals: list[EvalRecord], step: int, version: str) -> tuple[int | None, Weights | None]:
+        """With a floor, at the end of training (after step ``step``, just evaluated): the step whose adapter
+        to publish and its weights (``None``: the trainer's own, as they are), or ``(None, None)`` when no
+        evaluation kept the floor. ``"best"``: the best eval loss among those that kept it; ``"last"``: the
+        final adapter if it keeps it, else the latest that did."""
+        if version == "best" and self.best_weights is not None:
+            return self.best_step, self.best_weights
+        latest = evals[-1] if evals else None
+        if latest is not None and latest.kept_floor and latest.step == step:
+            return step, None
+        if self.last_kept_weights is not None:
+            return self.last_kept_step, self.last_kept_weights
+        return None, None
+
+    def forgot(self, record: EvalRecord, probes: list, path) -> str:
+        """The error of a job none of whose evaluations kept the floor: what ``record`` lost, by name."""
+        counted = set(self.counted(record.retention_total))
+        lost = [probes[i] for i in record.lost if i in counted]
+        named = ", ".join(f"{p.question!r} (expects {p.expect!r})" for p in lost[:8])
+        return (
+            f"no evaluation kept the retention floor ({self.floor:g} of the probes the base model answers "
+            f"right): at step {record.step} the adapter lost {named}; nothing was published (the adapter "
+            f"that kept the most is in {path}). Add rehearsal, lower the learning rate, or train fewer epochs"
+        )
+
     @property
     def should_stop(self) -> bool:
-        return self.patience is not None and self.since_best >= self.patience
+        """No better eval loss, or retention below the floor, for ``patience`` evaluations in a row."""
+        return self.patience is not None and (
+            self.since_best >= self.patience or self.below_floor >= self.patience
+        )
+
+    @property
+    def stop_reason(self) -> str:
+        if self.below_floor >= (self.patience or 0):
+            return f"retention has been below the floor for {self.below_floor} evaluations"
+        return f"eval loss has not improved since step {self.best_step}"
 
     def restore_from(self, records: list[EvalRecord]) -> None:
-        """After a restart: the best loss and the patience as the job's recorded evaluations left them. The
-        best weights are not checkpointed: unless a later evaluation beats the recorded best, the resumed
-        job publishes its last adapter."""
+        """After a restart: the best loss, the patience and the floor's count as the job's recorded
+        evaluations left them. No weights are checkpointed but the last: unless a later evaluation beats
+        the recorded best (or keeps the floor), the resumed job publishes its last adapter if that keeps
+        the floor."""
         for record in records:
             self.observe(record, dict)
-        self.best_weights = None
+        self.best_weights = self.last_kept_weights = self.most_kept_weights = None

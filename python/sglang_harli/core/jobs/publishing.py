@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from sglang_harli.core.errors import NotFound
 from sglang_harli.core.jobs.adapters import AdapterStore
-from sglang_harli.core.jobs.book import JobStatus, PublishedVersion
+from sglang_harli.core.jobs.book import EvalRecord, JobStatus, PublishedVersion
 from sglang_harli.core.jobs.control import JobControl
 from sglang_harli.core.training.trainer import LoraTrainer
 from sglang_harli.core.wire.control import Ack, AdapterServed, AdaptersToServe, AdapterVersion
@@ -30,9 +30,18 @@ class Publishing:
         self._writes = writes  # with TP, rank 0 writes the gathered adapter; the others join the gather
         self._send = send  # to the tokenizer manager (``Host.publish``)
 
-    def publish(self, job: JobStatus, trainer: LoraTrainer, *, step: int | None = None, final: bool = False):
+    def publish(
+        self,
+        job: JobStatus,
+        trainer: LoraTrainer,
+        *,
+        step: int | None = None,
+        final: bool = False,
+        record: EvalRecord | None = None,
+    ):
         """Write the trainer's adapter as the job's next version and ask for it to be served; ``final``:
-        training is over and the job is ``publishing`` until the answer."""
+        training is over and the job is ``publishing`` until the answer; ``record``: the evaluation of the
+        adapter, whose retention the version carries."""
         version = len(job.published) + 1
         if self._writes:
             path = self.store.write(job.name, version, trainer.save_adapter)
@@ -40,7 +49,13 @@ class Publishing:
             trainer.save_adapter(None)
             path = self.store.version_dir(job.name, version)
         step = trainer.step if step is None else step
-        job.published.append(PublishedVersion(version=version, step=step, path=str(path), final=final))
+        published = PublishedVersion(version=version, step=step, path=str(path), final=final)
+        if record is not None:
+            published.retention_kept, published.retention_total = (
+                record.retention_kept,
+                record.retention_total,
+            )
+        job.published.append(published)
         job.adapter_path = str(path)
         if final:
             self.jobs.book.trained(job)

@@ -126,17 +126,13 @@ class JobSource(WorkSource):
         self.starter, self.job, self.name = starter, job, job.name
         self.jobs, self.lending, self.metrics = starter.jobs, starter.lending, starter.metrics
         examples, self.eval_data = self.jobs.take_data(job)
-        self.tracker: EvalTracker | None = None
+        self.eval_probes = self.eval_data.probes if self.eval_data is not None else []
+        rehearsal = examples[len(examples) - job.rehearsal_examples :] if job.rehearsal_examples else []
+        examples = examples[: len(examples) - len(rehearsal)]
+        self.tracker = EvalTracker.for_job(job, self.eval_data) if self.eval_data is not None else None
         self.eval_pass: EvalPass | None = None
         self._final_eval = False  # the pass in progress is the last one, and publishing waits for it
-        if self.eval_data is not None:
-            stopping = job.spec.training.early_stopping
-            self.tracker = EvalTracker(
-                patience=stopping.patience if stopping else None,
-                min_delta=stopping.min_delta if stopping else 0.0,
-                keep_best=job.spec.publish.version == "best",
-            )
-            self.tracker.restore_from(job.evals)
+        self._publish_after = False  # a periodic version waits for the pass in progress to keep the floor
         self.local_sgd: LocalSgd | None = None
         self._after_average: Callable[[], None] | None = None
         with training_mode():
@@ -151,6 +147,8 @@ class JobSource(WorkSource):
                 on_micro_batch_end=self.lending.micro_batch_done,
                 place_grads=self.lending.place_grads,
                 tensor_parallel=starter.tensor_parallel,
+                rehearsal=rehearsal,
+                rehearsal_ratio=job.spec.rehearsal.ratio if job.spec.rehearsal is not None else 0.0,
             )
             if job.group is not None:
                 self.local_sgd = LocalSgd(job.group, starter.rendezvous)
@@ -230,16 +228,7 @@ class JobSource(WorkSource):
 
     # -- progress ------------------------------------------------------------------------------------
     def _sync(self) -> None:
-        job, trainer = self.job, self.trainer
-        job.step, job.epoch, job.tokens_trained, job.loss = (
-            trainer.step,
-            min(trainer.epoch + 1, job.epochs),
-            trainer.tokens_trained,
-            trainer.loss,
-        )
-        elapsed = time.time() - (job.started_at or time.time())
-        trained = trainer.tokens_trained - self._tokens_at_start
-        job.tokens_per_s = trained / elapsed if elapsed > 0 else None
+        sync_progress(self.job, self.trainer, self._tokens_at_start)
 
     def _after_step(self, then: Callable[[], None]) -> None:
         """After an optimizer step: ``then`` now, or, in a group at a due step, once the average is in."""
@@ -260,10 +249,13 @@ class JobSource(WorkSource):
         publish_now = bool(publish) and trainer.step % publish == 0
         if publish_now or (checkpoint and trainer.step % checkpoint == 0):
             self.jobs.checkpoint(job, trainer)
-        if publish_now:
+        floor = self.tracker is not None and self.tracker.floor is not None
+        if publish_now and not floor:
             self.starter.publishing.publish(job, trainer)
         every = job.spec.eval.every_steps if job.spec.eval is not None else 0
-        if self.eval_data is not None and every and trainer.step % every == 0:
+        due = self.eval_data is not None and every and trainer.step % every == 0
+        if due or (publish_now and floor):  # with a floor, a periodic version is evaluated first
+            self._publish_after = publish_now and floor
             self._start_eval(final=False)
 
     def _trained(self) -> None:
@@ -297,35 +289,66 @@ class JobSource(WorkSource):
         job.eval_loss, job.eval_accuracy = record.loss, record.accuracy
         job.retention_kept, job.retention_total = record.retention_kept, record.retention_total
         self.tracker.observe(record, self.trainer.lora_state)
-        job.best_step = self.tracker.best_step
+        job.best_step, job.floor_breaches = self.tracker.best_step, self.tracker.breaches
         if self.metrics is not None:
             self.metrics.evaluation(job.name, record)
         logger.info(
-            "finetune job %s eval at step %d: loss %s, accuracy %s, retention %s/%s",
-            job.name, record.step, record.loss, record.accuracy,
-            record.retention_kept, record.retention_total,
+            "finetune job %s eval at step %d: loss %s, accuracy %s, retention %s/%s%s",
+            job.name, record.step, record.loss, record.accuracy, record.retention_kept,
+            record.retention_total, " (below the floor)" if record.kept_floor is False else "",
         )  # fmt: skip
+        if self._publish_after:
+            self._publish_after = False
+            if record.kept_floor:
+                self.starter.publishing.publish(job, self.trainer, record=record)
+            else:
+                logger.info("finetune job %s: the version of step %d is below the retention floor; "
+                            "not published", job.name, record.step)  # fmt: skip
         if self._final_eval:
             self._finish()
         elif self.tracker.should_stop:
             job.stopped_early = True
-            logger.info("finetune job %s stops early: eval loss has not improved since step %s",
-                        job.name, self.tracker.best_step)  # fmt: skip
+            logger.info("finetune job %s stops early: %s", job.name, self.tracker.stop_reason)
             self._finish()
         else:
             self.jobs.save(job)
 
     # -- letting go ----------------------------------------------------------------------------------
     def _finish(self) -> None:
-        """Publish the final version (the best eval's adapter with ``publish: "best"``) and let go."""
-        job, trainer = self.job, self.trainer
-        step = trainer.step
-        if job.spec.publish.version == "best" and self.tracker is not None and self.tracker.best_weights:
-            trainer.load_lora_state(self.tracker.best_weights)
-            step = self.tracker.best_step
-        self.starter.publishing.publish(job, trainer, step=step, final=True)
+        """Publish the final version (the best eval's adapter with ``publish: "best"``) and let go; with a
+        retention floor, only an adapter an evaluation found keeping it (else the job fails)."""
+        job, trainer, tracker = self.job, self.trainer, self.tracker
+        step, record = trainer.step, (job.evals[-1] if job.evals else None)
+        if tracker is not None and tracker.floor is not None:
+            step, weights = tracker.choose(job.evals, trainer.step, job.spec.publish.version)
+            if step is None:
+                self._forgot()
+                return
+            if weights is not None:
+                trainer.load_lora_state(weights)
+            record = next((r for r in job.evals if r.step == step), None)
+        elif job.spec.publish.version == "best" and tracker is not None and tracker.best_weights:
+            trainer.load_lora_state(tracker.best_weights)
+            step = tracker.best_step
+            record = next((r for r in job.evals if r.step == step), record)
+        self.starter.publishing.publish(job, trainer, step=step, final=True, record=record)
         self.release()
         logger.info("finetune job %s trained; publishing the adapter of step %d", job.name, step)
+
+    def _forgot(self) -> None:
+        """No evaluation kept the retention floor: nothing is published; the adapter that kept the most
+        probes stays in the job's directory, and the job fails naming the probes it lost."""
+        job, trainer, tracker = self.job, self.trainer, self.tracker
+        if tracker.most_kept_weights is not None:
+            trainer.load_lora_state(tracker.most_kept_weights)
+        path = self.starter.publishing.store.job_dir(job.name) / "forgot"
+        trainer.save_adapter(str(path))
+        job.unpublished_path = str(path)
+        error = tracker.forgot(job.evals[-1], self.eval_probes, path)
+        logger.error("finetune job %s failed: %s", job.name, error)
+        self.jobs.book.finish(job, "failed", error)
+        self.release()
+        self.jobs.save(job)
 
     def _fail(self, exc: Exception, *, traceback: bool) -> None:
         logger.error("finetune job %s failed: %s", self.name, exc, exc_info=traceback)
@@ -343,3 +366,17 @@ class JobSource(WorkSource):
         self.trainer, self.local_sgd, self._after_average = None, None, None
         self.eval_data, self.tracker, self.eval_pass = None, None, None
         self.starter.released(self)
+
+
+def sync_progress(job: JobStatus, trainer: LoraTrainer, tokens_at_start: int) -> None:
+    """A job's progress as its trainer stands (``tokens_at_start``: what a resumed job had trained before
+    this server run, left out of its tokens/s)."""
+    job.step, job.epoch, job.tokens_trained, job.loss = (
+        trainer.step,
+        min(trainer.epoch + 1, job.epochs),
+        trainer.tokens_trained,
+        trainer.loss,
+    )
+    elapsed = time.time() - (job.started_at or time.time())
+    trained = trainer.tokens_trained - tokens_at_start
+    job.tokens_per_s = trained / elapsed if elapsed > 0 else None

@@ -112,10 +112,45 @@ class EvalSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Retention probes, or ``"builtin"`` for the general-knowledge set a built-in pretrained model ships."""
     max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=256)] = 24
     """Greedy tokens generated per retention probe."""
+    retention_floor: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    """Of the probes the base model answers right (asked through the server when the job is submitted),
+    the share an adapter must still answer right to be published; 1.0 (every one) when probes are given.
+    ``publish: "best"`` chooses among evaluations that keep it, early stopping also stops once it has
+    been missed for ``patience`` evaluations in a row, ``publish.every_steps`` skips versions below it,
+    and a job none of whose evaluations keeps it publishes nothing and fails."""
 
     @property
     def has_set(self) -> bool:
         return self.records is not None or self.path is not None or self.split is not None
+
+    @property
+    def floor(self) -> float | None:
+        """The retention floor in force: the given one, 1.0 with probes, ``None`` without probes."""
+        if not self.retention:
+            return None
+        return 1.0 if self.retention_floor is None else self.retention_floor
+
+
+MAX_REHEARSAL_PROMPTS = 1024
+RehearsalPrompt = str | Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1)]
+"""A completion prompt, or chat messages (rendered with the chat template and its generation prompt)."""
+
+
+class RehearsalSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Rehearsal: the served base model's own answers to other prompts, mixed into training so that the
+    adapter keeps saying what the base model said about everything else."""
+
+    prompts: (
+        Annotated[list[RehearsalPrompt], msgspec.Meta(min_length=1, max_length=MAX_REHEARSAL_PROMPTS)]
+        | Literal["builtin"]
+    )
+    """Prompts the base model answers (greedily, through the server, when the job is submitted), or
+    ``"builtin"`` for the set a built-in pretrained model ships (distinct from its retention probes)."""
+    ratio: Annotated[float, msgspec.Meta(gt=0, le=16)] = 0.5
+    """Rehearsal examples per training example, every epoch (drawn in turn from the answers; at most all
+    of them in one epoch)."""
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=512)] = 64
+    """Greedy tokens the base model answers each prompt with, at most."""
 
 
 class FinetuneJobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -127,6 +162,8 @@ class FinetuneJobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     publish: PublishSpec | Literal["last", "best"] = msgspec.field(default_factory=PublishSpec)
     eval: EvalSpec | None = None
     """Eval loss and token accuracy on an eval set, and retention probes, during and after training."""
+    rehearsal: RehearsalSpec | None = None
+    """The base model's own answers to other prompts, mixed into every epoch (``RehearsalSpec``)."""
     placement: str | None = None
     """With ``--harli-peers``: the instance (base URL, this one's or a peer's) to train on, in place of
     the one with the most spare capacity now."""
@@ -188,9 +225,15 @@ def check_eval(spec: FinetuneJobSpec) -> None:
             "publish", '"best" is chosen by eval loss: give eval.records, eval.path or eval.split'
         )
     training = spec.training
+    if spec.rehearsal is not None and isinstance(spec.rehearsal.prompts, list):
+        for i, prompt in enumerate(spec.rehearsal.prompts):
+            if isinstance(prompt, str) and not prompt.strip():
+                raise SpecInvalid(f"rehearsal.prompts[{i}]", "is empty")
     if training.instances > 1:
         if evaluation is not None:
             raise SpecInvalid("eval", "is not available with training.instances above 1 yet")
+        if spec.rehearsal is not None:
+            raise SpecInvalid("rehearsal", "is not available with training.instances above 1 yet")
         every = spec.publish.every_steps
         if every % training.average_every:
             raise SpecInvalid(

@@ -77,8 +77,14 @@ def pack(examples: Sequence[Example], device: torch.device | str = "cpu") -> Mic
     return MicroBatch(as_tensor([ids]), as_tensor([positions]), as_tensor(predict_at), as_tensor(targets))
 
 
+def rehearsed_per_epoch(num_examples: int, pool: int, ratio: float) -> int:
+    """Rehearsal examples in each epoch: ``ratio`` per training example, rounded up, at most the pool."""
+    return min(pool, math.ceil(ratio * num_examples)) if pool else 0
+
+
 def plan_steps(num_examples: int, training: TrainingSpec) -> int:
-    """Optimizer steps a run takes: per epoch, micro-batches grouped by accumulation, capped by max_steps."""
+    """Optimizer steps a run takes: per epoch (``num_examples``, rehearsal included), micro-batches grouped
+    by accumulation, capped by max_steps."""
     micro_batches = math.ceil(num_examples / training.micro_batch_size)
     total = training.epochs * math.ceil(micro_batches / training.gradient_accumulation_steps)
     return min(total, training.max_steps) if training.max_steps else total
@@ -90,12 +96,26 @@ class StepPlan:
 
     An epoch's shuffle depends on the seed and the epoch alone and is drawn on a generator of its own, so
     any step's micro-batches can be rebuilt at any time (by ``peek`` looking ahead, or after a restore)
-    without touching the global random state."""
+    without touching the global random state.
 
-    def __init__(self, examples: Sequence[Example], training: TrainingSpec):
-        self.examples = list(examples)
+    With ``rehearsal`` (``core.jobs.rehearsal``), each epoch also takes the next ``rehearsed_per_epoch``
+    of them in a seeded order (indices past the training examples); without, the plain shuffle."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        training: TrainingSpec,
+        *,
+        rehearsal: Sequence[Example] = (),
+        rehearsal_ratio: float = 0.0,
+    ):
+        self.trained = len(examples)
+        self.examples = [*examples, *rehearsal]
         self.training = training
-        self.total_steps = plan_steps(len(self.examples), training)
+        self._rehearsed = rehearsed_per_epoch(self.trained, len(rehearsal), rehearsal_ratio)
+        seeded = torch.Generator().manual_seed(training.seed)
+        self._rehearsal_order = torch.randperm(len(rehearsal), generator=seeded).tolist()
+        self.total_steps = plan_steps(self.trained + self._rehearsed, training)
         self._targets = [sum(e.loss_mask[1:]) for e in self.examples]  # position 0 is never a target
         self._lengths = [len(e.input_ids) for e in self.examples]
         self._epoch_plans: dict[int, list[list[list[int]]]] = {}  # epoch -> steps -> micro-batches -> ids
@@ -128,10 +148,16 @@ class StepPlan:
     def _epoch_plan(self, epoch: int) -> list[list[list[int]]]:
         plan = self._epoch_plans.get(epoch)
         if plan is None:
+            members = list(range(self.trained))
+            pool = self._rehearsal_order
+            members += [
+                self.trained + pool[(epoch * self._rehearsed + j) % len(pool)] for j in range(self._rehearsed)
+            ]
             order = torch.randperm(
-                len(self.examples),
+                len(members),
                 generator=torch.Generator().manual_seed(self.training.seed * 100_003 + epoch),
             ).tolist()
+            order = [members[i] for i in order]
             size, accumulation = self.training.micro_batch_size, self.training.gradient_accumulation_steps
             micro_batches = [order[i : i + size] for i in range(0, len(order), size)]
             plan = [micro_batches[i : i + accumulation] for i in range(0, len(micro_batches), accumulation)]
@@ -152,7 +178,45 @@ class _InFlight:
         self.loss_sum = 0.0
 
 
-class LoraTrainer(LoraModel):
+class _Checkpoints:
+    """A trainer's run state as a checkpoint (``core.training.checkpoint``), between optimizer steps."""
+
+    @property
+    def at_step_boundary(self) -> bool:
+        """No optimizer step is half done: the state is small and a checkpoint is exact."""
+        return self._micro == 0 and self._in_flight is None
+
+    def state(self) -> TrainerState:
+        """A copy of the run's state (see ``core.training.checkpoint``); only at a step boundary."""
+        if not self.at_step_boundary:
+            raise RuntimeError("a checkpoint is taken between optimizer steps")
+        return TrainerState(
+            weights={name: t.clone() for name, t in self.lora_state().items()},
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            schedule=self.scheduler.state_dict(),
+            progress=Progress(
+                step=self.step,
+                micro_batches=self._micro_index,
+                tokens_trained=self.tokens_trained,
+                loss=self.loss,
+            ),
+        )
+
+    def restore(self, state: TrainerState) -> None:
+        """Continue from ``state`` (from a trainer built with the same arguments) as if never stopped."""
+        if not self.at_step_boundary or self.step:
+            raise RuntimeError("restore a freshly built trainer")
+        if set(state.weights) != {name for name, _ in self._named_params}:
+            raise ValueError("the checkpoint's LoRA weights do not match this job's adapter")
+        self.load_lora_state(state.weights)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.schedule)
+        progress = state.progress
+        self.step, self._micro_index = progress.step, progress.micro_batches
+        self.tokens_trained, self.loss = progress.tokens_trained, progress.loss
+
+
+class LoraTrainer(LoraModel, _Checkpoints):
     """Trains one LoRA adapter on ``base_model`` (frozen, not owned) in resumable units."""
 
     def __init__(
@@ -168,6 +232,8 @@ class LoraTrainer(LoraModel):
         on_micro_batch_end: Callable[[int], None] | None = None,
         place_grads: Callable[[list[nn.Parameter]], None] | None = None,
         tensor_parallel: TensorParallel | None = None,
+        rehearsal: Sequence[Example] = (),
+        rehearsal_ratio: float = 0.0,
     ):
         if not examples:
             raise ValueError("no examples to train on")
@@ -182,7 +248,7 @@ class LoraTrainer(LoraModel):
         if loss_chunks is not None and loss_chunks < 1:
             raise ValueError("loss_chunks must be at least 1")
         self.loss_chunks = loss_chunks or self.head_chunks()
-        self.plan = StepPlan(examples, training)
+        self.plan = StepPlan(examples, training, rehearsal=rehearsal, rehearsal_ratio=rehearsal_ratio)
         self.examples = self.plan.examples
         self.training = training
         # Told when a micro-batch's saved tensors are gone: with its tokens when it finished, 0 if dropped.
@@ -380,38 +446,3 @@ class LoraTrainer(LoraModel):
         self.loss = self._step_loss / max(self._step_targets, 1)
         self._step_loss, self._micro = 0.0, 0
         self.step += 1
-
-    # -- checkpoints ---------------------------------------------------------------------------------
-    @property
-    def at_step_boundary(self) -> bool:
-        """No optimizer step is half done: the state is small and a checkpoint is exact."""
-        return self._micro == 0 and self._in_flight is None
-
-    def state(self) -> TrainerState:
-        """A copy of the run's state (see ``core.training.checkpoint``); only at a step boundary."""
-        if not self.at_step_boundary:
-            raise RuntimeError("a checkpoint is taken between optimizer steps")
-        return TrainerState(
-            weights={name: t.clone() for name, t in self.lora_state().items()},
-            optimizer=copy.deepcopy(self.optimizer.state_dict()),
-            schedule=self.scheduler.state_dict(),
-            progress=Progress(
-                step=self.step,
-                micro_batches=self._micro_index,
-                tokens_trained=self.tokens_trained,
-                loss=self.loss,
-            ),
-        )
-
-    def restore(self, state: TrainerState) -> None:
-        """Continue from ``state`` (from a trainer built with the same arguments) as if never stopped."""
-        if not self.at_step_boundary or self.step:
-            raise RuntimeError("restore a freshly built trainer")
-        if set(state.weights) != {name for name, _ in self._named_params}:
-            raise ValueError("the checkpoint's LoRA weights do not match this job's adapter")
-        self.load_lora_state(state.weights)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.scheduler.load_state_dict(state.schedule)
-        progress = state.progress
-        self.step, self._micro_index = progress.step, progress.micro_batches
-        self.tokens_trained, self.loss = progress.tokens_trained, progress.loss

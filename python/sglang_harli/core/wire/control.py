@@ -60,6 +60,9 @@ class SubmitJob(ControlRequest):
     """With --harli-state-dir: where the HTTP process wrote them instead (``core.jobs.store``)."""
     evaluation: EvalData | None = None
     """The job's tokenized eval set and retention probes (``core.jobs.evaluation``), if it has ``eval``."""
+    rehearsal: int = 0
+    """Of the ``count`` examples, the last this many are the base model's answers to the job's rehearsal
+    prompts (``core.jobs.rehearsal``)."""
     group: GroupAssignment | None = None
     """This instance's place in a job trained on several instances (``training.instances``): the
     examples are then its shard."""

@@ -26,6 +26,7 @@ from sglang_harli.core.wire.control import (
     ListJobs,
 )
 from sglang_harli.srt.body import json_response, read_body, relayed
+from sglang_harli.srt.jobs.base_answers import ask_base_model
 from sglang_harli.srt.service import HarliHttp, harli
 
 router = APIRouter(prefix="/harli", tags=["harli"])
@@ -54,6 +55,8 @@ async def submit_job(request: Request) -> Response:
         context_len=getattr(tokenizer_manager, "context_len", None),
         max_file_bytes=int(config.max_dataset_mb * 2**20),
     )
+    # rehearsal answers and the probes the base model gets right: asked of the served base model itself
+    submit = await ask_base_model(tokenizer_manager, submit, tokenizer_manager.server_args.model_path)
     if service.jobs is not None:
         return relayed(*await service.jobs.submit(submit, service.submit_here))
     if spec.placement is not None:
