@@ -249,6 +249,28 @@ def prepare(argv: list[str]):
     return server_args
 
 
+def _fork_server_processes() -> None:
+    """Start the scheduler and detokenizer processes by fork, not spawn, on a Linux CPU.
+
+    SGLang spawns them (``_set_envs_and_config`` sets the start method), so each child imports torch,
+    transformers and SGLang afresh: about 10 of a CPU server's 27 s to ready on two cores, while the
+    launcher already holds every module they need. Spawn is there for CUDA, which cannot be used in a
+    forked child once initialized; a CPU server never initializes it, and at the moment the children start
+    the launcher runs no thread of its own yet (the tokenizer manager and uvicorn come after).
+    ``HARLI_MP_START=spawn`` restores SGLang's choice."""
+    import multiprocessing
+
+    import sglang.srt.entrypoints.engine as engine
+
+    sglang_set = engine._set_envs_and_config
+
+    def set_envs_and_config(server_args) -> None:
+        sglang_set(server_args)
+        multiprocessing.set_start_method("fork", force=True)
+
+    engine._set_envs_and_config = set_envs_and_config
+
+
 def run(server_args) -> None:
     from sglang.srt.entrypoints.http_server import launch_server
     from sglang.srt.utils import kill_process_tree
@@ -257,6 +279,8 @@ def run(server_args) -> None:
     from sglang_harli.srt.scheduler import run_harli_scheduler_process
 
     app.install()
+    if _on_harli_cpu() and sys.platform == "linux" and os.environ.get("HARLI_MP_START", "fork") == "fork":
+        _fork_server_processes()
     try:
         launch_server(server_args, run_scheduler_process_func=run_harli_scheduler_process)
     finally:

@@ -56,8 +56,10 @@ def test_bench_serving_reports_tpot_itl_and_ttft_within_their_bounds_while_a_job
     assert 0 < result["p99_ttft_ms"] <= ttft["objective_ms"], result
     # the server saw the same requests the same way
     requests = colocation["requests"]
-    assert requests["count"] >= PROMPTS_SENT and requests["slo_attainment"] >= 0.99
-    assert ttft["count"] >= PROMPTS_SENT and ttft["slo_attainment"] >= 0.99
+    # held at the 99th percentile: of ~26 requests, at most the slowest one over (as the client's p99 above;
+    # at the policy's 0.5% aim one of 26 misses in about one run in eight, two in one run in three hundred)
+    for seen in (requests, ttft):
+        assert seen["count"] >= PROMPTS_SENT and seen["slo_attainment"] * seen["count"] >= seen["count"] - 1
     assert colocation["prefill"]["cost"]["samples"] > 0  # prefill cost is learnt
     assert colocation["slo_metric"] == "tpot"
     metrics = server.get("/metrics").text

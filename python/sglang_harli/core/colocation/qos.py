@@ -18,9 +18,8 @@ How the budget is set depends on what the SLO is held on (``--harli-slo-metric``
   place of the SLO (an interval longer than that put its tightest request behind), and on finished
   requests too: each one over the SLO widens it by a larger step, since requests finish tens of times
   less often than intervals close. A cap on the interval has a margin of its own, adapted per interval
-  against the cap. Against the cap, and against the slack of a request that banked nothing beyond its
-  reserve (whose overrun no later token averages away), work is sized for the predictor's error too: its
-  predicted interval times an error factor, how much longer than predicted an interval with work takes at the
+  against the cap, and against the cap work is sized for the predictor's error too: its predicted
+  interval times an error factor, how much longer than predicted an interval with work takes at the
   quantile the SLO allows, learnt per split (a partition's co-run is harder to predict than sharing) from
   every such interval by the same stochastic approximation.
 - ``itl`` (per token interval): the SLO minus a safety margin. The margin tracks the SLO percentile by
@@ -222,11 +221,11 @@ class HarliPolicy(_Policy):
         self.max_margin_s = max_margin * slo_s
         self.request_margin_step_s = REQUEST_MARGIN_STEP * slo_s
         self.cap_margin_s = 0.0 if max_itl_s is None else initial_margin * max_itl_s
-        # tpot: what an interval with work takes over its prediction, per split, at the quantile the SLO
-        # allows. Every such interval teaches it, not only the rare one past a limit, so it learns the
-        # tail of the predictor's error (a busy host, a unit slower than its fit) long before the margins
-        # would. (itl's margin hears every interval already.)
-        self.error_factors = dict.fromkeys(self.splits, INITIAL_ERROR_FACTOR)
+        # With a cap: what an interval with work takes over its prediction, per split, at the quantile the
+        # SLO allows. Every such interval teaches it, not only the rare one past the cap, so it learns the
+        # tail of the predictor's error (a busy host, a unit slower than its fit) long before the cap's
+        # margin would. (A request's TPOT averages that error over its tokens.)
+        self.error_factors: dict[str, float] = {}
         self._mean_tokens: float | None = None
 
     @property
@@ -269,7 +268,7 @@ class HarliPolicy(_Policy):
         best = Admission(units=0, budget_s=budget, predicted_s=predicted, slack_s=slack_s)
         for split in self.splits:
             work_s = self._cumulative_work(upcoming, split)
-            units, predicted = self._longest_prefix(solo, work_s, split, slo_budget, cap_budget, slack_s)
+            units, predicted = self._longest_prefix(solo, work_s, split, slo_budget, cap_budget)
             if units > best.units:
                 best = Admission(
                     units=units,
@@ -294,15 +293,12 @@ class HarliPolicy(_Policy):
             cumulative.append(total)
         return cumulative
 
-    def _longest_prefix(self, solo, work_s, split, budget, cap, slack_s=None) -> tuple[int, float | None]:
+    def _longest_prefix(self, solo, work_s, split, budget, cap) -> tuple[int, float | None]:
         """Predicted latency grows with every unit added, so the admissible prefixes form a range: within
-        ``cap`` with the split's error tail counted in, and within ``budget``, with it too where the batch's
-        tightest request has banked nothing beyond its reserve (``slack_s`` under two SLOs): an overrun
-        there is that request's, with no banked slack to absorb it (banked slack averages it away)."""
+        ``budget`` as predicted (a request's TPOT averages the predictor's error over its tokens), and
+        within ``cap`` with the split's error tail counted in (the cap is held interval by interval)."""
         low, high, predicted = 0, len(work_s), None
-        factor = self.error_factors.get(split, INITIAL_ERROR_FACTOR)
-        tight = self.metric == "tpot" and (slack_s is None or slack_s < (1 + BANKED_RESERVE) * self.slo_s)
-        budget = budget / factor if tight else budget
+        factor = self._error_factor(split)
         while low < high:
             middle = (low + high + 1) // 2
             latency = self.predictor.interval(solo, work_s[middle - 1], split)
@@ -312,10 +308,20 @@ class HarliPolicy(_Policy):
                 high = middle - 1
         return low, predicted
 
+    def _error_factor(self, split: str) -> float:
+        """A split's factor; one not learnt yet starts from the largest learnt (a split the policy has not
+        tried must not look better than the ones it has for being unknown)."""
+        factor = self.error_factors.get(split)
+        if factor is None:
+            factor = self.error_factors[split] = max(
+                self.error_factors.values(), default=INITIAL_ERROR_FACTOR
+            )
+        return factor
+
     def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None:
         super().observe(admission, interval_s, tokens=tokens)
-        if self.metric == "tpot" and admission.units and admission.predicted_s:
-            factor = self.error_factors.get(admission.split, INITIAL_ERROR_FACTOR)
+        if self.max_itl_s is not None and admission.units and admission.predicted_s:
+            factor = self._error_factor(admission.split)
             over = 1.0 if interval_s > admission.predicted_s * factor else 0.0
             factor += ERROR_QUANTILE_STEP * (over - self.target_violation_rate)
             self.error_factors[admission.split] = min(max(factor, 1.0), MAX_ERROR_FACTOR)
