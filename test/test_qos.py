@@ -111,35 +111,6 @@ def test_margin_settles_at_the_slo_percentile():
     assert work / steps > 0.75 * slack
 
 
-def test_against_the_cap_work_is_sized_for_the_quantile_of_the_predictors_error():
-    rng = random.Random(1)
-    policy = harli(metric="tpot", max_itl_s=2 * SLO)
-    admission = Admission(units=3, predicted_s=0.040, budget_s=SLO)
-    ratios = [rng.lognormvariate(0.0, 0.05) for _ in range(40_000)]  # intervals around their prediction
-    for ratio in ratios:
-        policy.observe(admission, admission.predicted_s * ratio)
-    quantile = sorted(ratios)[int(len(ratios) * (1 - policy.target_violation_rate))]
-    factor = policy.error_factors["shared"]
-    assert factor == pytest.approx(quantile, rel=0.03)
-    # intervals without work, or without a prediction, teach it nothing
-    policy.observe(Admission(units=0, predicted_s=0.040), 1.0)
-    policy.observe(Admission(units=2, predicted_s=None), 1.0)
-    assert policy.error_factors["shared"] == factor
-    # with slack banked the cap binds: the work admitted is what fits it once stretched by the factor
-    predictor = ScriptedPredictor()
-    decode, upcoming = DecodeShape(batch_size=20, context_tokens=4000), plan(8)
-    admission = policy.admit(decode, upcoming, slack_s=10 * SLO)
-    cap = 2 * SLO - policy.cap_margin_s
-    assert admission.budget_s == pytest.approx(cap) and 0 < admission.units < len(upcoming)
-    assert predictor.corun(decode, upcoming[: admission.units]) * factor <= cap
-    assert predictor.corun(decode, upcoming[: admission.units + 1]) * factor > cap
-    # a request's TPOT averages the error over its tokens: against its slack, no factor
-    tight = policy.admit(decode, upcoming, slack_s=SLO)
-    assert 0 < tight.units < len(upcoming) and tight.budget_s < cap
-    assert predictor.corun(decode, upcoming[: tight.units + 1]) > tight.budget_s
-    assert predictor.corun(decode, upcoming[: tight.units]) * factor > tight.budget_s  # the factor unused
-
-
 def test_a_violation_counts_by_the_tokens_that_waited_through_it():
     """Clients measure TPOT per token: an interval over the SLO with six requests waiting widens the
     margin about six times what one with a single request does, at the same mean batch."""

@@ -99,15 +99,13 @@ def test_naive_violates_under_load(roofline, rate):
 
 def test_holding_tpot_per_request_spends_banked_slack_that_itl_leaves(roofline, rate):
     """With ``tpot`` token intervals may run past the SLO (slack a request banked pays for them) while
-    every request's TPOT holds; with ``itl`` they hold at the percentile. (``tpot`` sizes its work for the
-    predictor's error at the quantile it allows, ``itl`` by its margin, so ``tpot`` may run fewer intervals
-    past the SLO than ``itl``.)"""
+    every request's TPOT holds; with ``itl`` they may not."""
     tpot = run(roofline, rate, "harli", 0.5)
     itl = run(roofline, rate, "harli", 0.5, slo_metric="itl")
     for result in (tpot, itl):
         assert result.slo_attainment >= simulate.ATTAINMENT_TARGET and result.finetune_tokens_per_s > 0
     assert itl.itl_attainment >= simulate.ATTAINMENT_TARGET
-    assert tpot.itl_attainment < 1.0 and tpot.itl_p99_ms > 0.9 * SLO_S * 1e3
+    assert tpot.itl_attainment < itl.itl_attainment and tpot.itl_p99_ms > itl.itl_p99_ms
 
 
 def test_harli_trains_more_than_idle_only(roofline, rate):

@@ -18,10 +18,7 @@ How the budget is set depends on what the SLO is held on (``--harli-slo-metric``
   place of the SLO (an interval longer than that put its tightest request behind), and on finished
   requests too: each one over the SLO widens it by a larger step, since requests finish tens of times
   less often than intervals close. A cap on the interval has a margin of its own, adapted per interval
-  against the cap, and against the cap work is sized for the predictor's error too: its predicted
-  interval times an error factor, how much longer than predicted an interval with work takes at the
-  quantile the SLO allows, learnt per split (a partition's co-run is harder to predict than sharing) from
-  every such interval by the same stochastic approximation.
+  against the cap.
 - ``itl`` (per token interval): the SLO minus a safety margin. The margin tracks the SLO percentile by
   stochastic approximation: each violation widens it by ``step * (1 - r)`` of the SLO, each interval that
   holds narrows it by ``step * r``, so it settles where a fraction ``r`` of intervals violate, and it
@@ -46,7 +43,6 @@ of units per step, tuned offline, which is how token-budget co-serving systems b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Protocol, get_args
 
@@ -84,9 +80,6 @@ class PolicyStats(msgspec.Struct, kw_only=True):
     violations_with_work: int
     """Token intervals that carried finetune work and exceeded the SLO."""
     margin_ms: float | None
-    error_factors: dict[str, float] | None = None
-    """``harli`` with ``tpot``, per split: how much longer than predicted an interval with work may take,
-    at the SLO's quantile; admitted work is sized so its prediction times this fits the budget."""
 
 
 class QosPolicy(Protocol):
@@ -168,7 +161,6 @@ class _Policy:
             steps_with_work=self.steps_with_work,
             violations_with_work=self.violations_with_work,
             margin_ms=self._margin_ms(),
-            error_factors=getattr(self, "error_factors", None),
         )
 
 
@@ -183,10 +175,6 @@ BANKED_RESERVE = 1.0
 spends only what a request banked beyond one SLO plus this. Decode itself may later need it (a burst of
 arrivals makes every step slower, a prefill lands in an interval), and a request that had spent all of
 it on finetune work would then finish over the SLO with no later token to win the overrun back."""
-ERROR_QUANTILE_STEP = 0.02
-"""Per interval with finetune work, how far the prediction-error factor moves (times ``1 - r`` or ``r``)."""
-INITIAL_ERROR_FACTOR = 1.0
-MAX_ERROR_FACTOR = 2.0
 REQUEST_MARGIN_STEP = 0.1
 """Per finished request, the share of the SLO the ``tpot`` margin moves by (times ``1 - r`` or ``r``):
 requests finish tens of times less often than intervals close, so each one moves it further."""
@@ -221,11 +209,6 @@ class HarliPolicy(_Policy):
         self.max_margin_s = max_margin * slo_s
         self.request_margin_step_s = REQUEST_MARGIN_STEP * slo_s
         self.cap_margin_s = 0.0 if max_itl_s is None else initial_margin * max_itl_s
-        # With a cap: what an interval with work takes over its prediction, per split, at the quantile the
-        # SLO allows. Every such interval teaches it, not only the rare one past the cap, so it learns the
-        # tail of the predictor's error (a busy host, a unit slower than its fit) long before the cap's
-        # margin would. (A request's TPOT averages that error over its tokens.)
-        self.error_factors: dict[str, float] = {}
         self._mean_tokens: float | None = None
 
     @property
@@ -236,30 +219,24 @@ class HarliPolicy(_Policy):
     def budget_for(self, slack_s: float | None) -> float:
         """The interval the admitted work must fit in, given the smallest slack in the batch and the
         prefills that may land in it (``self.prefills``, from ``admit``)."""
-        return min(self._budgets(slack_s))
-
-    def _budgets(self, slack_s: float | None) -> tuple[float, float]:
-        """(what the SLO leaves, what the interval cap leaves: ``inf`` without a cap); the cap is held per
-        interval, so work is sized for the predictor's error tail against it (``error_factors``), while a
-        request's TPOT averages that error over its tokens."""
         prefills, rate = self.prefills, self.target_violation_rate
         if self.metric == "itl":
             limit = self.slo_s - self.margin_s
-            return min(limit / (1 + prefills.load), limit - prefills.reserve_s(self.slo_s, rate)), math.inf
+            return min(limit / (1 + prefills.load), limit - prefills.reserve_s(self.slo_s, rate))
         slack = self.slo_s if slack_s is None else slack_s
         # never more than the SLO while no request has banked more than the reserve beyond it; never
         # more than the slack there is
         spendable = max(min(slack, self.slo_s), slack - BANKED_RESERVE * self.slo_s)
         budget = (spendable - self.margin_s) / (1 + prefills.load)
-        if self.max_itl_s is None:
-            return budget, math.inf
-        return budget, self.max_itl_s - self.cap_margin_s - prefills.reserve_s(self.max_itl_s, rate)
+        if self.max_itl_s is not None:
+            reserve = prefills.reserve_s(self.max_itl_s, rate)
+            budget = min(budget, self.max_itl_s - self.cap_margin_s - reserve)
+        return budget
 
     def _admit_with_decode(
         self, decode: DecodeShape, upcoming: Sequence[FinetuneWork], slack_s: float | None
     ) -> Admission:
-        slo_budget, cap_budget = self._budgets(slack_s)
-        budget = min(slo_budget, cap_budget)
+        budget = self.budget_for(slack_s)
         slack_s = slack_s if self.metric == "tpot" else None
         solo = self.predictor.solo(decode)
         if solo is None:
@@ -268,7 +245,7 @@ class HarliPolicy(_Policy):
         best = Admission(units=0, budget_s=budget, predicted_s=predicted, slack_s=slack_s)
         for split in self.splits:
             work_s = self._cumulative_work(upcoming, split)
-            units, predicted = self._longest_prefix(solo, work_s, split, slo_budget, cap_budget)
+            units, predicted = self._longest_prefix(solo, work_s, split, budget)
             if units > best.units:
                 best = Admission(
                     units=units,
@@ -293,38 +270,20 @@ class HarliPolicy(_Policy):
             cumulative.append(total)
         return cumulative
 
-    def _longest_prefix(self, solo, work_s, split, budget, cap) -> tuple[int, float | None]:
-        """Predicted latency grows with every unit added, so the admissible prefixes form a range: within
-        ``budget`` as predicted (a request's TPOT averages the predictor's error over its tokens), and
-        within ``cap`` with the split's error tail counted in (the cap is held interval by interval)."""
+    def _longest_prefix(self, solo, work_s, split, budget) -> tuple[int, float | None]:
+        """Predicted latency grows with every unit added, so the admissible prefixes form a range."""
         low, high, predicted = 0, len(work_s), None
-        factor = self._error_factor(split)
         while low < high:
             middle = (low + high + 1) // 2
             latency = self.predictor.interval(solo, work_s[middle - 1], split)
-            if latency <= budget and latency * factor <= cap:
+            if latency <= budget:
                 low, predicted = middle, latency
             else:
                 high = middle - 1
         return low, predicted
 
-    def _error_factor(self, split: str) -> float:
-        """A split's factor; one not learnt yet starts from the largest learnt (a split the policy has not
-        tried must not look better than the ones it has for being unknown)."""
-        factor = self.error_factors.get(split)
-        if factor is None:
-            factor = self.error_factors[split] = max(
-                self.error_factors.values(), default=INITIAL_ERROR_FACTOR
-            )
-        return factor
-
     def observe(self, admission: Admission, interval_s: float, *, tokens: int = 1) -> None:
         super().observe(admission, interval_s, tokens=tokens)
-        if self.max_itl_s is not None and admission.units and admission.predicted_s:
-            factor = self._error_factor(admission.split)
-            over = 1.0 if interval_s > admission.predicted_s * factor else 0.0
-            factor += ERROR_QUANTILE_STEP * (over - self.target_violation_rate)
-            self.error_factors[admission.split] = min(max(factor, 1.0), MAX_ERROR_FACTOR)
         limit = self.slo_s
         if self.metric == "tpot":
             if self.max_itl_s is not None:
