@@ -86,28 +86,40 @@ def split_examples(
     return train, [e for i, e in enumerate(examples) if i in chosen]
 
 
+def builtin_set(model_dir: str | None, filename: str, kind, field: str, what: str) -> list:
+    """A set a built-in pretrained model ships beside its checkpoint (``filename``, decoded as ``kind``), or
+    ``DatasetError`` naming ``field`` where the model ships none."""
+    path = Path(model_dir or "") / filename
+    if not path.is_file():
+        raise DatasetError(
+            field, f'"builtin" needs a model that ships {what} (harli:smollm2-135m does); give {what}'
+        )
+    return msgspec.json.decode(path.read_bytes(), type=kind)
+
+
 def retention_probes(evaluation: EvalSpec, model_dir: str | None) -> list[RetentionProbe]:
     if evaluation.retention != "builtin":
         return list(evaluation.retention)
-    path = Path(model_dir or "") / RETENTION_FILE
-    if not path.is_file():
-        raise DatasetError(
-            "eval.retention",
-            '"builtin" needs a model that ships retention probes (harli:smollm2-135m does); give probes',
-        )
-    return msgspec.json.decode(path.read_bytes(), type=list[RetentionProbe])
+    return builtin_set(model_dir, RETENTION_FILE, list[RetentionProbe], "eval.retention", "retention probes")
 
 
-def tokenize_probe(probe: RetentionProbe, tokenizer, where: str) -> Probe:
-    if probe.messages is not None:
+def prompt_ids(prompt: str | list[dict], tokenizer, where: str) -> list[int]:
+    """``prompt`` tokenized as the server tokenizes a completion (a string) or a chat request (messages,
+    rendered with the chat template and its generation prompt); ``DatasetError`` naming ``where``."""
+    if isinstance(prompt, list):
         try:
-            text = tokenizer.apply_chat_template(probe.messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # jinja errors, roles a template rejects
             raise DatasetError(where, f"the chat template cannot render 'messages': {exc}") from None
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     else:
-        ids = list(tokenizer(probe.prompt or "", add_special_tokens=True)["input_ids"])
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     if not ids:
         raise DatasetError(where, "tokenizes to nothing")
+    return ids
+
+
+def tokenize_probe(probe: RetentionProbe, tokenizer, where: str) -> Probe:
+    ids = prompt_ids(probe.messages if probe.messages is not None else probe.prompt or "", tokenizer, where)
     question = probe.prompt if probe.messages is None else str(probe.messages[-1].get("content", ""))
     return Probe(input_ids=ids, expect=probe.expect, question=question)

@@ -14,11 +14,8 @@ probes the base model answers right (``EvalData.base_kept``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import msgspec
-
 from sglang_harli.core.jobs.data import DatasetError, Example, record_to_example
+from sglang_harli.core.jobs.eval_data import builtin_set
 from sglang_harli.core.jobs.spec import FinetuneJobSpec, RehearsalPrompt, RehearsalSpec
 from sglang_harli.core.wire.control import SubmitJob
 from sglang_harli.models.packaged import REHEARSAL_FILE
@@ -29,28 +26,9 @@ def rehearsal_prompts(spec: RehearsalSpec, model_dir: str | None) -> list[Rehear
     ``rehearsal.prompts`` where it ships none."""
     if spec.prompts != "builtin":
         return list(spec.prompts)
-    path = Path(model_dir or "") / REHEARSAL_FILE
-    if not path.is_file():
-        raise DatasetError(
-            "rehearsal.prompts",
-            '"builtin" needs a model that ships rehearsal prompts (harli:smollm2-135m does); give prompts',
-        )
-    return msgspec.json.decode(path.read_bytes(), type=list[RehearsalPrompt])
-
-
-def prompt_ids(prompt: RehearsalPrompt, tokenizer, where: str) -> list[int]:
-    """``prompt`` tokenized as the server tokenizes a completion (a string) or a chat request (messages)."""
-    if isinstance(prompt, list):
-        try:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja errors, roles a template rejects
-            raise DatasetError(where, f"the chat template cannot render these messages: {exc}") from None
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    else:
-        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if not ids:
-        raise DatasetError(where, "tokenizes to nothing")
-    return ids
+    return builtin_set(
+        model_dir, REHEARSAL_FILE, list[RehearsalPrompt], "rehearsal.prompts", "rehearsal prompts"
+    )
 
 
 def with_base_answers(

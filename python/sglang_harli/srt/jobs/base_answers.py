@@ -12,8 +12,9 @@ import asyncio
 
 from sglang.srt.managers.io_struct import GenerateReqInput
 
+from sglang_harli.core.jobs.eval_data import prompt_ids
 from sglang_harli.core.jobs.evaluation import kept
-from sglang_harli.core.jobs.rehearsal import prompt_ids, rehearsal_prompts, with_base_answers
+from sglang_harli.core.jobs.rehearsal import rehearsal_prompts, with_base_answers
 from sglang_harli.core.wire.control import SubmitJob
 
 
